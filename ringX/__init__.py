@@ -1,0 +1,41 @@
+"""RingX: exact context-parallel attention for long sequences on HPC systems.
+
+Four interchangeable functions with one signature (see ringX1_attn_func):
+
+    ringX1_attn_func  bidirectional, contiguous layout, broadcast q / reduce out
+    ringX2_attn_func  causal, contiguous layout, as ringX1 skipping masked blocks (unbalanced)
+    ringX3_attn_func  causal, zigzag layout, all-gather kv / reduce-scatter dkv (balanced)
+    ringX4_attn_func  causal, zigzag layout, broadcast kv / reduce dkv (balanced)
+
+``expected_layout(fn)`` names the sequence layout a function expects; ``ringX.layout`` shards,
+unshards and gives global positions for it.
+"""
+from __future__ import annotations
+
+from .ringX1 import ringX1_attn_func
+from .ringX2 import ringX2_attn_func
+from .ringX3 import ringX3_attn_func
+from .ringX4 import ringX4_attn_func
+from .version import __version__
+
+ATTN_FUNCS = {
+    "ringX1": ringX1_attn_func,
+    "ringX2": ringX2_attn_func,
+    "ringX3": ringX3_attn_func,
+    "ringX4": ringX4_attn_func,
+}
+_LAYOUTS = {"ringX1": "contiguous", "ringX2": "contiguous", "ringX3": "zigzag", "ringX4": "zigzag"}
+
+
+def expected_layout(fn) -> str:
+    """The sequence layout a ringX function (or its name, e.g. "ringX3") expects:
+    "contiguous" or "zigzag"."""
+    name = fn if isinstance(fn, str) else next((n for n, f in ATTN_FUNCS.items() if f is fn), None)
+    name = name[: -len("_attn_func")] if name and name.endswith("_attn_func") else name
+    if name not in _LAYOUTS:
+        raise ValueError(f"not a ringX attention function: {fn!r}; valid: {', '.join(ATTN_FUNCS)}")
+    return _LAYOUTS[name]
+
+
+__all__ = ["ringX1_attn_func", "ringX2_attn_func", "ringX3_attn_func", "ringX4_attn_func",
+           "ATTN_FUNCS", "expected_layout", "__version__"]

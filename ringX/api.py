@@ -1,0 +1,96 @@
+"""What the four ringX functions share: argument checks, backend choice and one autograd.Function.
+
+Each algorithm module (ringX1 .. ringX4) defines an ``Algorithm``: its layout and its forward and
+backward schedules. ``ring_attention`` runs any of them behind the common public signature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .checks import check_across_ranks, local_problem, signature
+from .comm import CheckedSignatures, GroupComm
+from .kernels import Backend, select_backend
+
+# The only state ringX keeps between calls: which input signatures each group already checked.
+_CHECKED = CheckedSignatures()
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a schedule needs besides the tensors."""
+
+    comm: GroupComm
+    kernel: Backend
+    scale: float
+    causal: bool
+    layout: str
+    acc_dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One ringX algorithm.
+
+    forward(run, q, k, v) -> (out, lse): out (b, s, h, d) and lse (b, h, s) in run.acc_dtype.
+    backward(run, dout, q, k, v, out, lse) -> (dq, dk, dv) in run.acc_dtype.
+    """
+
+    name: str
+    code: int
+    layout: str
+    forward: Callable
+    backward: Callable
+
+
+class RingAttnFunction(torch.autograd.Function):
+    """Autograd wrapper around an Algorithm's forward and backward schedules."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, algo: Algorithm, run: RunContext):
+        out_acc, lse = algo.forward(run, q, k, v)
+        out = out_acc.to(q.dtype)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.algo, ctx.run = algo, run
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.algo.backward(ctx.run, dout.contiguous(), q, k, v, out, lse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def ring_attention(algo: Algorithm, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                   window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                   return_attn_probs=False, group=None, backend: str | None = None):
+    """Run ``algo`` with the public ringX signature (see ringX1_attn_func for the contract)."""
+    fn_name = f"{algo.name}_attn_func"
+    comm = GroupComm(group)
+    sig = signature(algo.code, q, k, v, causal, dropout_p, softmax_scale, window_size,
+                    alibi_slopes, deterministic, return_attn_probs)
+    device = q.device if isinstance(q, torch.Tensor) else None
+    check_across_ranks(fn_name, comm, _CHECKED.of(comm), sig, local_problem(q, k, v, algo.layout), device)
+    # Every rank got here with the same flags, so these raise on every rank alike.
+    if dropout_p and dropout_p > 0:
+        raise NotImplementedError(
+            f"{fn_name}: dropout_p={dropout_p} is not supported: no ringX kernel backend replays "
+            "its dropout mask block by block; pass dropout_p=0.0")
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError(
+            f"{fn_name}: sliding-window attention (window_size={tuple(window_size)}) is not "
+            "implemented; pass window_size=(-1, -1)")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{fn_name}: alibi_slopes are not implemented; pass None")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    run = RunContext(comm=comm, kernel=select_backend(q, k, dropout_p, backend),
+                     scale=float(softmax_scale), causal=bool(causal), layout=algo.layout,
+                     acc_dtype=acc_dtype)
+    out, lse = RingAttnFunction.apply(q, k, v, algo, run)
+    return (out, lse, None) if return_attn_probs else out

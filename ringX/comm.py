@@ -1,0 +1,121 @@
+"""The collective layer: asynchronous collectives on ANY process group, addressed by group rank.
+
+``GroupComm`` wraps one torch.distributed process group (NCCL, RCCL, gloo; the default group, a
+sub-group, or a strided sub-group such as ranks {0, 2} of 4). Every method takes *group* ranks and
+translates them to the global ranks torch.distributed expects, so callers never confuse the two.
+Each method returns a work handle (or None when nothing had to be sent); ``wait`` accepts either.
+On NCCL the collectives run on the process group's own CUDA stream, ordered after the work already
+queued on the current stream, so posting the next step's collective before computing the current
+block overlaps communication with compute; on gloo they run on its worker threads.
+
+A group of size 1 needs no communication: every method degenerates to a local copy or a no-op.
+When torch.distributed is not initialised and no group is given, ``GroupComm(None)`` is that
+group of size 1, so the ringX functions also run as plain attention in a single process.
+"""
+from __future__ import annotations
+
+import weakref
+import torch
+import torch.distributed as dist
+
+def wait(work) -> None:
+    """Wait for a handle returned by a GroupComm method (None: nothing to wait for)."""
+    if work is not None:
+        work.wait()
+
+
+class GroupComm:
+    """Collectives on one process group.
+
+    Attributes: ``group`` (the process group, or None for a process without torch.distributed),
+    ``rank`` (this process's group rank), ``size`` (group size), ``global_ranks`` (group rank ->
+    global rank).
+    """
+
+    def __init__(self, group: "dist.ProcessGroup | None" = None):
+        if group is None and not dist.is_initialized():
+            self.group, self.rank, self.size, self.global_ranks = None, 0, 1, [0]
+            return
+        if not dist.is_initialized():
+            raise RuntimeError("a process group was passed but torch.distributed is not initialized; "
+                               "call ringX.launch.init_distributed() first")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        if self.rank < 0:
+            raise ValueError(
+                f"global rank {dist.get_rank()} is not a member of the process group passed as "
+                f"group= (its members are global ranks {dist.get_process_group_ranks(self.group)}); "
+                "call the ringX function only on the ranks of the group you pass")
+        self.size = dist.get_world_size(self.group)
+        self.global_ranks = dist.get_process_group_ranks(self.group)
+
+    @property
+    def backend(self) -> str:
+        return "none" if self.group is None else str(dist.get_backend(self.group))
+
+    def collective_device(self, hint: torch.device | None = None) -> torch.device:
+        """Where small control tensors must live for this group's backend."""
+        backend = self.backend
+        if "nccl" in backend and (backend == "nccl" or (hint is not None and hint.type == "cuda")):
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def broadcast(self, tensor: torch.Tensor, src: int, async_op: bool = True):
+        """Broadcast ``tensor`` from group rank ``src`` into ``tensor`` on every other rank."""
+        if self.size == 1:
+            return None
+        return dist.broadcast(tensor, src=self.global_ranks[src], group=self.group, async_op=async_op)
+
+    def reduce(self, tensor: torch.Tensor, dst: int, op=dist.ReduceOp.SUM, async_op: bool = True):
+        """Reduce ``tensor`` of every rank into ``tensor`` on group rank ``dst``."""
+        if self.size == 1:
+            return None
+        return dist.reduce(tensor, dst=self.global_ranks[dst], op=op, group=self.group, async_op=async_op)
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = True):
+        if self.size == 1:
+            return None
+        return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+        """out: (size, *inp.shape), contiguous; out[i] receives group rank i's ``inp``."""
+        if self.size == 1:
+            out[0].copy_(inp)
+            return None
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        return gather(out.view(-1), inp.reshape(-1), group=self.group, async_op=async_op)
+
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+        """inp: (size, *out.shape), both contiguous; ``out`` on group rank i receives the sum of
+        every rank's inp[i]."""
+        if self.size == 1:
+            out.copy_(inp[0])
+            return None
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        return scatter(out.view(-1), inp.reshape(-1), group=self.group, async_op=async_op)
+
+    def all_gather_small(self, values: torch.Tensor) -> torch.Tensor:
+        """Blocking all-gather of a small 1-D int64 tensor -> (size, len) on the CPU."""
+        if self.size == 1:
+            return values.view(1, -1).cpu()
+        dev = self.collective_device()
+        out = torch.empty((self.size, values.numel()), dtype=values.dtype, device=dev)
+        self.all_gather(out, values.to(dev), async_op=False)
+        return out.cpu()
+
+
+class CheckedSignatures:
+    """The input signatures already checked across the ranks of each process group.
+
+    Keyed weakly by the process group object, so entries vanish with their group. ringX.api owns
+    the one instance (the only state ringX keeps between calls); it holds no configuration.
+    """
+
+    def __init__(self):
+        self._by_group: "weakref.WeakKeyDictionary[dist.ProcessGroup, set]" = weakref.WeakKeyDictionary()
+        self._solo: set = set()
+
+    def of(self, comm: GroupComm) -> set:
+        if comm.group is None:
+            return self._solo
+        return self._by_group.setdefault(comm.group, set())

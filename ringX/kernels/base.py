@@ -1,0 +1,96 @@
+"""What every local attention backend provides, and small helpers they share.
+
+A backend computes attention of one block on one device. Tensors are in the public layout:
+
+    q:    (batch, seqlen_q, heads, headdim)
+    k, v: (batch, seqlen_k, kv_heads, headdim), heads % kv_heads == 0
+    out:  (batch, seqlen_q, heads, headdim), dtype of q
+    lse:  (batch, heads, seqlen_q) float32 (float64 for float64 inputs), natural log
+
+``causal=True`` is only ever asked for square blocks (seqlen_q == seqlen_k), so the top-left and
+bottom-right causal alignments of different kernels agree.
+
+``backward`` receives the *merged* out and lse of the whole sequence, not this block's: with
+P = exp(S - lse) and delta = rowsum(dout * out), the gradients it returns for this block are then
+exactly this block's contribution to the global gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelInputs:
+    """The properties of a call that decide which backends can take it."""
+
+    device_type: str
+    is_hip: bool
+    capability: tuple[int, int] | None
+    dtype: torch.dtype
+    headdim: int
+    heads: int
+    kv_heads: int
+    dropout_p: float
+
+    @classmethod
+    def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, dropout_p: float = 0.0) -> "KernelInputs":
+        cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        return cls(device_type=q.device.type, is_hip=torch.version.hip is not None,
+                   capability=cap, dtype=q.dtype, headdim=q.shape[-1], heads=q.shape[2],
+                   kv_heads=k.shape[2], dropout_p=float(dropout_p))
+
+
+class Backend:
+    """Base class: subclasses set ``name`` and implement the three methods."""
+
+    name = "base"
+
+    def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
+        """Why this backend cannot take ``inp``; an empty list means it can."""
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block attention -> (out (b, sq, h, d) dtype of q, lse (b, h, sq) float32)."""
+        raise NotImplementedError
+
+    def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block gradients (dq, dk, dv) shaped like (q, k, v), given the merged out and lse."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<ringX kernel backend {self.name}>"
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, s, kv_heads, d) -> (b, s, heads, d), each kv head repeated for its query group."""
+    group = heads // x.shape[2]
+    return x if group == 1 else x.repeat_interleave(group, dim=2)
+
+
+def fold_kv_grad(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(b, s, heads, d) gradient of an expanded k or v -> (b, s, kv_heads, d), summed per group."""
+    b, s, h, d = dx.shape
+    if h == kv_heads:
+        return dx
+    return dx.view(b, s, kv_heads, h // kv_heads, d).sum(dim=3)
+
+
+def bhsd(x: torch.Tensor) -> torch.Tensor:
+    """(b, s, h, d) -> (b, h, s, d) view (no copy; the kernels take these strides)."""
+    return x.transpose(1, 2)
+
+
+def bshd(x: torch.Tensor) -> torch.Tensor:
+    """(b, h, s, d) -> (b, s, h, d) view."""
+    return x.transpose(1, 2)
+
+
+def dense_bshd(x: torch.Tensor) -> torch.Tensor:
+    """Make the innermost two dims of a (b, s, h, d) tensor dense, as the CUDA kernels require."""
+    return x if x.stride(-1) == 1 and x.stride(2) == x.shape[3] and x.stride(1) == x.shape[2] * x.shape[3] \
+        else x.contiguous()

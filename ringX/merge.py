@@ -1,0 +1,45 @@
+"""Stable log-sum-exp merge of partial attention results.
+
+A partial result over a subset of keys is (out_blk, lse_blk) with
+out_blk = softmax-weighted values over that subset and lse_blk = log(sum(exp(scores))).
+Merging two partials a and b:
+
+    lse = logaddexp(lse_a, lse_b)
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+``torch.logaddexp`` computes max + log1p(exp(-|a - b|)), which never overflows. Rows that have
+seen no keys yet carry lse = -inf and get weight 0, so they stay exactly 0, never NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
+           lse_blk: torch.Tensor) -> None:
+    """Merge a partial block into the accumulators, in place.
+
+    out_acc: (batch, rows, heads, headdim) float32 (or float64), possibly a row-slice view.
+    lse_acc: (batch, heads, rows) same dtype as out_acc, possibly a view.
+    out_blk: (batch, rows, heads, headdim) any float dtype.
+    lse_blk: (batch, heads, rows) float32.
+    """
+    lse_blk = lse_blk.to(lse_acc.dtype)
+    new_lse = torch.logaddexp(lse_acc, lse_blk)
+    empty = new_lse == float("-inf")
+    safe = torch.where(empty, torch.zeros_like(new_lse), new_lse)
+    w_acc = torch.where(empty, torch.zeros_like(new_lse), torch.exp(lse_acc - safe))
+    w_blk = torch.where(empty, torch.zeros_like(new_lse), torch.exp(lse_blk - safe))
+    # (batch, heads, rows) -> (batch, rows, heads, 1) to scale (batch, rows, heads, headdim)
+    out_acc.mul_(w_acc.transpose(1, 2).unsqueeze(-1))
+    out_acc.add_(out_blk.to(out_acc.dtype) * w_blk.transpose(1, 2).unsqueeze(-1))
+    lse_acc.copy_(new_lse)
+
+
+def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty accumulators for queries q (batch, seqlen, heads, headdim):
+    out (batch, seqlen, heads, headdim) zeros and lse (batch, heads, seqlen) = -inf."""
+    b, s, h, _ = q.shape
+    out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype, device=q.device)
+    return out, lse

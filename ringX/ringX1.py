@@ -1,0 +1,187 @@
+"""ringX1: bidirectional context-parallel attention, contiguous layout, reduced message load.
+
+Forward, for each owner rank i in turn (i = 0 .. N-1)::
+
+    owner i broadcasts q_i                      (posted one step ahead: overlaps step i-1)
+    every rank j: (o_ij, lse_ij) = attn(q_i, k_j, v_j)
+    m_i = all-reduce MAX over j of lse_ij       (posted async; waited one step later)
+    every rank j: w_ij = exp(lse_ij - m_i); packs [o_ij * w_ij | w_ij]  (float32)
+    reduce SUM of the packs to owner i          (async, double-buffered)
+    owner i: out_i = sum(o w) / sum(w), lse_i = m_i + log(sum(w))
+
+Backward, for each owner rank i in turn: owner i broadcasts its fused [k_i; v_i] (one message,
+kv heads unexpanded); every rank accumulates its own dq locally and its partial [dk_i; dv_i]
+(float32), which is reduced to owner i. The same backward serves ringX2 and ringX4.
+
+Per-rank memory is O(S/N); messages are q-sized forward and kv-sized backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .api import Algorithm, RunContext, ring_attention
+from .comm import wait
+from .layout import block_plan
+
+
+def _run_block(run: RunContext, q_i, k, v, q_rank: int, kv_rank: int):
+    """(out, lse) of q_i against this rank's k/v, or (None, None) if fully masked. Contiguous
+    layouts have one block per rank pair."""
+    blocks = block_plan(run.layout, run.causal, q_rank, kv_rank, q_i.shape[1])
+    if not blocks:
+        return None, None
+    assert len(blocks) == 1, "the broadcast-q schedule needs one whole block per rank pair"
+    return run.kernel.forward(q_i, k, v, blocks[0].causal, run.scale)
+
+
+def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Broadcast-q forward. q: (b, s, h, d), k/v: (b, s, hk, d) local shards ->
+    (out (b, s, h, d), lse (b, h, s)) in run.acc_dtype for this rank's queries."""
+    comm, acc = run.comm, run.acc_dtype
+    n, r = comm.size, comm.rank
+    b, s, h, d = q.shape
+    q_bufs = [torch.empty_like(q) for _ in range(min(n - 1, 2))]
+    packs = [torch.empty((b, s, h, d + 1), dtype=acc, device=q.device) for _ in range(2)]
+    maxes = [torch.empty((b, h, s), dtype=acc, device=q.device) for _ in range(2)]
+    out = torch.empty((b, s, h, d), dtype=acc, device=q.device)
+    lse = torch.empty((b, h, s), dtype=acc, device=q.device)
+    pending_reduce: list = [None, None]
+    pending_max = None
+    prev = None  # (owner, slot, block out, block lse) of the step whose reduce is not yet posted
+
+    def q_of(i: int) -> torch.Tensor:
+        return q if i == r else q_bufs[i % len(q_bufs)]
+
+    def finish_reduce(slot: int, owner: int) -> None:
+        wait(pending_reduce[slot])
+        pending_reduce[slot] = None
+        if owner == r:
+            den = packs[slot][..., d]                              # (b, s, h)
+            out.copy_(packs[slot][..., :d] / den.unsqueeze(-1))
+            lse.copy_(maxes[slot] + torch.log(den).transpose(1, 2))
+
+    def post_reduce(owner: int, slot: int, o_blk, lse_blk) -> None:
+        wait(pending_max)
+        pack = packs[slot]
+        if o_blk is None:
+            pack.zero_()
+        else:
+            w = torch.exp(lse_blk.to(acc) - maxes[slot]).transpose(1, 2)   # (b, s, h)
+            torch.mul(o_blk, w.unsqueeze(-1), out=pack[..., :d])
+            pack[..., d].copy_(w)
+        pending_reduce[slot] = comm.reduce(pack, dst=owner)
+
+    owners_in_slot = [None, None]
+    bcast = comm.broadcast(q_of(0), src=0)
+    for i in range(n):
+        wait(bcast)
+        q_i = q_of(i)
+        if i + 1 < n:
+            bcast = comm.broadcast(q_of(i + 1), src=i + 1)
+        slot = i % 2
+        o_blk, lse_blk = _run_block(run, q_i, k, v, q_rank=i, kv_rank=r)
+        if prev is not None:
+            post_reduce(*prev)
+        if owners_in_slot[slot] is not None:
+            finish_reduce(slot, owners_in_slot[slot])
+        m = maxes[slot]
+        if lse_blk is None:
+            m.fill_(float("-inf"))
+        else:
+            m.copy_(lse_blk)
+        pending_max = comm.all_reduce(m, op=dist.ReduceOp.MAX)
+        prev, owners_in_slot[slot] = (i, slot, o_blk, lse_blk), i
+    post_reduce(*prev)
+    for slot in range(2):
+        if owners_in_slot[slot] is not None:
+            finish_reduce(slot, owners_in_slot[slot])
+    return out, lse
+
+
+def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
+    """Broadcast-kv backward. dout/q/out: (b, s, h, d), k/v: (b, s, hk, d), lse: (b, h, s) ->
+    (dq, dk, dv) in run.acc_dtype. Works for any layout that has a block plan."""
+    comm, acc = run.comm, run.acc_dtype
+    n, r = comm.size, comm.rank
+    kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
+    kv_bufs = [torch.empty_like(kv) for _ in range(min(n - 1, 2))]
+    dkv_bufs = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
+    dkv_own = torch.empty(kv.shape, dtype=acc, device=q.device)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    pending: list = [None, None]
+    owners_in_slot = [None, None]
+
+    def kv_of(i: int) -> torch.Tensor:
+        return kv if i == r else kv_bufs[i % len(kv_bufs)]
+
+    def finish(slot: int) -> None:
+        wait(pending[slot])
+        pending[slot] = None
+        if owners_in_slot[slot] == r:
+            dkv_own.copy_(dkv_bufs[slot])
+
+    bcast = comm.broadcast(kv_of(0), src=0)
+    for i in range(n):
+        wait(bcast)
+        kv_i = kv_of(i)
+        if i + 1 < n:
+            bcast = comm.broadcast(kv_of(i + 1), src=i + 1)
+        slot = i % 2
+        if owners_in_slot[slot] is not None:
+            finish(slot)
+        dkv = dkv_bufs[slot]
+        dkv.zero_()
+        for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
+            qs, ks = blk.q_rows, blk.kv_rows
+            dq_b, dk_b, dv_b = run.kernel.backward(
+                dout[:, qs], q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], out[:, qs], lse[:, :, qs],
+                blk.causal, run.scale)
+            dq[:, qs] += dq_b
+            dkv[0][:, ks] += dk_b
+            dkv[1][:, ks] += dv_b
+        pending[slot] = comm.reduce(dkv, dst=i)
+        owners_in_slot[slot] = i
+    for slot in range(2):
+        if owners_in_slot[slot] is not None:
+            finish(slot)
+    return dq, dkv_own[0], dkv_own[1]
+
+
+ALGORITHM = Algorithm(name="ringX1", code=1, layout="contiguous", forward=bcast_q_forward,
+                      backward=bcast_kv_backward)
+
+
+def ringX1_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                     backend=None):
+    """Exact attention over a sequence split contiguously across the ranks of ``group``.
+
+    Args:
+        q: (batch, seqlen_local, heads, headdim); rank r of N holds tokens [r*S/N, (r+1)*S/N).
+        k, v: (batch, seqlen_local, kv_heads, headdim), heads % kv_heads == 0 (GQA/MQA; k/v
+            travel between ranks unexpanded).
+        dropout_p: must be 0.0 (NotImplementedError otherwise).
+        softmax_scale: default headdim ** -0.5.
+        causal: mask keys after the query's global position. Causal blocks are square and
+            aligned on the diagonal (query t sees keys 0..t of the global sequence)::
+
+                q\\k  r0 r1 r2
+                r0   \\  .  .        \\ = causal diagonal block, # = full block, . = skipped
+                r1   #  \\  .
+                r2   #  #  \\
+        window_size: must be (-1, -1); alibi_slopes: must be None (NotImplementedError).
+        deterministic: accepted; ringX's own reductions run in a fixed order, and kernel
+            determinism follows torch.use_deterministic_algorithms.
+        return_attn_probs: also return lse.
+        group: any torch.distributed process group (strided sub-groups too); None = default
+            group (or a single process when torch.distributed is not initialised).
+        backend: force a local kernel backend by name (see ringX.kernels); default: the first
+            that supports the inputs, or $RINGX_BACKEND.
+
+    Returns:
+        out (batch, seqlen_local, heads, headdim) in q's dtype, or (out, lse, None) with
+        lse (batch, heads, seqlen_local) float32 (natural log) if return_attn_probs.
+    """
+    return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
+                          alibi_slopes, deterministic, return_attn_probs, group, backend)

@@ -1,0 +1,55 @@
+"""ringX4: causal context-parallel attention, zigzag layout, balanced, broadcast-reduce.
+
+Forward: each owner rank s in turn broadcasts its fused [k_s; v_s] (unexpanded; the next owner's
+broadcast is posted before the current blocks compute, into a second buffer); every rank attends
+its local q to it with the zigzag block plan of ringX3 and merges the partials in float32.
+Backward: the broadcast-kv / reduce-dkv schedule of ringX1 with the zigzag block plan.
+
+Every rank does the same work and per-rank memory stays O(S/N).
+"""
+from __future__ import annotations
+
+import torch
+
+from .api import Algorithm, RunContext, ring_attention
+from .comm import wait
+from .layout import block_plan
+from .merge import merge_, new_accumulators
+from .ringX1 import bcast_kv_backward
+
+
+def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
+    comm = run.comm
+    n, r = comm.size, comm.rank
+    kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
+    kv_bufs = [torch.empty_like(kv) for _ in range(min(n - 1, 2))]
+    out, lse = new_accumulators(q, run.acc_dtype)
+
+    def kv_of(i: int) -> torch.Tensor:
+        return kv if i == r else kv_bufs[i % len(kv_bufs)]
+
+    bcast = comm.broadcast(kv_of(0), src=0)
+    for i in range(n):
+        wait(bcast)
+        kv_i = kv_of(i)
+        if i + 1 < n:
+            bcast = comm.broadcast(kv_of(i + 1), src=i + 1)
+        for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
+            qs, ks = blk.q_rows, blk.kv_rows
+            o, l = run.kernel.forward(q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], blk.causal, run.scale)
+            merge_(out[:, qs], lse[:, :, qs], o, l)
+    return out, lse
+
+
+ALGORITHM = Algorithm(name="ringX4", code=4, layout="zigzag", forward=bcast_kv_forward,
+                      backward=bcast_kv_backward)
+
+
+def ringX4_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                     backend=None):
+    """Causal attention over a zigzag split, broadcast-reduce schedule. Arguments and returns as
+    ringX1_attn_func; seqlen_local must be even."""
+    return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
+                          alibi_slopes, deterministic, return_attn_probs, group, backend)

@@ -1,0 +1,203 @@
+"""Exactness checks for the ringX functions: a float64 reference, global error metrics and the
+pass rules. Used by the test suite and by ``python -m ringX.selfcheck``.
+
+Pass rules (per output: out, lse, dq, dk, dv; errors are relative L2 norms over the whole
+sequence, ||x - ref|| / ||ref||, against float64 attention on the same rounded inputs):
+
+- float32 / float64: out and lse <= 2e-5, gradients <= 1e-4.
+- bfloat16 / float16: out and gradients <= 2x the error of single-device PyTorch attention
+  (F.scaled_dot_product_attention) in the same dtype on the same inputs, and <= 1.5x the error of
+  the same ringX function on a group of one rank; lse <= 2e-5 (it is computed in float32).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import expected_layout
+from .layout import shard
+
+OUTPUTS = ("out", "lse", "dq", "dk", "dv")
+FP32_TOL = {"out": 2e-5, "lse": 2e-5, "dq": 1e-4, "dk": 1e-4, "dv": 1e-4}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One exactness case; ``seqlen`` is the global sequence length."""
+
+    batch: int
+    seqlen: int
+    heads: int
+    kv_heads: int
+    headdim: int
+    causal: bool
+    dtype: torch.dtype
+    seed: int = 0
+
+    def label(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return (f"b{self.batch} s{self.seqlen} h{self.heads}/{self.kv_heads} d{self.headdim} "
+                f"{'causal' if self.causal else 'full'} {dt}")
+
+
+def make_inputs(case: Case, device: torch.device) -> dict[str, torch.Tensor]:
+    """Global q, dout (b, S, h, d) and k, v (b, S, kv_heads, d): random normal, drawn in float64
+    on the CPU from ``case.seed`` (identical on every rank), rounded to case.dtype."""
+    g = torch.Generator().manual_seed(case.seed)
+    shapes = {"q": (case.batch, case.seqlen, case.heads, case.headdim),
+              "k": (case.batch, case.seqlen, case.kv_heads, case.headdim),
+              "v": (case.batch, case.seqlen, case.kv_heads, case.headdim),
+              "dout": (case.batch, case.seqlen, case.heads, case.headdim)}
+    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(case.dtype).to(device)
+            for n, s in shapes.items()}
+
+
+def reference_attention(q, k, v, dout, causal: bool, scale: float) -> dict[str, torch.Tensor]:
+    """Explicit float64 attention with autograd. q/dout (b, S, h, d), k/v (b, S, hk, d) ->
+    out (b, S, h, d), lse (b, h, S), dq, dk, dv, all float64."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    ke, ve = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, ke) * scale
+    if causal:
+        s = q.shape[1]
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), ve)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.double())
+    return {"out": out.detach(), "lse": lse.detach(), "dq": dq, "dk": dk, "dv": dv}
+
+
+def torch_attention(q, k, v, dout, causal: bool, scale: float) -> dict[str, torch.Tensor]:
+    """Single-device PyTorch attention in the inputs' dtype: out, dq, dk, dv."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=causal, scale=scale, enable_gqa=True).transpose(1, 2)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
+
+
+def global_rel_err(x: torch.Tensor, ref: torch.Tensor, group=None) -> float:
+    """||x - ref|| / ||ref|| over the union of the shards held by the ranks of ``group``."""
+    diff = (x.double() - ref.double()).norm() ** 2
+    den = ref.double().norm() ** 2
+    sums = torch.stack([diff, den]).reshape(2)
+    if group is not None and dist.get_world_size(group) > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+        sums = sums.to(dev)
+        dist.all_reduce(sums, group=group)
+    diff, den = sums.tolist()
+    if diff != diff:  # NaN anywhere
+        return float("nan")
+    return (diff ** 0.5) / max(den ** 0.5, 1e-300)
+
+
+def run_ringx(fn, case: Case, group, device: torch.device, backend: str | None = None,
+              inputs: dict | None = None) -> tuple[dict[str, float], float]:
+    """Run ``fn`` forward and backward on ``case`` sharded over ``group`` in the layout it expects.
+
+    Returns ({output: global relative error vs the float64 reference}, seconds for fwd+bwd).
+    """
+    n = dist.get_world_size(group) if group is not None else 1
+    r = dist.get_rank(group) if group is not None else 0
+    layout = expected_layout(fn)
+    full = inputs if inputs is not None else make_inputs(case, device)
+    scale = case.headdim ** -0.5
+    ref = reference_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale)
+    local = {name: shard(t, layout, r, n) for name, t in full.items()}
+    q, k, v = (local[x].detach().clone().requires_grad_() for x in ("q", "k", "v"))
+    start = time.perf_counter()
+    out, lse, _ = fn(q, k, v, causal=case.causal, softmax_scale=scale, return_attn_probs=True,
+                     group=group, backend=backend)
+    out.backward(local["dout"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    ours = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    errs = {}
+    for name in OUTPUTS:
+        dim = 2 if name == "lse" else 1
+        errs[name] = global_rel_err(ours[name], shard(ref[name], layout, r, n, dim=dim), group)
+    return errs, seconds
+
+
+def torch_errors(case: Case, device: torch.device, inputs: dict | None = None) -> dict[str, float]:
+    """Errors of single-device PyTorch attention (same dtype) on the full case."""
+    full = inputs if inputs is not None else make_inputs(case, device)
+    scale = case.headdim ** -0.5
+    ref = reference_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale)
+    got = torch_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale)
+    return {n: global_rel_err(got[n], ref[n]) for n in got}
+
+
+def bounds(case: Case, torch_errs: dict[str, float] | None,
+           solo_errs: dict[str, float] | None) -> dict[str, float]:
+    """The largest error each output may have under the pass rules above."""
+    if case.dtype in (torch.float32, torch.float64):
+        return dict(FP32_TOL)
+    if torch_errs is None:
+        raise ValueError("low-precision cases need the single-device PyTorch errors")
+    out = {"lse": FP32_TOL["lse"]}
+    for name in ("out", "dq", "dk", "dv"):
+        bound = 2.0 * torch_errs[name]
+        if solo_errs is not None:
+            bound = min(bound, 1.5 * solo_errs[name])
+        out[name] = bound
+    return out
+
+
+@dataclass(frozen=True)
+class Result:
+    """One checked case: errors, their bounds and the fwd+bwd time."""
+
+    algo: str
+    world_size: int
+    case: Case
+    errors: dict
+    bounds: dict
+    seconds: float
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{n}: {self.errors[n]:.3g} > {self.bounds[n]:.3g}" for n in OUTPUTS
+                if not self.errors[n] <= self.bounds[n]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def check_case(fn, algo: str, case: Case, group, device: torch.device, solo_group=None,
+               backend: str | None = None) -> Result:
+    """Check ``fn`` on ``case`` over ``group``. For low-precision dtypes also runs single-device
+    PyTorch and, if ``solo_group`` (a group of this rank alone) is given, ``fn`` on one rank."""
+    full = make_inputs(case, device)
+    errs, seconds = run_ringx(fn, case, group, device, backend, full)
+    torch_errs = solo_errs = None
+    if case.dtype not in (torch.float32, torch.float64):
+        torch_errs = torch_errors(case, device, full)
+        if solo_group is not None:
+            solo_errs, _ = run_ringx(fn, case, solo_group, device, backend, full)
+    n = dist.get_world_size(group) if group is not None else 1
+    return Result(algo, n, case, errs, bounds(case, torch_errs, solo_errs), seconds)
+
+
+def standard_cases(world_size: int, seqlen_local: int = 8, seed: int = 0) -> list[Case]:
+    """The CI matrix: causal and full, float32 and bfloat16, MHA 4/4 and GQA 6/2, batch 2."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for causal in (False, True):
+            for heads, kv_heads in ((4, 4), (6, 2)):
+                cases.append(Case(batch=2, seqlen=seqlen_local * world_size, heads=heads,
+                                  kv_heads=kv_heads, headdim=16, causal=causal, dtype=dtype,
+                                  seed=seed + len(cases)))
+    return cases
+
+
+def with_seqlen(case: Case, seqlen: int) -> Case:
+    return replace(case, seqlen=seqlen)
