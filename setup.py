@@ -1,0 +1,26 @@
+"""RingX packaging. The version number lives only in ringX/version.py."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "ringX" / "version.py").read_text()).group(1)
+
+setup(
+    name="ringX",
+    version=version,
+    description="Exact context-parallel attention (ringX1-4) for long-context training on HPC systems",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ringX", "ringX.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "mpi": ["mpi4py"],
+        "flash-attn": ["flash-attn"],
+        "apps": ["pyyaml", "tqdm", "safetensors", "matplotlib", "h5py"],
+    },
+    license="BSD-3-Clause",
+)

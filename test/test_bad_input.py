@@ -1,0 +1,104 @@
+"""Bad input raises a clear error on every rank and never hangs; options that are not
+implemented raise NotImplementedError instead of being ignored."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from launcher import spawn
+from ringX import ATTN_FUNCS
+
+ALGOS = list(ATTN_FUNCS)
+
+
+def _tensors(b=1, s=8, h=4, hk=2, d=16, dtype=torch.float32, device="cpu"):
+    return (torch.randn(b, s, h, d, dtype=dtype, device=device),
+            torch.randn(b, s, hk, d, dtype=dtype, device=device),
+            torch.randn(b, s, hk, d, dtype=dtype, device=device))
+
+
+def _expect_on_every_rank(fn, exc, pattern):
+    """Run fn, require exc matching pattern, and prove all ranks got there (no rank hung)."""
+    with pytest.raises(exc, match=pattern):
+        fn()
+    dist.barrier()
+
+
+def mismatch_body(rank, world_size, device, algo):
+    f = ATTN_FUNCS[algo]
+    # different local sequence length on rank 1
+    q, k, v = _tensors(s=10 if rank == 1 else 8, device=device)
+    _expect_on_every_rank(lambda: f(q, k, v, causal=True), ValueError,
+                          r"(?s)seqlen_local: rank 0=8, rank 1=10")
+    # different causal flag
+    q, k, v = _tensors(device=device)
+    _expect_on_every_rank(lambda: f(q, k, v, causal=rank == 0), ValueError, r"causal: rank 0=1, rank 1=0")
+    # different dtype
+    q, k, v = _tensors(dtype=torch.bfloat16 if rank == 1 else torch.float32, device=device)
+    _expect_on_every_rank(lambda: f(q, k, v), ValueError, r"dtype: rank 0=torch.float32, rank 1=torch.bfloat16")
+    # heads not divisible by kv heads on one rank only: every rank raises, naming rank 1
+    q, k, v = _tensors(hk=3, device=device) if rank == 1 else _tensors(h=6, hk=3, device=device)
+    _expect_on_every_rank(lambda: f(q, k, v), ValueError, r"rank 1: heads must be divisible")
+    # wrong number of dims on rank 0
+    q, k, v = _tensors(device=device)
+    q3 = q[0] if rank == 0 else q
+    _expect_on_every_rank(lambda: f(q3, k, v), ValueError, r"rank 0: q, k and v must be 4-D")
+    # integer inputs
+    qi = torch.zeros(1, 8, 4, 16, dtype=torch.int64, device=device)
+    _expect_on_every_rank(lambda: f(qi, qi, qi), ValueError, r"must be floating point")
+    # one rank needs gradients, the other does not: would deadlock in backward
+    q, k, v = _tensors(device=device)
+    q.requires_grad_(rank == 0)
+    _expect_on_every_rank(lambda: f(q, k, v), ValueError, r"needs_grad")
+    # options that are not implemented: NotImplementedError on every rank
+    q, k, v = _tensors(device=device)
+    _expect_on_every_rank(lambda: f(q, k, v, dropout_p=0.1), NotImplementedError, "dropout_p=0.1")
+    _expect_on_every_rank(lambda: f(q, k, v, window_size=(4, 0)), NotImplementedError, "window")
+    _expect_on_every_rank(lambda: f(q, k, v, alibi_slopes=torch.ones(4, device=device)), NotImplementedError, "alibi")
+    # after all that, a good call still works
+    out = f(*_tensors(device=device), causal=True)
+    assert out.shape == (1, 8, 4, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_mismatched_inputs_raise_on_every_rank(algo):
+    spawn(2, mismatch_body, algo, deadline_s=120)
+
+
+def odd_zigzag_body(rank, world_size, device, algo):
+    q, k, v = _tensors(s=7, device=device)
+    if algo in ("ringX3", "ringX4"):
+        _expect_on_every_rank(lambda: ATTN_FUNCS[algo](q, k, v, causal=True), ValueError,
+                              r"zigzag.*must be even")
+    else:
+        assert ATTN_FUNCS[algo](q, k, v, causal=True).shape == q.shape
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_sequence_the_layout_cannot_split(algo):
+    spawn(2, odd_zigzag_body, algo, deadline_s=120)
+
+
+def non_member_body(rank, world_size, device):
+    group = dist.new_group([0, 1])
+    q, k, v = _tensors(device=device)
+    if rank == 2:
+        with pytest.raises(ValueError, match=r"global rank 2 is not a member"):
+            ATTN_FUNCS["ringX1"](q, k, v, group=group)
+    else:
+        assert ATTN_FUNCS["ringX1"](q, k, v, group=group).shape == q.shape
+    dist.barrier()
+
+
+def test_rank_outside_the_group():
+    spawn(3, non_member_body, deadline_s=120)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_single_process_without_distributed_equals_plain_attention(algo):
+    q, k, v = _tensors(b=2, s=16, h=6, hk=2)
+    for causal in (False, True):
+        out = ATTN_FUNCS[algo](q, k, v, causal=causal)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,74 @@
+"""Each local kernel backend against the float64 reference on the devices this machine has
+(CUDA backends skip cleanly on CPU-only machines), and the registry's choices and errors."""
+import pytest
+import torch
+
+import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
+from ringX.kernels import BACKENDS, KernelInputs, get_backend, select_backend, support_table
+from ringX.testing import global_rel_err, reference_attention
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _params():
+    for device in _devices():
+        for b in BACKENDS:
+            for dtype in (torch.float32, torch.bfloat16):
+                yield pytest.param(b.name, device, dtype, id=f"{b.name}-{device}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("name,device,dtype", list(_params()))
+@pytest.mark.parametrize("causal", [False, True])
+def test_backend_matches_reference(name, device, dtype, causal):
+    backend = get_backend(name)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 64, 8, 64, generator=g, dtype=torch.float64).to(dtype).to(device)
+    k = torch.randn(2, 64, 2, 64, generator=g, dtype=torch.float64).to(dtype).to(device)
+    v = torch.randn(2, 64, 2, 64, generator=g, dtype=torch.float64).to(dtype).to(device)
+    dout = torch.randn(2, 64, 8, 64, generator=g, dtype=torch.float64).to(dtype).to(device)
+    reasons = backend.not_supported_reasons(KernelInputs.from_tensors(q, k))
+    if reasons:
+        pytest.skip(f"{name} on {device}/{dtype}: {'; '.join(reasons)}")
+    scale = 64 ** -0.5
+    ref = reference_attention(q, k, v, dout, causal, scale)
+    out, lse = backend.forward(q, k, v, causal, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (2, 8, 64) and lse.dtype == torch.float32
+    # backward is given the reference's merged out/lse, as the ring schedules do
+    dq, dk, dv = backend.backward(dout, q, k, v, ref["out"].to(dtype), ref["lse"].float(), causal, scale)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    tol = {"out": 2e-5, "lse": 2e-5, "grad": 1e-4} if dtype == torch.float32 else \
+          {"out": 1e-2, "lse": 1e-4, "grad": 2e-2}
+    assert global_rel_err(out, ref["out"]) <= tol["out"]
+    assert global_rel_err(lse, ref["lse"]) <= tol["lse"]
+    for mine, name_ in ((dq, "dq"), (dk, "dk"), (dv, "dv")):
+        assert global_rel_err(mine, ref[name_]) <= tol["grad"], name_
+
+
+def test_registry_picks_first_supported_and_reports_reasons(monkeypatch):
+    monkeypatch.delenv("RINGX_BACKEND", raising=False)
+    q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
+    assert select_backend(q, k).name == "cpu_flash"
+    table = support_table(KernelInputs.from_tensors(q, k))
+    assert table["cpu_flash"] == [] and table["math"] == []
+    assert any("CUDA" in r for r in table["cudnn"])
+    # forcing by argument and by environment variable
+    assert select_backend(q, k, name="math").name == "math"
+    monkeypatch.setenv("RINGX_BACKEND", "math")
+    assert select_backend(q, k).name == "math"
+    with pytest.raises(NotImplementedError, match="cudnn.*RINGX_BACKEND"):
+        monkeypatch.setenv("RINGX_BACKEND", "cudnn")
+        select_backend(q, k)
+    with pytest.raises(ValueError, match="valid names"):
+        select_backend(q, k, name="nope")
+
+
+def test_registry_error_lists_every_backend_when_none_fits(monkeypatch):
+    monkeypatch.delenv("RINGX_BACKEND", raising=False)
+    q = torch.randn(1, 8, 4, 16)
+    with pytest.raises(NotImplementedError) as err:
+        select_backend(q, q, dropout_p=0.1)
+    for b in BACKENDS:
+        assert f"  {b.name}:" in str(err.value)
