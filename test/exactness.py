@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
 from ringX import ATTN_FUNCS
 from ringX.testing import Case, check_case, standard_cases
 
