@@ -1,0 +1,150 @@
+"""How each benchmarked method is set up and called.
+
+Every method gets the same global problem (identical on every rank, drawn from one seed) and
+returns a ``Prepared``: the local inputs in the layout it expects and a ``step(fwd_only)``
+callable that runs forward (and backward) once and returns the local output.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .. import ATTN_FUNCS, expected_layout
+from ..kernels import select_backend
+from ..layout import shard
+
+NATIVE = ("native-allgather", "native-alltoall")
+RING_FLASH = ("ring-flash-zigzag",)
+
+
+@dataclass
+class Prepared:
+    step: Callable[[bool], torch.Tensor]
+    layout: str
+    note: str = ""
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_()
+
+
+def _run(fn, inputs, dout, fwd_only: bool) -> torch.Tensor:
+    if fwd_only:
+        with torch.no_grad():
+            return fn(*inputs)
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    out.backward(dout)
+    return out
+
+
+class _KernelAttn(torch.autograd.Function):
+    """The bare local kernel with autograd: the single-device baseline, no ringX machinery."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kernel, causal, scale):
+        out, lse = kernel.forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kernel, ctx.causal, ctx.scale = kernel, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel.backward(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def single_device(full: dict, causal: bool, backend: str | None, seqlen: int | None = None) -> Prepared:
+    """The local kernel alone on the first ``seqlen`` tokens (default: the whole sequence)."""
+    s = seqlen or full["q"].shape[1]
+    q, k, v = (_leaf(full[n][:, :s]) for n in ("q", "k", "v"))
+    dout = full["dout"][:, :s].contiguous()
+    kernel = select_backend(q, k, name=backend)
+    scale = q.shape[-1] ** -0.5
+
+    def attn(q_, k_, v_):
+        return _KernelAttn.apply(q_, k_, v_, kernel, causal, scale)
+    return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "contiguous",
+                    f"kernel {kernel.name}")
+
+
+def ringx(name: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
+    fn = ATTN_FUNCS[name]
+    layout = expected_layout(fn)
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    q, k, v = (_leaf(shard(full[x], layout, r, n)) for x in ("q", "k", "v"))
+    dout = shard(full["dout"], layout, r, n)
+
+    def attn(q_, k_, v_):
+        return fn(q_, k_, v_, causal=causal, group=group, backend=backend)
+    return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), layout)
+
+
+def native(name: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
+    """torch.distributed.tensor.experimental.context_parallel with the all-gather or all-to-all
+    rotate method. It shards (b, h, S, d) buffers itself (load-balanced for causal), takes no GQA,
+    so k/v are expanded to the query heads here."""
+    if full["q"].device.type != "cuda":
+        raise RuntimeError("PyTorch native context parallel runs on CUDA devices only")
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    attn_mod = importlib.import_module("torch.distributed.tensor.experimental._attention")
+    attn_mod.set_rotate_method(name.split("-")[1])
+    mesh = DeviceMesh.from_group(group, "cuda")
+    h = full["q"].shape[2]
+    group_size = h // full["k"].shape[2]
+    bufs = [full["q"].transpose(1, 2).contiguous(),
+            full["k"].repeat_interleave(group_size, 2).transpose(1, 2).contiguous(),
+            full["v"].repeat_interleave(group_size, 2).transpose(1, 2).contiguous(),
+            full["dout"].transpose(1, 2).contiguous()]
+    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    sdpa_backend = kernels.get(backend or "cudnn", SDPBackend.CUDNN_ATTENTION)
+    ctx = context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2])
+    ctx.__enter__()  # shards bufs in place; kept open for the life of the benchmark row
+    q, k, v = (b.detach().requires_grad_() for b in bufs[:3])
+    dout = bufs[3]
+
+    def attn(q_, k_, v_):
+        with sdpa_kernel(sdpa_backend):
+            return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, is_causal=causal)
+    prepared = Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "native",
+                        f"{sdpa_backend.name.lower()}, kv expanded")
+    prepared.close = lambda: ctx.__exit__(None, None, None)
+    return prepared
+
+
+def ring_flash(name: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
+    """ring-flash-attn's zigzag ring attention, when that package is installed."""
+    try:
+        rfa = importlib.import_module("ring_flash_attn")
+    except ImportError:
+        raise RuntimeError("the ring-flash-attn package is not installed") from None
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    q, k, v = (_leaf(shard(full[x], "zigzag", r, n)) for x in ("q", "k", "v"))
+    dout = shard(full["dout"], "zigzag", r, n)
+
+    def attn(q_, k_, v_):
+        return rfa.zigzag_ring_flash_attn_func(q_, k_, v_, causal=causal, group=group)
+    return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "zigzag")
+
+
+def prepare(method: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
+    if method in ATTN_FUNCS:
+        return ringx(method, full, causal, group, backend)
+    if method in NATIVE:
+        return native(method, full, causal, group, backend)
+    if method in RING_FLASH:
+        return ring_flash(method, full, causal, group, backend)
+    raise ValueError(f"unknown method {method!r}; valid: {', '.join(all_methods())}")
+
+
+def all_methods() -> list[str]:
+    return list(ATTN_FUNCS) + list(NATIVE) + list(RING_FLASH)

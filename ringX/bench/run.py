@@ -1,0 +1,253 @@
+"""Benchmark driver: ``python -m ringX.bench`` (see ringX.bench for the metrics).
+
+Ranks come from the launcher (torchrun, srun, mpirun via ringX.launch) or, with no launcher,
+``--nproc`` ranks are spawned here. Rank 0 writes results.csv, results.json and efficiency.png
+under --out and prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..testing import global_rel_err
+from ..layout import shard
+from . import methods as M
+from . import report
+
+SEED_SWEEP = [(16, 8192), (8, 16384), (4, 32768), (2, 65536), (1, 131072), (1, 262144),
+              (1, 524288), (1, 1048576)]
+TINY_SWEEP = [(2, 128), (1, 256)]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def attn_flops(batch: int, seqlen: int, heads: int, headdim: int, causal: bool, mode: str) -> float:
+    fwd = 4.0 * batch * seqlen * seqlen * heads * headdim * (0.5 if causal else 1.0)
+    return fwd * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step, fwd_only: bool, warmup: int, repeats: int, device, group) -> tuple[float, torch.Tensor]:
+    """Median seconds per call over ``repeats`` (after ``warmup``), max over the group's ranks."""
+    out = None
+    for _ in range(warmup):
+        out = step(fwd_only)
+    _sync(device)
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = step(fwd_only)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            out = step(fwd_only)
+            samples.append(time.perf_counter() - t0)
+    med = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=_ctl_device(device, group))
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
+    return float(med.item()), out
+
+
+def _ctl_device(device, group):
+    return device if (device.type == "cuda" and group is not None and "nccl" in str(dist.get_backend(group))) else torch.device("cpu")
+
+
+def _max_over(x: float, device, group) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=_ctl_device(device, group))
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def make_full(batch, seqlen, heads, kv_heads, headdim, dtype, device, seed) -> dict:
+    """Global random inputs (normal, never zeros), identical on every rank."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    def rnd(h):
+        return torch.randn(batch, seqlen, h, headdim, generator=g, device=device, dtype=dtype)
+    return {"q": rnd(heads), "k": rnd(kv_heads), "v": rnd(kv_heads), "dout": rnd(heads)}
+
+
+def measure(prep, fwd_only, args, device, group, local_bytes: int) -> dict:
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    seconds, out = time_step(prep.step, fwd_only, args.warmup, args.repeats, device, group)
+    mem = None
+    if device.type == "cuda":
+        mem = _max_over((torch.cuda.max_memory_allocated(device) - base + local_bytes) / 2**30, device, group)
+    return {"seconds": seconds, "out": out.detach(), "mem": mem}
+
+
+def bench_config(args, batch, seqlen, causal, mode, device, group, single_times: dict) -> list[dict]:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    fwd_only = mode == "fwd"
+    full = make_full(batch, seqlen, args.heads, args.kv_heads, args.headdim, DTYPES[args.dtype],
+                     device, args.seed + seqlen + int(causal))
+    base = {"world_size": n, "batch": batch, "seqlen": seqlen, "heads": args.heads,
+            "kv_heads": args.kv_heads, "headdim": args.headdim, "dtype": args.dtype,
+            "causal": causal, "mode": mode}
+    flops = attn_flops(batch, seqlen, args.heads, args.headdim, causal, mode)
+    rows, ref_out = [], None
+    # single device on the whole sequence (ideal = its time / N), and its memory at S/N
+    key = (batch * args.heads, causal, mode)
+    if seqlen <= args.single_max_seqlen:
+        prep = M.single_device(full, causal, args.backend)
+        m = measure(prep, fwd_only, args, device, group, 0)
+        single_times[key] = (seqlen, m["seconds"], flops)
+        ideal, source = m["seconds"] / n, "measured"
+        if seqlen <= args.check_max_seqlen:
+            ref_out = m["out"]
+        rows.append({**base, "method": "single", "time_ms": m["seconds"] * 1e3,
+                     "tflops_per_gpu": flops / m["seconds"] / 1e12, "peak_mem_gb": m["mem"],
+                     "note": f"1 device, whole S; {prep.note}"})
+        del prep, m
+    elif key in single_times:
+        s_meas, t_meas, f_meas = single_times[key]
+        ideal, source = t_meas * flops / f_meas / n, f"extrapolated from S={s_meas} as FLOPs"
+    else:
+        ideal, source = None, "no single-device measurement"
+    local = seqlen // n
+    single_local = measure(M.single_device(full, causal, args.backend, local), fwd_only, args, device, group,
+                           sum(full[x][:, :local].numel() * full[x].element_size() for x in full))
+    native_best = None
+    for method in args.methods:
+        row = {**base, "method": method}
+        try:
+            prep = M.prepare(method, full, causal, group, args.backend)
+            local_bytes = sum(full[x].numel() * full[x].element_size() for x in full) // n
+            if method in M.NATIVE:
+                local_bytes = sum(full[x].numel() * full[x].element_size() * (args.heads // args.kv_heads if x in "kv" else 1) for x in full) // n
+            m = measure(prep, fwd_only, args, device, group, local_bytes)
+            err = None
+            if ref_out is not None and prep.layout in ("contiguous", "zigzag"):
+                err = global_rel_err(m["out"], shard(ref_out, prep.layout, r, n), group)
+            row.update(time_ms=m["seconds"] * 1e3, tflops_per_gpu=flops / n / m["seconds"] / 1e12,
+                       peak_mem_gb=m["mem"], single_mem_gb=single_local["mem"], check_err=err,
+                       note=prep.note)
+            if ideal is not None:
+                row.update(efficiency=ideal / m["seconds"], ideal_ms=ideal * 1e3, ideal_source=source)
+            if err is not None and not err < args.check_tol:
+                row["note"] = f"WRONG: rel err {err:.2e} vs single device"
+            if method in M.NATIVE:
+                native_best = min(native_best or m["seconds"], m["seconds"])
+            if hasattr(prep, "close"):
+                prep.close()
+            del prep, m
+        except Exception as exc:  # a method that cannot run here is reported, not fatal
+            row["note"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        rows.append(row)
+    for row in rows:
+        if native_best and row.get("time_ms") and row["method"] not in M.NATIVE:
+            row["speedup_vs_native"] = native_best * 1e3 / row["time_ms"]
+    if device.type == "cuda":
+        del full
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run(args, device) -> list[dict]:
+    group = dist.group.WORLD
+    sweep = {"seed": SEED_SWEEP, "tiny": TINY_SWEEP}.get(args.sweep) or [(args.batch, s) for s in args.seqlens]
+    causals = {"true": [True], "false": [False], "both": [False, True]}[args.causal]
+    rows, single_times = [], {}
+    for batch, seqlen in sweep:
+        for causal in causals:
+            for mode in args.modes:
+                rows += bench_config(args, batch, seqlen, causal, mode, device, group, single_times)
+                if dist.get_rank() == 0:
+                    print(report.table(rows[-len(args.methods) - 1:]).split("\n", 2)[-1], flush=True)
+    return rows
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ringX.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=M.all_methods(), choices=M.all_methods())
+    p.add_argument("--sweep", choices=["seed", "tiny", "none"], default="none",
+                   help="seed: the seed project's (batch, S) pairs; tiny: CPU smoke test")
+    p.add_argument("--seqlens", type=int, nargs="+", default=[32768, 65536, 131072, 262144])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--causal", choices=["true", "false", "both"], default="both")
+    p.add_argument("--modes", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--single-max-seqlen", type=int, default=262144)
+    p.add_argument("--check-max-seqlen", type=int, default=262144)
+    p.add_argument("--check-tol", type=float, default=2e-2, help="max rel L2 error vs single device")
+    p.add_argument("--backend", default=None, help="local kernel backend (default: registry choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default runs/bench/<time>)")
+    p.add_argument("--nproc", type=int, default=4, help="ranks to spawn when no launcher started us")
+    args = p.parse_args(argv)
+    if args.sweep == "tiny":
+        args.heads, args.kv_heads, args.headdim = min(args.heads, 4), min(args.kv_heads, 2), min(args.headdim, 32)
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
+    args.out = args.out or os.path.join("runs", "bench", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return args
+
+
+def _entry(args, rank: int, world_size: int, device) -> None:
+    if rank == 0:
+        print(f"ringX.bench: {world_size} ranks, {dist.get_backend()} on "
+              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
+              f"{torch.__version__}, {args.dtype}, heads {args.heads}/{args.kv_heads}, dim {args.headdim}", flush=True)
+    rows = run(args, device)
+    if rank == 0:
+        paths = report.write(rows, args.out)
+        print("wrote " + ", ".join(paths))
+        print(report.table(rows))
+
+
+def _spawned(rank, world_size, init_file, args):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=600))
+    try:
+        _entry(args, rank, world_size, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from ..launch import detect_env, init_distributed
+    if detect_env().launcher != "none":
+        info = init_distributed()
+        try:
+            _entry(args, info.rank, info.world_size, info.device)
+        finally:
+            dist.destroy_process_group()
+        return 0
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_spawned, args=(args.nproc, os.path.join(tmp, "rdv"), args),
+                           nprocs=args.nproc, start_method="spawn")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The launch layer under real launchers: Slurm (srun, sbatch), OpenMPI (mpirun) and torchrun.
+
+script/run_tests.sh starts a private single-node Slurm when none answers (as root) and installs
+OpenMPI and mpi4py, then sets RINGX_REQUIRE_HPC=1 so that a missing launcher fails these tests
+instead of skipping them.
+"""
+import csv
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = os.environ.get("RINGX_REQUIRE_HPC") == "1"
+ALGOS = ["ringX1", "ringX2", "ringX3", "ringX4"]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def _need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t, path=_env()["PATH"]) is None]
+    if not missing and "srun" in tools:
+        ok = subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+        missing = [] if ok else ["a Slurm controller that answers (sinfo)"]
+    if missing:
+        msg = f"not available: {', '.join(missing)}"
+        if REQUIRED:
+            pytest.fail(msg + " (RINGX_REQUIRE_HPC=1)")
+        pytest.skip(msg)
+
+
+def _run(cmd, cwd=ROOT, timeout=400, **env) -> tuple[int, str]:
+    res = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    return res.returncode, res.stdout + res.stderr
+
+
+def _assert_passed(rc: int, out: str, ranks: int, launcher: str) -> None:
+    assert rc == 0, out[-3000:]
+    assert out.count("PASSED rank") == ranks, out[-3000:]
+    assert f"({launcher}, " in out, out[-3000:]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_srun_each_algorithm(algo):
+    _need("srun")
+    rc, out = _run(["srun", "-n", "4", "--kill-on-bad-exit=1", "bash", "-c",
+                    f"source script/setup_dist_vars.sh; python test/test_{algo}_attn_func.py"])
+    _assert_passed(rc, out, 4, "torchrun")  # setup_dist_vars.sh exports torchrun-style variables
+
+
+def test_srun_from_script_dir_as_in_the_seed():
+    _need("srun")
+    rc, out = _run(["srun", "-n4", "bash", "-c",
+                    "source setup_dist_vars.sh; python ../test/test_ringX1_attn_func.py"],
+                   cwd=ROOT / "script")
+    _assert_passed(rc, out, 4, "torchrun")
+
+
+def test_srun_without_setup_script_reads_slurm_variables():
+    _need("srun")
+    rc, out = _run(["srun", "-n", "2", "python", "test/test_ringX2_attn_func.py"])
+    _assert_passed(rc, out, 2, "slurm")
+
+
+def test_sbatch_submit_frontier_cpu_mode(tmp_path):
+    _need("srun", "sbatch")
+    logs, runs = tmp_path / "logs", tmp_path / "runs"
+    logs.mkdir()
+    rc, out = _run(["sbatch", "--wait", "-o", str(logs / "job-%j.out"), "submit_frontier.sh", "ringX3_attn"],
+                   cwd=ROOT / "script", RINGX_MODE="cpu", RINGX_LOG_DIR=str(logs),
+                   RINGX_RUN_DIR=str(runs), RINGX_BENCH_ARGS="--repeats 1 --warmup 0")
+    log = logs / "ringX3_N1.log"
+    assert rc == 0, out + (log.read_text() if log.exists() else "") + "".join(
+        p.read_text() for p in logs.glob("job-*.out"))
+    text = log.read_text()
+    assert "# exit 0" in text
+    results = glob.glob(str(runs / "ringX3_N1_*" / "results.csv"))
+    assert len(results) == 1
+    rows = [r for r in csv.DictReader(open(results[0])) if r["method"] == "ringX3"]
+    assert rows and all(float(r["time_ms"]) > 0 and float(r["check_err"]) < 2e-2 for r in rows)
+
+
+def test_mpirun_with_mpi4py_rendezvous():
+    _need("mpirun")
+    rc, out = _run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", "python",
+                    "test/test_ringX2_attn_func.py"])
+    _assert_passed(rc, out, 4, "openmpi")
+
+
+def test_torchrun():
+    rc, out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+                    "--master_port", "29731", "test/test_ringX3_attn_func.py"])
+    _assert_passed(rc, out, 4, "torchrun")
+
+
+def _dead_rank(cmd, stamp: Path) -> None:
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("ranks still running 180 s after start: a dead rank left the job hanging")
+    end = time.time()
+    assert stamp.exists(), f"the victim never reached its kill point:\n{out[-3000:]}"
+    killed_at = float(stamp.read_text())
+    assert proc.returncode != 0, out[-3000:]
+    assert end - killed_at < 60, f"job ended {end - killed_at:.0f} s after the kill"
+    assert "finished all steps" not in out
+    assert start < killed_at
+
+
+def test_dead_rank_under_srun(tmp_path):
+    _need("srun")
+    stamp = tmp_path / "killed"
+    _dead_rank(["srun", "-n", "4", "--kill-on-bad-exit=1", "bash", "-c",
+                f"source script/setup_dist_vars.sh; python test/dead_rank_worker.py {stamp}"], stamp)
+
+
+def test_dead_rank_under_torchrun(tmp_path):
+    stamp = tmp_path / "killed"
+    _dead_rank([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+                "--master_port", "29733", "test/dead_rank_worker.py", str(stamp)], stamp)
