@@ -32,7 +32,7 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
     w_blk = torch.where(empty, torch.zeros_like(new_lse), torch.exp(lse_blk - safe))
     # (batch, heads, rows) -> (batch, rows, heads, 1) to scale (batch, rows, heads, headdim)
     out_acc.mul_(w_acc.transpose(1, 2).unsqueeze(-1))
-    out_acc.add_(out_blk.to(out_acc.dtype) * w_blk.transpose(1, 2).unsqueeze(-1))
+    out_acc.addcmul_(out_blk, w_blk.transpose(1, 2).unsqueeze(-1))
     lse_acc.copy_(new_lse)
 
 

@@ -86,20 +86,35 @@ def ringx(name: str, full: dict, causal: bool, group, backend: str | None) -> Pr
     return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), layout)
 
 
+def _native_modules():
+    """PyTorch's context-parallel module (its private helpers moved between releases)."""
+    for name in ("torch.distributed.tensor.experimental._context_parallel._attention",
+                 "torch.distributed.tensor.experimental._attention"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "set_rotate_method"):
+            return mod
+    raise RuntimeError("this torch has no context_parallel set_rotate_method")
+
+
 def native(name: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
     """torch.distributed.tensor.experimental.context_parallel with the all-gather or all-to-all
-    rotate method. It shards (b, h, S, d) buffers itself (load-balanced for causal), takes no GQA,
-    so k/v are expanded to the query heads here."""
+    rotate method, on the same SDPA kernel. It shards (b, h, S, d) buffers itself (load-balanced
+    for causal, plain for full attention, where its balancing is wrong), takes no GQA, so k/v are
+    expanded to the query heads here."""
     if full["q"].device.type != "cuda":
         raise RuntimeError("PyTorch native context parallel runs on CUDA devices only")
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental import context_parallel, context_parallel_unshard
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    attn_mod = importlib.import_module("torch.distributed.tensor.experimental._attention")
-    attn_mod.set_rotate_method(name.split("-")[1])
+    mod = _native_modules()
+    mod.set_rotate_method(name.split("-")[1])
+    if hasattr(mod, "_cp_options"):
+        mod._cp_options.enable_load_balance = causal
     mesh = DeviceMesh.from_group(group, "cuda")
-    h = full["q"].shape[2]
-    group_size = h // full["k"].shape[2]
+    group_size = full["q"].shape[2] // full["k"].shape[2]
     bufs = [full["q"].transpose(1, 2).contiguous(),
             full["k"].repeat_interleave(group_size, 2).transpose(1, 2).contiguous(),
             full["v"].repeat_interleave(group_size, 2).transpose(1, 2).contiguous(),
@@ -108,15 +123,20 @@ def native(name: str, full: dict, causal: bool, group, backend: str | None) -> P
                "efficient": SDPBackend.EFFICIENT_ATTENTION}
     sdpa_backend = kernels.get(backend or "cudnn", SDPBackend.CUDNN_ATTENTION)
     ctx = context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2])
-    ctx.__enter__()  # shards bufs in place; kept open for the life of the benchmark row
+    ctx.__enter__()  # shards bufs in place; closed by the driver after the row
     q, k, v = (b.detach().requires_grad_() for b in bufs[:3])
     dout = bufs[3]
 
     def attn(q_, k_, v_):
         with sdpa_kernel(sdpa_backend):
             return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, is_causal=causal)
+
+    def to_full(out: torch.Tensor) -> torch.Tensor:
+        """Local (b, h, S/N, d) output -> the whole (b, S, h, d) sequence on every rank."""
+        return context_parallel_unshard(mesh, [out.contiguous()], [2])[0].transpose(1, 2)
     prepared = Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "native",
                         f"{sdpa_backend.name.lower()}, kv expanded")
+    prepared.to_full = to_full
     prepared.close = lambda: ctx.__exit__(None, None, None)
     return prepared
 

@@ -137,6 +137,8 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
             err = None
             if ref_out is not None and prep.layout in ("contiguous", "zigzag"):
                 err = global_rel_err(m["out"], shard(ref_out, prep.layout, r, n), group)
+            elif ref_out is not None and hasattr(prep, "to_full"):
+                err = global_rel_err(prep.to_full(m["out"]), ref_out)
             row.update(time_ms=m["seconds"] * 1e3, tflops_per_gpu=flops / n / m["seconds"] / 1e12,
                        peak_mem_gb=m["mem"], single_mem_gb=single_local["mem"], check_err=err,
                        note=prep.note)
@@ -210,7 +212,9 @@ def _entry(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         print(f"ringX.bench: {world_size} ranks, {dist.get_backend()} on "
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
-              f"{torch.__version__}, {args.dtype}, heads {args.heads}/{args.kv_heads}, dim {args.headdim}", flush=True)
+              f"{torch.__version__}, cudnn {torch.backends.cudnn.version()}, nccl "
+              f"{'.'.join(map(str, torch.cuda.nccl.version())) if device.type == 'cuda' else '-'}, "
+              f"{args.dtype}, heads {args.heads}/{args.kv_heads}, dim {args.headdim}", flush=True)
     rows = run(args, device)
     if rank == 0:
         paths = report.write(rows, args.out)
