@@ -1,11 +1,19 @@
 """ringX3: causal context-parallel attention, zigzag layout, balanced, all-gather.
 
-Rank r of N holds chunks r and 2N-1-r of 2N. Forward: all-gather the fused [k; v] (unexpanded)
-asynchronously while the local diagonal block computes; then for each earlier rank s < r the whole
-local q attends the first half of s's k/v, and for each later rank s > r only the second half of
-the local q attends all of s's k/v (see ringX.layout.block_plan). Partials merge in float32.
-Backward: all-gather k/v again (overlapped with the diagonal block's backward), accumulate dq
-locally and every rank's [dk; dv] partial in an (N, 2, ...) float32 buffer, and reduce-scatter it.
+Rank r of N holds chunks r and 2N-1-r of 2N (two halves of ``half`` tokens). Forward::
+
+    all-gather the fused [k; v] (unexpanded)    -- async, overlaps the local diagonal block
+    diagonal block: local q vs local k/v, causal on the local order
+    earlier ranks s < r: the whole local q attends the first halves of their k/v, as ONE kernel
+        call over the concatenated keys (r * half of them)
+    later ranks s > r: the second half of the local q attends all their k/v, as ONE kernel call
+        over (N-1-r) * 2 * half keys
+    merge the three partials in float32 (ringX.merge)
+
+Backward: all-gather k/v again (overlapped with the diagonal block's backward), the same three
+calls, and the [dk; dv] partials for every rank in a float32 buffer reduce-scattered in two
+pieces: the second halves (final once the later-rank call is done) go out while the earlier-rank
+call computes, the first halves last. For causal=False every other rank's k/v is one call.
 
 Every rank does the same work; per-rank memory is O(S) for the gathered k/v.
 """
@@ -19,57 +27,100 @@ from .layout import block_plan
 from .merge import merge_, new_accumulators
 
 
-def _others(n: int, r: int) -> list[int]:
-    return [s for s in range(n) if s != r]
+def _keys(gathered: torch.Tensor, ranks: slice, rows: slice) -> torch.Tensor:
+    """gathered (N, 2, b, s, hk, d) -> k/v of ``ranks`` restricted to ``rows``, concatenated
+    along the sequence: (2, b, n_ranks * n_rows, hk, d)."""
+    part = gathered[ranks, :, :, rows]                       # (n, 2, b, rows, hk, d)
+    n, two, b, rows_n, hk, d = part.shape
+    return part.permute(1, 2, 0, 3, 4, 5).reshape(two, b, n * rows_n, hk, d)
+
+
+def _calls(run: RunContext, r: int, n: int, s: int) -> list[tuple[slice, slice, slice, str]]:
+    """The non-diagonal kernel calls of rank r: (q rows, source ranks, kv rows of each, name)."""
+    half = s // 2
+    if not run.causal:
+        return [(slice(0, s), slice(0, r), slice(0, s), "early"),
+                (slice(0, s), slice(r + 1, n), slice(0, s), "late")]
+    return [(slice(half, s), slice(r + 1, n), slice(0, s), "late"),
+            (slice(0, s), slice(0, r), slice(0, half), "early")]
+
+
+def _diagonal(run: RunContext, r: int, s: int):
+    return block_plan(run.layout, run.causal, r, r, s)
 
 
 def allgather_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
     comm = run.comm
-    n, r = comm.size, comm.rank
+    n, r, s = comm.size, comm.rank, q.shape[1]
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
     gathered = torch.empty((n,) + tuple(kv.shape), dtype=kv.dtype, device=kv.device)
     work = comm.all_gather(gathered, kv)
     out, lse = new_accumulators(q, run.acc_dtype)
-    for src, kv_src in [(r, kv)] + [(s, None) for s in _others(n, r)]:
-        if kv_src is None:
-            wait(work)
-            work = None
-            kv_src = gathered[src]
-        for blk in block_plan(run.layout, run.causal, r, src, q.shape[1]):
-            qs, ks = blk.q_rows, blk.kv_rows
-            o, l = run.kernel.forward(q[:, qs], kv_src[0][:, ks], kv_src[1][:, ks], blk.causal, run.scale)
-            merge_(out[:, qs], lse[:, :, qs], o, l)
+    for blk in _diagonal(run, r, s):
+        o, l = run.kernel.forward(q[:, blk.q_rows], k[:, blk.kv_rows], v[:, blk.kv_rows], blk.causal, run.scale)
+        merge_(out[:, blk.q_rows], lse[:, :, blk.q_rows], o, l)
     wait(work)
+    for q_rows, ranks, kv_rows, _ in _calls(run, r, n, s):
+        if ranks.stop <= ranks.start:
+            continue
+        keys = _keys(gathered, ranks, kv_rows)
+        o, l = run.kernel.forward(q[:, q_rows], keys[0], keys[1], False, run.scale)
+        merge_(out[:, q_rows], lse[:, :, q_rows], o, l)
     return out, lse
 
 
 def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
     """Gradients (dq, dk, dv) in acc dtype for this rank's shards; shapes as q, k, v."""
     comm, acc = run.comm, run.acc_dtype
-    n, r = comm.size, comm.rank
+    n, r, s = comm.size, comm.rank, q.shape[1]
+    half = s // 2 if s % 2 == 0 else s
+    pieces = s // half                                                # 2 halves (1 if s is odd)
     kv = torch.stack([k, v])
     gathered = torch.empty((n,) + tuple(kv.shape), dtype=kv.dtype, device=kv.device)
     work = comm.all_gather(gathered, kv)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dkv_all = torch.zeros((n,) + tuple(kv.shape), dtype=acc, device=q.device)
-    for src, kv_src in [(r, kv)] + [(s, None) for s in _others(n, r)]:
-        if kv_src is None:
-            wait(work)
-            work = None
-            kv_src = gathered[src]
-        for blk in block_plan(run.layout, run.causal, r, src, q.shape[1]):
-            qs, ks = blk.q_rows, blk.kv_rows
-            dq_b, dk_b, dv_b = run.kernel.backward(
-                dout[:, qs], q[:, qs], kv_src[0][:, ks], kv_src[1][:, ks], out[:, qs],
-                lse[:, :, qs], blk.causal, run.scale)
-            dq[:, qs] += dq_b
-            dkv_all[src, 0][:, ks] += dk_b
-            dkv_all[src, 1][:, ks] += dv_b
+    # dkv_all[p, src]: the [dk; dv] partial for rank src's rows [p*half, (p+1)*half)
+    b, _, hk, d = k.shape
+    dkv_all = torch.zeros((pieces, n, 2, b, half, hk, d), dtype=acc, device=q.device)
+
+    def add_dkv(ranks: slice, kv_rows: slice, dk_b, dv_b) -> None:
+        n_src = ranks.stop - ranks.start
+        for j, grad in enumerate((dk_b, dv_b)):
+            g = grad.reshape(b, n_src, kv_rows.stop - kv_rows.start, hk, d)
+            for p in range(pieces):
+                lo, hi = max(kv_rows.start, p * half), min(kv_rows.stop, (p + 1) * half)
+                if lo < hi:
+                    dkv_all[p, ranks, j, :, lo - p * half:hi - p * half] += \
+                        g[:, :, lo - kv_rows.start:hi - kv_rows.start].transpose(0, 1)
+
+    def block_backward(q_rows, kk, vv, causal):
+        return run.kernel.backward(dout[:, q_rows], q[:, q_rows], kk, vv, out[:, q_rows],
+                                   lse[:, :, q_rows], causal, run.scale)
+
+    for blk in _diagonal(run, r, s):
+        dq_b, dk_b, dv_b = block_backward(blk.q_rows, k[:, blk.kv_rows], v[:, blk.kv_rows], blk.causal)
+        dq[:, blk.q_rows] += dq_b
+        add_dkv(slice(r, r + 1), blk.kv_rows, dk_b, dv_b)
     wait(work)
-    dkv = torch.empty(kv.shape, dtype=acc, device=q.device)
-    wait(comm.reduce_scatter(dkv, dkv_all))
-    return dq, dkv[0], dkv[1]
+    dkv = torch.empty((pieces, 2, b, half, hk, d), dtype=acc, device=q.device)
+    posted = []
+    for q_rows, ranks, kv_rows, name in _calls(run, r, n, s):
+        if ranks.stop > ranks.start:
+            keys = _keys(gathered, ranks, kv_rows)
+            dq_b, dk_b, dv_b = block_backward(q_rows, keys[0], keys[1], False)
+            dq[:, q_rows] += dq_b
+            add_dkv(ranks, kv_rows, dk_b, dv_b)
+        if run.causal and name == "late" and pieces == 2:
+            # second halves are final now (earlier-rank calls touch first halves only)
+            posted.append(comm.reduce_scatter(dkv[1], dkv_all[1]))
+    for p in range(pieces if not posted else pieces - 1):
+        posted.append(comm.reduce_scatter(dkv[p], dkv_all[p]))
+    for w in posted:
+        wait(w)
+    dk = dkv[:, 0].transpose(0, 1).reshape(b, s, hk, d)
+    dv = dkv[:, 1].transpose(0, 1).reshape(b, s, hk, d)
+    return dq, dk, dv
 
 
 ALGORITHM = Algorithm(name="ringX3", code=3, layout="zigzag", forward=allgather_forward,

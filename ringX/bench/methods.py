@@ -107,9 +107,11 @@ def native(name: str, full: dict, causal: bool, group, backend: str | None) -> P
     if full["q"].device.type != "cuda":
         raise RuntimeError("PyTorch native context parallel runs on CUDA devices only")
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor.experimental import context_parallel, context_parallel_unshard
+    from torch.distributed.tensor.experimental import context_parallel
     from torch.nn.attention import SDPBackend, sdpa_kernel
     mod = _native_modules()
+    unshard = getattr(mod, "context_parallel_unshard", None) or getattr(
+        importlib.import_module("torch.distributed.tensor.experimental"), "context_parallel_unshard")
     mod.set_rotate_method(name.split("-")[1])
     if hasattr(mod, "_cp_options"):
         mod._cp_options.enable_load_balance = causal
@@ -133,7 +135,7 @@ def native(name: str, full: dict, causal: bool, group, backend: str | None) -> P
 
     def to_full(out: torch.Tensor) -> torch.Tensor:
         """Local (b, h, S/N, d) output -> the whole (b, S, h, d) sequence on every rank."""
-        return context_parallel_unshard(mesh, [out.contiguous()], [2])[0].transpose(1, 2)
+        return unshard(mesh, [out.contiguous()], [2])[0].transpose(1, 2)
     prepared = Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "native",
                         f"{sdpa_backend.name.lower()}, kv expanded")
     prepared.to_full = to_full
