@@ -44,6 +44,8 @@ else
   # shellcheck disable=SC2206
   srun_flags=(-N "$nodes" -n "$ntasks" --ntasks-per-node="$gpn" --gpus-per-node="$gpn" --kill-on-bad-exit=1 ${RINGX_SRUN_GPU_FLAGS:-})
   sweep=${RINGX_SWEEP:-seed}
+  # the seed project's sweep: 32 heads (no GQA) of dim 128, causal on and off
+  RINGX_BENCH_ARGS="--heads 32 --kv-heads 32 --headdim 128 ${RINGX_BENCH_ARGS:-}"
 fi
 {
   echo "# ringX benchmark: algo=$ringx_method mode=$mode nodes=$nodes ranks=$ntasks job=${SLURM_JOB_ID:-} $(date -u +%FT%TZ)"
