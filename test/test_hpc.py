@@ -74,22 +74,32 @@ def test_srun_without_setup_script_reads_slurm_variables():
     _assert_passed(rc, out, 2, "slurm")
 
 
-def test_sbatch_submit_frontier_cpu_mode(tmp_path):
+@pytest.mark.parametrize("script,algo", [("submit_frontier.sh", "ringX3"), ("submit_cuda.sh", "ringX4")])
+def test_sbatch_job_script_cpu_mode(tmp_path, script, algo):
     _need("srun", "sbatch")
     logs, runs = tmp_path / "logs", tmp_path / "runs"
     logs.mkdir()
-    rc, out = _run(["sbatch", "--wait", "-o", str(logs / "job-%j.out"), "submit_frontier.sh", "ringX3_attn"],
+    rc, out = _run(["sbatch", "--wait", "-o", str(logs / "job-%j.out"), script, f"{algo}_attn"],
                    cwd=ROOT / "script", RINGX_MODE="cpu", RINGX_LOG_DIR=str(logs),
                    RINGX_RUN_DIR=str(runs), RINGX_BENCH_ARGS="--repeats 1 --warmup 0")
-    log = logs / "ringX3_N1.log"
+    log = logs / f"{algo}_N1.log"
     assert rc == 0, out + (log.read_text() if log.exists() else "") + "".join(
         p.read_text() for p in logs.glob("job-*.out"))
     text = log.read_text()
     assert "# exit 0" in text
-    results = glob.glob(str(runs / "ringX3_N1_*" / "results.csv"))
+    results = glob.glob(str(runs / f"{algo}_N1_*" / "results.csv"))
     assert len(results) == 1
-    rows = [r for r in csv.DictReader(open(results[0])) if r["method"] == "ringX3"]
-    assert rows and all(float(r["time_ms"]) > 0 and float(r["check_err"]) < 2e-2 for r in rows)
+    rows = [r for r in csv.DictReader(open(results[0])) if r["method"] == algo]
+    assert len(rows) == 8  # tiny sweep: 2 (batch, S) pairs x causal on/off x fwd, fwd_bwd
+    assert all(float(r["time_ms"]) > 0 and float(r["check_err"]) < 2e-2 for r in rows)
+
+
+def test_sbatch_rejects_an_unknown_algorithm(tmp_path):
+    _need("srun", "sbatch")
+    rc, out = _run(["sbatch", "--wait", "-o", str(tmp_path / "job-%j.out"), "submit_frontier.sh", "ringX9_attn"],
+                   cwd=ROOT / "script", RINGX_MODE="cpu", RINGX_LOG_DIR=str(tmp_path))
+    assert rc != 0
+    assert "unknown algorithm 'ringX9_attn'" in "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
 
 
 def test_mpirun_with_mpi4py_rendezvous():
