@@ -10,7 +10,8 @@ ngpu=$($py -c "import torch; print(torch.cuda.device_count())")
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0))" | tee "$out/env.log"
 status=0
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$out/$name.log"; local rc=${PIPESTATUS[0]}; echo "== $name rc=$rc"; [ "$rc" = 0 ] || status=1; }
-step pytest timeout 900 $py -m pytest test -q -rs -x
+step pytest timeout ${PYTEST_TIMEOUT:-900} $py -m pytest test -q -rs ${PYTEST_ARGS:-}
+[ "${SKIP_LAUNCHERS:-0}" = 1 ] && { echo "== summary: status=$status"; exit $status; }
 step torchrun timeout 300 torchrun --nproc_per_node "$ngpu" test/test_ringX3_attn_func.py
 step mpirun timeout 300 mpirun --allow-run-as-root -n "$ngpu" $py test/test_ringX4_attn_func.py
 step selfcheck timeout 300 $py -m ringX.selfcheck --nproc "$ngpu" --batch 1 --seqlen-per-rank 2048 --heads 32 --kv-heads 8 --headdim 128

@@ -25,9 +25,9 @@ KILL_STEP = 3
 def main() -> None:
     stamp = sys.argv[1]
     info = init_distributed(timeout=float(os.environ.get("RINGX_TIMEOUT", "300")))
-    q = torch.randn(1, 64, 4, 16, requires_grad=True)
-    k = torch.randn(1, 64, 2, 16, requires_grad=True)
-    v = torch.randn(1, 64, 2, 16, requires_grad=True)
+    q = torch.randn(1, 64, 4, 16, device=info.device, requires_grad=True)
+    k = torch.randn(1, 64, 2, 16, device=info.device, requires_grad=True)
+    v = torch.randn(1, 64, 2, 16, device=info.device, requires_grad=True)
     for step in range(1000):
         out = ringX4_attn_func(q, k, v, causal=True)
         if info.rank == VICTIM and step == KILL_STEP:

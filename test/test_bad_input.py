@@ -102,3 +102,20 @@ def test_single_process_without_distributed_equals_plain_attention(algo):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
             enable_gqa=True).transpose(1, 2)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def solo_group_body(rank, world_size, device, algo):
+    """A group of size 1 inside a larger job is plain attention on that rank's data."""
+    groups = [dist.new_group([r]) for r in range(world_size)]
+    q, k, v = _tensors(b=2, s=16, h=6, hk=2, device=device)
+    for causal in (False, True):
+        out = ATTN_FUNCS[algo](q, k, v, causal=causal, group=groups[rank])
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_group_of_one_rank_is_plain_attention(algo):
+    spawn(2, solo_group_body, algo, deadline_s=120)

@@ -143,3 +143,10 @@ def test_dead_rank_under_torchrun(tmp_path):
     stamp = tmp_path / "killed"
     _dead_rank([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
                 "--master_port", "29733", "test/dead_rank_worker.py", str(stamp)], stamp)
+
+
+def test_dead_rank_under_mpirun(tmp_path):
+    _need("mpirun")
+    stamp = tmp_path / "killed"
+    _dead_rank(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", "python",
+                "test/dead_rank_worker.py", str(stamp)], stamp)

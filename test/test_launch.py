@@ -81,7 +81,7 @@ def test_setup_dist_vars_exports_torchrun_variables():
 
 def mesh_body(rank, world_size, device):
     groups = ParallelDims(dp=-1, cp=2, tp=2, order="tp-cp-dp").build()
-    mesh = groups.device_mesh("cpu")
+    mesh = groups.device_mesh(device.type)
     assert mesh.mesh_dim_names == ("dp", "cp", "tp")
     for name in ("cp", "tp", "dp"):
         assert sorted(dist.get_process_group_ranks(mesh.get_group(name))) == \
