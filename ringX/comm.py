@@ -104,6 +104,29 @@ class GroupComm:
         return out.cpu()
 
 
+def broadcast_rounds(comm: GroupComm, local: torch.Tensor):
+    """Yield (owner, tensor) for owner = 0 .. size-1, where tensor is ``local`` of that group rank.
+
+    Double-buffered: the next owner's broadcast is posted before the current tensor is yielded,
+    so it is in flight while the caller computes with the current one. A receive buffer is reused
+    two rounds later, after the caller's work on it was queued (stream order on GPUs, program
+    order on CPUs), so it is never overwritten while in use.
+    """
+    n, r = comm.size, comm.rank
+    bufs = [torch.empty_like(local) for _ in range(min(n - 1, 2))]
+
+    def slot(i: int) -> torch.Tensor:
+        return local if i == r else bufs[i % len(bufs)]
+
+    work = comm.broadcast(slot(0), src=0)
+    for i in range(n):
+        wait(work)
+        current = slot(i)
+        if i + 1 < n:
+            work = comm.broadcast(slot(i + 1), src=i + 1)
+        yield i, current
+
+
 class CheckedSignatures:
     """The input signatures already checked across the ranks of each process group.
 

@@ -20,6 +20,8 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -197,3 +199,39 @@ def init_distributed(backend: str | None = None,
                                 timeout=resolve_timeout(timeout), **kwargs)
     return DistInfo(dist.get_rank(), dist.get_world_size(), denv.local_rank, device,
                     str(dist.get_backend()), denv.launcher)
+
+
+def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg_timeout_s) -> None:
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world_size, timeout=resolve_timeout(pg_timeout_s),
+                            **({"device_id": device} if use_cuda else {}))
+    try:
+        body(rank, world_size, device, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world_size: int, body, *args, deadline_s: float | None = None, threads: int | None = None,
+          pg_timeout_s: float | None = None) -> None:
+    """Run ``body(rank, world_size, device, *args)`` on ``world_size`` new local processes: NCCL
+    with one GPU each where enough GPUs exist, else gloo on CPUs (``threads`` torch threads each,
+    default cores / ranks). Raises if a rank fails; with ``deadline_s`` the ranks are killed and
+    TimeoutError raised once it passes, so a hang cannot outlive it."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_spawned, nprocs=world_size, join=False, start_method="spawn",
+                                 args=(world_size, os.path.join(tmp, "rendezvous"), body, args,
+                                       threads, pg_timeout_s))
+        end = None if deadline_s is None else time.monotonic() + deadline_s
+        while not ctx.join(timeout=1.0):
+            if end is not None and time.monotonic() > end:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"{world_size} ranks of {getattr(body, '__name__', body)} did not "
+                                   f"finish within {deadline_s:.0f} s (killed)")

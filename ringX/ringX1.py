@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .api import Algorithm, RunContext, ring_attention
-from .comm import wait
+from .comm import broadcast_rounds, wait
 from .layout import block_plan
 
 
@@ -39,9 +39,8 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
     """Broadcast-q forward. q: (b, s, h, d), k/v: (b, s, hk, d) local shards ->
     (out (b, s, h, d), lse (b, h, s)) in run.acc_dtype for this rank's queries."""
     comm, acc = run.comm, run.acc_dtype
-    n, r = comm.size, comm.rank
+    r = comm.rank
     b, s, h, d = q.shape
-    q_bufs = [torch.empty_like(q) for _ in range(min(n - 1, 2))]
     packs = [torch.empty((b, s, h, d + 1), dtype=acc, device=q.device) for _ in range(2)]
     maxes = [torch.empty((b, h, s), dtype=acc, device=q.device) for _ in range(2)]
     out = torch.empty((b, s, h, d), dtype=acc, device=q.device)
@@ -49,9 +48,6 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
     pending_reduce: list = [None, None]
     pending_max = None
     prev = None  # (owner, slot, block out, block lse) of the step whose reduce is not yet posted
-
-    def q_of(i: int) -> torch.Tensor:
-        return q if i == r else q_bufs[i % len(q_bufs)]
 
     def finish_reduce(slot: int, owner: int) -> None:
         wait(pending_reduce[slot])
@@ -73,12 +69,7 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
         pending_reduce[slot] = comm.reduce(pack, dst=owner)
 
     owners_in_slot = [None, None]
-    bcast = comm.broadcast(q_of(0), src=0)
-    for i in range(n):
-        wait(bcast)
-        q_i = q_of(i)
-        if i + 1 < n:
-            bcast = comm.broadcast(q_of(i + 1), src=i + 1)
+    for i, q_i in broadcast_rounds(comm, q):
         slot = i % 2
         o_blk, lse_blk = _run_block(run, q_i, k, v, q_rank=i, kv_rank=r)
         if prev is not None:
@@ -103,17 +94,13 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     """Broadcast-kv backward. dout/q/out: (b, s, h, d), k/v: (b, s, hk, d), lse: (b, h, s) ->
     (dq, dk, dv) in run.acc_dtype. Works for any layout that has a block plan."""
     comm, acc = run.comm, run.acc_dtype
-    n, r = comm.size, comm.rank
+    r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
-    kv_bufs = [torch.empty_like(kv) for _ in range(min(n - 1, 2))]
     dkv_bufs = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
     dkv_own = torch.empty(kv.shape, dtype=acc, device=q.device)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     pending: list = [None, None]
     owners_in_slot = [None, None]
-
-    def kv_of(i: int) -> torch.Tensor:
-        return kv if i == r else kv_bufs[i % len(kv_bufs)]
 
     def finish(slot: int) -> None:
         wait(pending[slot])
@@ -121,12 +108,7 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
         if owners_in_slot[slot] == r:
             dkv_own.copy_(dkv_bufs[slot])
 
-    bcast = comm.broadcast(kv_of(0), src=0)
-    for i in range(n):
-        wait(bcast)
-        kv_i = kv_of(i)
-        if i + 1 < n:
-            bcast = comm.broadcast(kv_of(i + 1), src=i + 1)
+    for i, kv_i in broadcast_rounds(comm, kv):
         slot = i % 2
         if owners_in_slot[slot] is not None:
             finish(slot)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .api import Algorithm, RunContext, ring_attention
-from .comm import wait
+from .comm import broadcast_rounds
 from .layout import block_plan
 from .merge import merge_, new_accumulators
 from .ringX1 import bcast_kv_backward
@@ -21,20 +21,10 @@ from .ringX1 import bcast_kv_backward
 def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
     comm = run.comm
-    n, r = comm.size, comm.rank
+    r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
-    kv_bufs = [torch.empty_like(kv) for _ in range(min(n - 1, 2))]
     out, lse = new_accumulators(q, run.acc_dtype)
-
-    def kv_of(i: int) -> torch.Tensor:
-        return kv if i == r else kv_bufs[i % len(kv_bufs)]
-
-    bcast = comm.broadcast(kv_of(0), src=0)
-    for i in range(n):
-        wait(bcast)
-        kv_i = kv_of(i)
-        if i + 1 < n:
-            bcast = comm.broadcast(kv_of(i + 1), src=i + 1)
+    for i, kv_i in broadcast_rounds(comm, kv):
         for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
             qs, ks = blk.q_rows, blk.kv_rows
             o, l = run.kernel.forward(q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], blk.causal, run.scale)

@@ -12,10 +12,7 @@ Exits 1 if any error is above its bound.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -54,25 +51,14 @@ def run(args, rank: int, world_size: int, device: torch.device) -> bool:
                   f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)}")
         bnd = results[-1].bounds
         print("bounds: float32 out/lse <= 2e-5, grads <= 1e-4; bfloat16 <= min(2x single-device "
-              f"PyTorch bf16, 1.5x one rank), e.g. last row: "
+              "PyTorch bf16, 1.5x one rank), e.g. last row: "
               + ", ".join(f"{n} {bnd[n]:.2e}" for n in OUTPUTS))
         print(f"{sum(r.passed for r in results)} passed, {sum(not r.passed for r in results)} failed")
     return all(r.passed for r in results)
 
 
-def _spawned(rank: int, world_size: int, init_file: str, args, ok) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
-    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        ok[rank] = int(run(args, rank, world_size, device))
-    finally:
-        dist.destroy_process_group()
+def _spawned_run(rank: int, world_size: int, device: torch.device, args, ok) -> None:
+    ok[rank] = int(run(args, rank, world_size, device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,18 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--backend", default=None, help="force a kernel backend (see ringX.kernels)")
     args = p.parse_args(argv)
-    from .launch import detect_env, init_distributed
+    from .launch import detect_env, init_distributed, spawn
     if detect_env().launcher != "none":
         info = init_distributed()
         try:
             return 0 if run(args, info.rank, info.world_size, info.device) else 1
         finally:
             dist.destroy_process_group()
-    import torch.multiprocessing as mp
     ok = torch.zeros(args.nproc, dtype=torch.int32).share_memory_()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_spawned, args=(args.nproc, os.path.join(tmp, "rdv"), args, ok),
-                           nprocs=args.nproc, start_method="spawn")
+    spawn(args.nproc, _spawned_run, args, ok, pg_timeout_s=300)
     return 0 if bool(ok.all()) else 1
 
 

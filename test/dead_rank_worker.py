@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-import launcher  # noqa: F401
+import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
 import torch
 
 from ringX import ringX4_attn_func

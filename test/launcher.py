@@ -9,11 +9,8 @@
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 try:
@@ -21,43 +18,16 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 DEADLINE_S = float(os.environ.get("RINGX_TEST_DEADLINE", "600"))
 
 
-def _worker(rank: int, world_size: int, init_file: str, use_nccl: bool, body, args) -> None:
-    torch.set_num_threads(1)
-    device = torch.device("cuda", rank) if use_nccl else torch.device("cpu")
-    if use_nccl:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_nccl else "gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120),
-                            **({"device_id": device} if use_nccl else {}))
-    try:
-        body(rank, world_size, device, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn(world_size: int, body, *args, deadline_s: float = DEADLINE_S) -> None:
-    """Run ``body`` on ``world_size`` fresh processes; raise if any fails or time runs out."""
-    use_nccl = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        ctx = mp.start_processes(_worker, args=(world_size, init_file, use_nccl, body, args),
-                                 nprocs=world_size, join=False, start_method="spawn")
-        end = time.monotonic() + deadline_s
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > end:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                raise TimeoutError(f"{world_size} ranks of {body.__name__} did not finish within "
-                                   f"{deadline_s:.0f} s (killed)")
+    """Run ``body(rank, world_size, device, *args)`` on ``world_size`` fresh processes (one torch
+    thread each, 120 s process-group timeout); raise if any fails or the deadline passes."""
+    from ringX.launch import spawn as spawn_ranks
+    spawn_ranks(world_size, body, *args, deadline_s=deadline_s, threads=1, pg_timeout_s=120)
 
 
 def script_main(body, *args) -> int:

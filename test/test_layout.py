@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import launcher  # noqa: F401
+import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
 from ringX import ATTN_FUNCS, expected_layout
 from ringX.layout import LAYOUTS, block_plan, global_positions, shard, unshard
 

@@ -11,7 +11,6 @@ import datetime
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -222,23 +221,13 @@ def _entry(args, rank: int, world_size: int, device) -> None:
         print(report.table(rows))
 
 
-def _spawned(rank, world_size, init_file, args):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
-    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=600))
-    try:
-        _entry(args, rank, world_size, device)
-    finally:
-        dist.destroy_process_group()
+def _entry_spawned(rank, world_size, device, args) -> None:
+    _entry(args, rank, world_size, device)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from ..launch import detect_env, init_distributed
+    from ..launch import detect_env, init_distributed, spawn
     if detect_env().launcher != "none":
         info = init_distributed()
         try:
@@ -246,10 +235,7 @@ def main(argv=None) -> int:
         finally:
             dist.destroy_process_group()
         return 0
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_spawned, args=(args.nproc, os.path.join(tmp, "rdv"), args),
-                           nprocs=args.nproc, start_method="spawn")
+    spawn(args.nproc, _entry_spawned, args, pg_timeout_s=600)
     return 0
 
 

@@ -66,6 +66,26 @@ class Backend:
         return f"<ringX kernel backend {self.name}>"
 
 
+def gpu_reasons(inp: KernelInputs, dtypes: tuple, max_headdim: int, min_capability: tuple | None = None,
+                nvidia_only: bool = False) -> list[str]:
+    """The checks the GPU kernels share: device (and vendor / compute capability), dtype, head dim
+    (a multiple of 8, at most ``max_headdim``) and dropout (never replayable block by block)."""
+    reasons = []
+    if inp.device_type != "cuda" or (nvidia_only and inp.is_hip):
+        reasons.append("needs an NVIDIA CUDA device" if nvidia_only else
+                       f"needs a CUDA/ROCm device (inputs are on {inp.device_type})")
+    elif min_capability and not inp.is_hip and (inp.capability is None or inp.capability < min_capability):
+        reasons.append(f"needs compute capability >= {min_capability[0]}.{min_capability[1]} "
+                       f"(device has {inp.capability})")
+    if inp.dtype not in dtypes:
+        reasons.append(f"dtype {inp.dtype} not in {dtypes}")
+    if inp.headdim > max_headdim or inp.headdim % 8:
+        reasons.append(f"head dim {inp.headdim} must be a multiple of 8 and <= {max_headdim}")
+    if inp.dropout_p > 0:
+        reasons.append("dropout masks cannot be replayed block by block")
+    return reasons
+
+
 def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(b, s, kv_heads, d) -> (b, s, heads, d), each kv head repeated for its query group."""
     group = heads // x.shape[2]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, KernelInputs, bhsd, bshd, dense_bshd, expand_kv, fold_kv_grad
+from .base import Backend, KernelInputs, bhsd, bshd, dense_bshd, expand_kv, fold_kv_grad, gpu_reasons
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -17,18 +17,7 @@ class CudnnBackend(Backend):
     name = "cudnn"
 
     def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
-        reasons = []
-        if inp.device_type != "cuda" or inp.is_hip:
-            reasons.append("needs an NVIDIA CUDA device")
-        elif inp.capability is None or inp.capability < (9, 0):
-            reasons.append(f"enabled on compute capability >= 9.0 only (device has {inp.capability})")
-        if inp.dtype not in _DTYPES:
-            reasons.append(f"dtype {inp.dtype} not in {_DTYPES}")
-        if inp.headdim > 128 or inp.headdim % 8:
-            reasons.append(f"head dim {inp.headdim} must be a multiple of 8 and <= 128")
-        if inp.dropout_p > 0:
-            reasons.append("dropout masks cannot be replayed block by block")
-        return reasons
+        return gpu_reasons(inp, _DTYPES, 128, min_capability=(9, 0), nvidia_only=True)
 
     def forward(self, q, k, v, causal, scale):
         h = q.shape[2]

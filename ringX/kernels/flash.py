@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, KernelInputs, bhsd, bshd, dense_bshd, expand_kv, fold_kv_grad
+from .base import Backend, KernelInputs, bhsd, bshd, dense_bshd, expand_kv, fold_kv_grad, gpu_reasons
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -13,18 +13,7 @@ class AtenFlashBackend(Backend):
     name = "flash"
 
     def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
-        reasons = []
-        if inp.device_type != "cuda":
-            reasons.append(f"needs a CUDA/ROCm device (inputs are on {inp.device_type})")
-        elif not inp.is_hip and (inp.capability is None or inp.capability < (8, 0)):
-            reasons.append(f"needs compute capability >= 8.0 (device has {inp.capability})")
-        if inp.dtype not in _DTYPES:
-            reasons.append(f"dtype {inp.dtype} not in {_DTYPES}")
-        if inp.headdim > 256 or inp.headdim % 8:
-            reasons.append(f"head dim {inp.headdim} must be a multiple of 8 and <= 256")
-        if inp.dropout_p > 0:
-            reasons.append("dropout masks cannot be replayed block by block")
-        return reasons
+        return gpu_reasons(inp, _DTYPES, 256, min_capability=(8, 0))
 
     def forward(self, q, k, v, causal, scale):
         h = q.shape[2]

@@ -39,7 +39,6 @@ class MathBackend(Backend):
 
     def forward(self, q, k, v, causal, scale):
         b, sq, h, d = q.shape
-        hk = k.shape[2]
         s = _scores(q, k, causal, scale)
         lse = torch.logsumexp(s, dim=-1)                                    # (b, hk, g, sq)
         p = torch.exp(s - lse.unsqueeze(-1))
