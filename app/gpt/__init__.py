@@ -1,0 +1,1 @@
+"""Llama3 training on RingX context parallelism (see app/gpt/README.md)."""

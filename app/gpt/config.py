@@ -1,0 +1,61 @@
+"""Typed model configuration and named presets (YAML files in app/gpt/configs/).
+
+Precedence: command-line flags > preset file > the dataclass defaults below.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Llama3 architecture hyper-parameters."""
+
+    dim: int = 4096               # model width
+    n_layers: int = 32            # transformer blocks
+    n_heads: int = 32             # query heads
+    n_kv_heads: int = 8           # key/value heads (GQA); n_heads % n_kv_heads == 0
+    vocab_size: int = 128256      # embedding rows (untied from the output head)
+    ffn_dim: int = 14336          # SwiGLU hidden width
+    norm_eps: float = 1e-5        # RMSNorm epsilon
+    rope_theta: float = 500000.0  # RoPE base
+    seq_len: int = 8192           # training sequence length (global, before context parallelism)
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str, **overrides) -> ModelConfig:
+    """ModelConfig from configs/<name>.yaml (its ``model:`` section), then ``overrides``."""
+    import yaml
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"no preset {name!r}; available: {', '.join(presets())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    model = dict(data.get("model", {}))
+    base = data.get("base")
+    cfg = load_preset(base) if base else ModelConfig()
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(model) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown model fields {sorted(unknown)}; valid: {sorted(known)}")
+    cfg = replace(cfg, **model)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def to_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)
