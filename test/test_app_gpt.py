@@ -85,13 +85,15 @@ def _train(tmp_path, nproc, *flags):
     import os
     import subprocess
     out = tmp_path / "run"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                          "--master_port", "29741", "app/gpt/train.py", "--config", "debug", "--dtype",
+                          "--standalone", "app/gpt/train.py", "--config", "debug", "--dtype",
                           "float32", "--out", str(out), *flags],
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _train.last_output = res.stdout + res.stderr
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -111,8 +113,28 @@ def test_train_cp2_dp2(tmp_path):
     assert 0.0 <= rows[-1]["passkey_acc"] <= 1.0
 
 
-@pytest.mark.parametrize("flag", [["--tensor_parallel", "2"], ["--hf_checkpoint", "x"], ["--eval_only"], ["--resume"]])
+@pytest.mark.parametrize("flag", [["--tensor_parallel", "2"], ["--hf_checkpoint", "x"], ["--eval_only"]])
 def test_unimplemented_flags_refuse(flag):
     from app.gpt.train import parse, train
     with pytest.raises(NotImplementedError, match="not implemented in app/gpt yet"):
         train(parse(flag))
+
+
+def test_resume_is_bit_exact_and_skips_broken_checkpoints(tmp_path):
+    """10 steps == 6 steps + checkpoint + resume + 4 steps, loss for loss (float32, CPU, cp=2);
+    a later checkpoint without its manifest and a leftover .tmp directory are skipped."""
+    common = ["--context_parallel", "2", "--attn", "ringX3"]
+    straight = _train(tmp_path / "a", 2, *common, "--steps", "10")
+    first = _train(tmp_path / "b", 2, *common, "--steps", "6", "--checkpoint_every", "3")
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000003", "step_00000006"]
+    broken = ckpts / "step_00000008"
+    broken.mkdir()
+    (broken / "rank00000.pt").write_bytes(b"partial")
+    (ckpts / "step_00000009.tmp").mkdir()
+    resumed = _train(tmp_path / "b", 2, *common, "--steps", "10", "--resume")
+    assert [r["loss"] for r in first] == [r["loss"] for r in straight[:6]]
+    assert [r["step"] for r in resumed[6:]] == [6, 7, 8, 9]
+    assert [r["loss"] for r in resumed[6:]] == [r["loss"] for r in straight[6:]]
+    assert "skipping checkpoint" in _train.last_output and "no manifest.json" in _train.last_output
+    assert "resumed from" in _train.last_output and "step_00000006 at step 6" in _train.last_output

@@ -111,7 +111,7 @@ def test_mpirun_with_mpi4py_rendezvous():
 
 def test_torchrun():
     rc, out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
-                    "--master_port", "29731", "test/test_ringX3_attn_func.py"])
+                    "--standalone", "test/test_ringX3_attn_func.py"])
     _assert_passed(rc, out, 4, "torchrun")
 
 
@@ -142,7 +142,7 @@ def test_dead_rank_under_srun(tmp_path):
 def test_dead_rank_under_torchrun(tmp_path):
     stamp = tmp_path / "killed"
     _dead_rank([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
-                "--master_port", "29733", "test/dead_rank_worker.py", str(stamp)], stamp)
+                "--standalone", "test/dead_rank_worker.py", str(stamp)], stamp)
 
 
 def test_dead_rank_under_mpirun(tmp_path):

@@ -14,14 +14,17 @@ tflops_per_gpu and mfu (FLOPs per step = 6 * non-embedding params * tokens + 6 *
 seq_len * tokens for causal attention, over --peak_tflops), max_mem_gb; every --eval_every steps
 also passkey_acc (all five digits right, greedy) on held-out prompts.
 
+Checkpoints (torch.distributed.checkpoint, atomic, see app/gpt/checkpoint.py) are written every
+--checkpoint_every steps and at the end under OUT/checkpoints; --resume continues from the newest
+complete one exactly (same data order, random state, optimizer and schedule).
+
 Not implemented yet (each refuses with an error instead of being ignored): --tensor_parallel > 1,
---hf_checkpoint, --eval_only, --resume and checkpoints.
+--hf_checkpoint, --eval_only.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -33,6 +36,7 @@ import torch.distributed as dist
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from app.gpt import checkpoint  # noqa: E402
 from app.gpt.config import load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
@@ -57,6 +61,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--hf_checkpoint", default=None)
     p.add_argument("--eval_only", action="store_true")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--checkpoint_every", type=int, default=0, help="0: only at the end")
     p.add_argument("--eval_every", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100/H200 bf16 dense)")
@@ -67,7 +72,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def _refuse_unimplemented(args) -> None:
     for flag, on in (("--tensor_parallel > 1", args.tensor_parallel > 1), ("--hf_checkpoint", args.hf_checkpoint),
-                     ("--eval_only", args.eval_only), ("--resume", args.resume)):
+                     ("--eval_only", args.eval_only)):
         if on:
             raise NotImplementedError(f"{flag} is not implemented in app/gpt yet")
 
@@ -115,13 +120,33 @@ def train(args) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed * 1000 + dp_rank)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     out_dir = Path(args.out)
+    ckpt_root = out_dir / "checkpoints"
+    first_step = 0
+    if args.resume:
+        path = checkpoint.latest(ckpt_root, log=lambda m: info.rank == 0 and print(m, flush=True))
+        if path is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
+        local = checkpoint.load(path, model, opt)
+        sched.load_state_dict(local["sched"])
+        gen.set_state(local["generator"])
+        torch.set_rng_state(local["torch_rng"])
+        if data is not None:
+            data.load_state(local["data"])
+        first_step = local["step"]
+        if info.rank == 0:
+            print(f"resumed from {path} at step {first_step}", flush=True)
     metrics, log = [], None
     if info.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(out_dir / "metrics.jsonl", "w")
+        log = open(out_dir / "metrics.jsonl", "a" if args.resume else "w")
     flops = step_flops(model, cfg.seq_len * args.batch * dims.dp)
-    bar = _progress(args.steps, info.rank == 0)
-    for step in range(args.steps):
+    bar = _progress(args.steps - first_step, info.rank == 0)
+
+    def save(done: int) -> None:
+        checkpoint.save(ckpt_root, done, model, opt, {
+            "step": done, "sched": sched.state_dict(), "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "data": data.state() if data is not None else None})
+    for step in range(first_step, args.steps):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -162,6 +187,10 @@ def train(args) -> list[dict]:
             log.write(json.dumps(row) + "\n")
             log.flush()
         bar(row)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            save(step + 1)
+    if first_step < args.steps:
+        save(args.steps)
     if log is not None:
         log.close()
     return metrics
@@ -178,7 +207,7 @@ def _progress(total: int, enabled: bool):
         def update(row):
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if row["step"] + 1 == total:
+            if bar.n >= total:
                 bar.close()
         return update
     except ImportError:

@@ -1,0 +1,106 @@
+"""Atomic, resumable checkpoints with torch.distributed.checkpoint.
+
+Layout under OUT/checkpoints/::
+
+    step_00000010/            complete: renamed from step_00000010.tmp/ only after every rank
+        .metadata, __*.distcp   wrote and rank 0 wrote manifest.json (file names and sizes)
+        rank00000.pt ...      per-rank state: scheduler, data position, random generators
+        manifest.json
+    step_00000020.tmp/        incomplete (a crash mid-write): ignored
+
+``latest`` walks complete checkpoints newest first and skips (and reports) any whose manifest is
+missing or whose files do not match it, so a partial or corrupted checkpoint falls back to the
+previous one. Rank 0 decides and broadcasts the choice, so every rank loads the same one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MANIFEST = "manifest.json"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save(root: Path, step: int, model, optimizer, local_state: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` (a collective). ``local_state`` is this rank's own picklable state."""
+    final = Path(root) / f"step_{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(local_state, tmp / f"rank{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                       "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        for old in sorted(p for p in Path(root).glob("step_*") if p.suffix != ".tmp")[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _problem(path: Path) -> str | None:
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return "no manifest.json (incomplete write)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable manifest: {exc}"
+    for name, size in files.items():
+        f = path / name
+        if not f.exists():
+            return f"missing {name}"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, manifest says {size}"
+    return None
+
+
+def latest(root: Path, log=print) -> Path | None:
+    """The newest complete checkpoint under ``root`` (same answer on every rank), or None."""
+    choice = None
+    if _rank() == 0:
+        for path in sorted((p for p in Path(root).glob("step_*") if p.suffix != ".tmp"), reverse=True):
+            problem = _problem(path)
+            if problem is None:
+                choice = str(path)
+                break
+            log(f"skipping checkpoint {path}: {problem}")
+    if dist.is_initialized():
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    return Path(choice) if choice else None
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Load model and optimizer in place (a collective); returns this rank's local state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(Path(path) / f"rank{_rank():05d}.pt", weights_only=False)
