@@ -18,6 +18,8 @@ from ringX import ATTN_FUNCS, expected_layout
 from ringX.layout import global_positions, shard
 
 ATTN_CHOICES = tuple(ATTN_FUNCS) + ("sdpa",)
+# With tensor parallelism the attention heads arriving here are this tp rank's share; the cp
+# group is the set of ranks holding the same heads for other parts of the sequence.
 
 
 def cp_attention(attn: str, cp_group):
