@@ -18,7 +18,7 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   echo "[setup_env] installing ${RINGX_TORCH:-torch==2.13.0}" >&2
   "$py" -m pip install -q ${RINGX_TORCH_INDEX:+--extra-index-url "$RINGX_TORCH_INDEX"} "${RINGX_TORCH:-torch==2.13.0}" >&2
 fi
-if ! "$py" -c "import ringX, pytest, hypothesis, numpy, yaml" >/dev/null 2>&1; then
+if ! "$py" -c "import ringX, pytest, hypothesis, numpy, yaml, transformers, safetensors" >/dev/null 2>&1; then
   echo "[setup_env] installing ringX (editable) with its test extras" >&2
   "$py" -m pip install -q -e "$root[test]" >&2
 fi

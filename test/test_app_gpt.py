@@ -151,7 +151,7 @@ def test_train_cp2_dp2(tmp_path):
     assert 0.0 <= rows[-1]["passkey_acc"] <= 1.0
 
 
-@pytest.mark.parametrize("flag", [["--tensor_parallel", "2", "--resume"], ["--hf_checkpoint", "x"], ["--eval_only"]])
+@pytest.mark.parametrize("flag", [["--tensor_parallel", "2", "--resume"], ["--tensor_parallel", "2", "--export_hf", "x"], ["--eval_only"]])
 def test_unimplemented_flags_refuse(flag):
     from app.gpt.train import parse, train
     with pytest.raises(NotImplementedError, match="not implemented in app/gpt yet"):
@@ -176,3 +176,75 @@ def test_resume_is_bit_exact_and_skips_broken_checkpoints(tmp_path):
     assert [r["loss"] for r in resumed[6:]] == [r["loss"] for r in straight[6:]]
     assert "skipping checkpoint" in _train.last_output and "no manifest.json" in _train.last_output
     assert "resumed from" in _train.last_output and "step_00000006 at step 6" in _train.last_output
+
+
+def _tiny_hf_llama(path):
+    """A tiny random Hugging Face Llama checkpoint (float32, untied, rope_theta 500000)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(5)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=300, rope_theta=500000.0,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    hf = LlamaForCausalLM(cfg).float().eval()
+    hf.save_pretrained(str(path), safe_serialization=True)
+    return hf
+
+
+def _hf_tokens():
+    return torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(9))
+
+
+def hf_cp_body(rank, world_size, device, path, hf_loss):
+    from app.gpt.hf import config_from_hf, load_hf
+    cfg = config_from_hf(path)
+    model = Llama(cfg)
+    load_hf(model, path)
+    tokens = _hf_tokens()
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[:, -1] = -100
+    group = dist.group.WORLD
+    tok, lab, pos = shard_batch(tokens, labels, "ringX4", group)
+    with torch.no_grad():
+        _, loss = cp_loss(model(tok, pos, attn_fn=cp_attention("ringX4", group)), lab, group)
+    assert abs(loss.item() - hf_loss) <= 1e-4 * abs(hf_loss), (loss.item(), hf_loss)
+
+
+def test_hf_checkpoint_loss_equals_transformers_cp1_and_cp4(tmp_path):
+    from app.gpt.hf import config_from_hf, load_hf
+    hf = _tiny_hf_llama(tmp_path / "hf")
+    tokens = _hf_tokens()
+    with torch.no_grad():
+        hf_loss = hf(input_ids=tokens, labels=tokens).loss.item()
+    model = Llama(config_from_hf(tmp_path / "hf"))
+    load_hf(model, tmp_path / "hf")
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(tokens.shape[1]))
+    ours = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+    assert abs(ours - hf_loss) <= 1e-4 * abs(hf_loss), (ours, hf_loss)
+    spawn(4, hf_cp_body, str(tmp_path / "hf"), hf_loss, deadline_s=300)
+
+
+def test_export_hf_round_trip(tmp_path):
+    from transformers import LlamaForCausalLM
+    from app.gpt.hf import export_hf
+    cfg, model, tokens, _ = _model_and_batch()
+    export_hf(model, tmp_path / "out")
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).float().eval()
+    with torch.no_grad():
+        ours = model(tokens, torch.arange(tokens.shape[1]))
+        theirs = hf(input_ids=tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_train_from_hf_checkpoint_and_export(tmp_path):
+    _tiny_hf_llama(tmp_path / "hf")
+    rows = _train(tmp_path / "run", 2, "--context_parallel", "2", "--attn", "ringX1", "--steps", "3",
+                  "--hf_checkpoint", str(tmp_path / "hf"), "--export_hf", str(tmp_path / "export"),
+                  "--data", str(_token_file(tmp_path)))
+    assert len(rows) == 3
+    assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def _token_file(tmp_path):
+    from app.gpt.data import write_token_file
+    return write_token_file(tmp_path / "tokens.npy", ["hello world " * 40] * 4)

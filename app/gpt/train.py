@@ -21,8 +21,11 @@ complete one exactly (same data order, random state, optimizer and schedule).
 --tensor_parallel T splits attention heads, kv heads and the MLP over tp groups (see
 app/gpt/tensor_parallel.py); checkpoints are not written with T > 1 yet (said on rank 0).
 
-Not implemented yet (each refuses with an error instead of being ignored): --hf_checkpoint,
---eval_only, --checkpoint_every / --resume with --tensor_parallel > 1.
+--hf_checkpoint DIR starts from a local Hugging Face Llama checkpoint (its config.json sets the
+architecture; see app/gpt/hf.py); --export_hf DIR writes the trained weights back in that format.
+
+Not implemented yet (each refuses with an error instead of being ignored): --eval_only,
+--checkpoint_every / --resume with --tensor_parallel > 1, --export_hf with --tensor_parallel > 1.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ if __package__ in (None, ""):
 
 from app.gpt import checkpoint  # noqa: E402
 from app.gpt.config import load_preset, presets  # noqa: E402
+from app.gpt.hf import config_from_hf, export_hf, load_hf  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from app.gpt.parallelize import ATTN_CHOICES, cp_attention, cp_loss, reduce_gradients, shard_batch  # noqa: E402
@@ -62,7 +66,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--data", default=None, help=".npy/.bin token file (default: passkey task)")
-    p.add_argument("--hf_checkpoint", default=None)
+    p.add_argument("--hf_checkpoint", default=None, help="local Hugging Face Llama checkpoint to start from")
+    p.add_argument("--export_hf", default=None, help="write the final weights as a Hugging Face checkpoint")
     p.add_argument("--eval_only", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--checkpoint_every", type=int, default=0, help="0: only at the end")
@@ -77,7 +82,8 @@ def parse(argv=None) -> argparse.Namespace:
 def _refuse_unimplemented(args) -> None:
     tp_ckpt = args.tensor_parallel > 1 and (args.resume or args.checkpoint_every)
     for flag, on in (("--checkpoint_every / --resume with --tensor_parallel > 1", tp_ckpt),
-                     ("--hf_checkpoint", args.hf_checkpoint), ("--eval_only", args.eval_only)):
+                     ("--export_hf with --tensor_parallel > 1", args.export_hf and args.tensor_parallel > 1),
+                     ("--eval_only", args.eval_only)):
         if on:
             raise NotImplementedError(f"{flag} is not implemented in app/gpt yet")
 
@@ -111,12 +117,16 @@ def train(args) -> list[dict]:
     if args.attn == "sdpa" and dims.cp > 1:
         raise ValueError("--attn sdpa computes on the local tokens only: use a ringX function with --context_parallel > 1")
     cfg = load_preset(args.config, seq_len=args.seq_len)
+    if args.hf_checkpoint:
+        cfg = config_from_hf(args.hf_checkpoint, base=cfg)
     if args.data is None and cfg.vocab_size < BYTE_VOCAB:
         raise ValueError(f"the passkey task needs vocab_size >= {BYTE_VOCAB}, preset has {cfg.vocab_size}")
     device, dp_rank = info.device, dims.coords(info.rank)["dp"]
     torch.manual_seed(args.seed)
     model = Llama(cfg)
     model.init_weights(torch.Generator().manual_seed(args.seed))
+    if args.hf_checkpoint:
+        load_hf(model, args.hf_checkpoint)
     model.to(device)
     apply_tensor_parallel(model, groups.tp)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -199,6 +209,8 @@ def train(args) -> list[dict]:
         save(args.steps)
     elif dims.tp > 1 and info.rank == 0:
         print("no checkpoint written: checkpoints with --tensor_parallel > 1 are not implemented yet", flush=True)
+    if args.export_hf and info.rank == 0:
+        export_hf(model, args.export_hf)
     if log is not None:
         log.close()
     return metrics
