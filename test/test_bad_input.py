@@ -42,6 +42,13 @@ def mismatch_body(rank, world_size, device, algo):
     q, k, v = _tensors(device=device)
     q3 = q[0] if rank == 0 else q
     _expect_on_every_rank(lambda: f(q3, k, v), ValueError, r"rank 0: q, k and v must be 4-D")
+    # k and v shapes differ on rank 1 only
+    q, k, v = _tensors(device=device)
+    v1 = v[:, :, :1] if rank == 1 else v
+    _expect_on_every_rank(lambda: f(q, k, v1), ValueError, r"rank 1: k and v must have the same shape")
+    # k on another device on rank 0 only ('meta' stands in for a second device)
+    k0 = k.to("meta") if rank == 0 else k
+    _expect_on_every_rank(lambda: f(q, k0, v), ValueError, r"rank 0: q, k and v must be on the same device")
     # integer inputs
     qi = torch.zeros(1, 8, 4, 16, dtype=torch.int64, device=device)
     _expect_on_every_rank(lambda: f(qi, qi, qi), ValueError, r"must be floating point")
