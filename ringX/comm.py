@@ -15,8 +15,10 @@ group of size 1, so the ringX functions also run as plain attention in a single 
 from __future__ import annotations
 
 import weakref
+
 import torch
 import torch.distributed as dist
+
 
 def wait(work) -> None:
     """Wait for a handle returned by a GroupComm method (None: nothing to wait for)."""
@@ -53,10 +55,9 @@ class GroupComm:
     def backend(self) -> str:
         return "none" if self.group is None else str(dist.get_backend(self.group))
 
-    def collective_device(self, hint: torch.device | None = None) -> torch.device:
+    def collective_device(self) -> torch.device:
         """Where small control tensors must live for this group's backend."""
-        backend = self.backend
-        if "nccl" in backend and (backend == "nccl" or (hint is not None and hint.type == "cuda")):
+        if self.backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

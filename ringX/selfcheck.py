@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import ATTN_FUNCS
-from .testing import OUTPUTS, Case, check_case
+from .testing import OUTPUTS, Case, check_case, solo_group
 
 
 def _cases(args, world_size: int) -> list[Case]:
@@ -33,7 +33,7 @@ def _cases(args, world_size: int) -> list[Case]:
 
 def run(args, rank: int, world_size: int, device: torch.device) -> bool:
     """Run every algorithm and case on the default group; rank 0 prints the table."""
-    solo = dist.group.WORLD if world_size == 1 else [dist.new_group([r]) for r in range(world_size)][rank]
+    solo = solo_group(world_size)
     results = []
     for algo in args.algos:
         for case in _cases(args, world_size):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import expected_layout
+from .comm import GroupComm
 from .layout import shard
 
 OUTPUTS = ("out", "lse", "dq", "dk", "dv")
@@ -88,9 +89,9 @@ def global_rel_err(x: torch.Tensor, ref: torch.Tensor, group=None) -> float:
     den = ref.double().norm() ** 2
     sums = torch.stack([diff, den]).reshape(2)
     if group is not None and dist.get_world_size(group) > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
-        sums = sums.to(dev)
-        dist.all_reduce(sums, group=group)
+        comm = GroupComm(group)
+        sums = sums.to(comm.collective_device())
+        comm.all_reduce(sums, async_op=False)
     diff, den = sums.tolist()
     if diff != diff:  # NaN anywhere
         return float("nan")
@@ -197,6 +198,13 @@ def standard_cases(world_size: int, seqlen_local: int = 8, seed: int = 0) -> lis
                                   kv_heads=kv_heads, headdim=16, causal=causal, dtype=dtype,
                                   seed=seed + len(cases)))
     return cases
+
+
+def solo_group(world_size: int):
+    """A process group holding only this rank (a collective: every rank creates every group)."""
+    if world_size == 1:
+        return dist.group.WORLD
+    return [dist.new_group([r]) for r in range(world_size)][dist.get_rank()]
 
 
 def with_seqlen(case: Case, seqlen: int) -> Case:

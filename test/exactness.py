@@ -7,15 +7,7 @@ import torch.distributed as dist
 
 import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
 from ringX import ATTN_FUNCS
-from ringX.testing import Case, check_case, standard_cases
-
-
-def _solo_group(world_size: int):
-    """A group holding only this rank (every rank must create every group, in order)."""
-    if world_size == 1:
-        return dist.group.WORLD
-    groups = [dist.new_group([r]) for r in range(world_size)]
-    return groups[dist.get_rank()]
+from ringX.testing import Case, check_case, solo_group, standard_cases
 
 
 def _assert_all_pass(results) -> None:
@@ -28,7 +20,7 @@ def check_algorithm(rank: int, world_size: int, device: torch.device, algo: str)
     """All standard cases (causal/full x fp32/bf16 x MHA/GQA, batch 2) on the default group; the
     bf16 cases are also bounded by 1.5x the same function's error on one rank."""
     fn = ATTN_FUNCS[algo]
-    solo = _solo_group(world_size)
+    solo = solo_group(world_size)
     results = [check_case(fn, algo, case, dist.group.WORLD, device, solo_group=solo)
                for case in standard_cases(world_size)]
     _assert_all_pass(results)

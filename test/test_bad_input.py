@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from launcher import spawn
 from ringX import ATTN_FUNCS
+from ringX.testing import solo_group
 
 ALGOS = list(ATTN_FUNCS)
 
@@ -113,10 +114,10 @@ def test_single_process_without_distributed_equals_plain_attention(algo):
 
 def solo_group_body(rank, world_size, device, algo):
     """A group of size 1 inside a larger job is plain attention on that rank's data."""
-    groups = [dist.new_group([r]) for r in range(world_size)]
+    solo = solo_group(world_size)
     q, k, v = _tensors(b=2, s=16, h=6, hk=2, device=device)
     for causal in (False, True):
-        out = ATTN_FUNCS[algo](q, k, v, causal=causal, group=groups[rank])
+        out = ATTN_FUNCS[algo](q, k, v, causal=causal, group=solo)
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
             enable_gqa=True).transpose(1, 2)

@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 
 from launcher import spawn
 from ringX import ATTN_FUNCS
-from ringX.testing import Case, check_case
+from ringX.testing import Case, check_case, solo_group
 
 PROFILES = {"ci": 12, "nightly": 200}
 
 
 def fuzz_body(rank, world_size, device, max_examples):
-    solo = dist.group.WORLD if world_size == 1 else [dist.new_group([r]) for r in range(world_size)][rank]
+    solo = solo_group(world_size)
 
     @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..comm import GroupComm
 from ..testing import global_rel_err
 from ..layout import shard
 from . import methods as M
@@ -56,20 +57,14 @@ def time_step(step, fwd_only: bool, warmup: int, repeats: int, device, group) ->
             t0 = time.perf_counter()
             out = step(fwd_only)
             samples.append(time.perf_counter() - t0)
-    med = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=_ctl_device(device, group))
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
-    return float(med.item()), out
+    return _max_over(statistics.median(samples), group), out
 
 
-def _ctl_device(device, group):
-    return device if (device.type == "cuda" and group is not None and "nccl" in str(dist.get_backend(group))) else torch.device("cpu")
-
-
-def _max_over(x: float, device, group) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device=_ctl_device(device, group))
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+def _max_over(x: float, group) -> float:
+    """The largest ``x`` over the ranks of ``group``."""
+    comm = GroupComm(group)
+    t = torch.tensor([x], dtype=torch.float64, device=comm.collective_device())
+    comm.all_reduce(t, op=dist.ReduceOp.MAX, async_op=False)
     return float(t.item())
 
 
@@ -89,7 +84,7 @@ def measure(prep, fwd_only, args, device, group, local_bytes: int) -> dict:
     seconds, out = time_step(prep.step, fwd_only, args.warmup, args.repeats, device, group)
     mem = None
     if device.type == "cuda":
-        mem = _max_over((torch.cuda.max_memory_allocated(device) - base + local_bytes) / 2**30, device, group)
+        mem = _max_over((torch.cuda.max_memory_allocated(device) - base + local_bytes) / 2**30, group)
     return {"seconds": seconds, "out": out.detach(), "mem": mem}
 
 
