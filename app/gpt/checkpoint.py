@@ -3,10 +3,16 @@
 Layout under OUT/checkpoints/::
 
     step_00000010/            complete: renamed from step_00000010.tmp/ only after every rank
-        .metadata, __*.distcp   wrote and rank 0 wrote manifest.json (file names and sizes)
+        tp00/.metadata, tp00/__*.distcp   wrote and rank 0 wrote manifest.json (file names and
+        tp01/...                          sizes); one DCP checkpoint per tensor-parallel rank,
+                                          written by that rank's dp x cp group
         rank00000.pt ...      per-rank state: scheduler, data position, random generators
         manifest.json
     step_00000020.tmp/        incomplete (a crash mid-write): ignored
+
+Parameter and optimizer-state names are stored without wrapper levels (activation checkpointing,
+tensor-parallel wrappers), so a run may resume with a different --ac mode; FSDP shards are
+resharded by DCP, but the per-rank state needs the same world size and tp degree.
 
 ``latest`` walks complete checkpoints newest first and skips (and reports) any whose manifest is
 missing or whose files do not match it, so a partial or corrupted checkpoint falls back to the
@@ -24,6 +30,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .parallelize import canonical_name
+
 MANIFEST = "manifest.json"
 
 
@@ -36,23 +44,39 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def save(root: Path, step: int, model, optimizer, local_state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` (a collective). ``local_state`` is this rank's own picklable state."""
+def _renamed(model_sd: dict, optim_sd: dict, fn) -> tuple[dict, dict]:
+    """State dicts with every parameter name passed through ``fn``."""
+    optim = dict(optim_sd)
+    if "state" in optim:
+        optim["state"] = {fn(k): v for k, v in optim["state"].items()}
+    if "param_groups" in optim:
+        optim["param_groups"] = [{**g, "params": [fn(n) for n in g["params"]]} for g in optim["param_groups"]]
+    return {fn(k): v for k, v in model_sd.items()}, optim
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def save(root: Path, step: int, model, optimizer, local_state: dict, keep: int = 2,
+         tp_rank: int = 0, tp: int = 1, group=None) -> Path:
+    """Write checkpoint ``step`` (a collective over all ranks). ``local_state`` is this rank's
+    own picklable state; ``group`` the ranks holding the same tensor-parallel slice (dp x cp)."""
     final = Path(root) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    model_sd, optim_sd = _renamed(*get_state_dict(model, optimizer), canonical_name)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / f"tp{tp_rank:02d}"),
+             process_group=group)
     torch.save(local_state, tmp / f"rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         with open(tmp / MANIFEST, "w") as f:
-            json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                       "files": files}, f, indent=1)
+            json.dump({"step": step, "world_size": _world(), "tp": tp, "files": files}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
@@ -97,10 +121,17 @@ def latest(root: Path, log=print) -> Path | None:
     return Path(choice) if choice else None
 
 
-def load(path: Path, model, optimizer) -> dict:
+def load(path: Path, model, optimizer, tp_rank: int = 0, tp: int = 1, group=None) -> dict:
     """Load model and optimizer in place (a collective); returns this rank's local state."""
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    if (manifest["world_size"], manifest.get("tp", 1)) != (_world(), tp):
+        raise ValueError(f"{path} was written by {manifest['world_size']} ranks with tensor parallel "
+                         f"{manifest.get('tp', 1)}; this run has {_world()} ranks and {tp}: resume with the same layout")
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    wrapped = {canonical_name(k): k for k in model_sd}
+    model_sd, optim_sd = _renamed(model_sd, optim_sd, canonical_name)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load(state, checkpoint_id=str(Path(path) / f"tp{tp_rank:02d}"), process_group=group)
+    model_sd, optim_sd = _renamed(state["model"], state["optim"], lambda n: wrapped.get(n, n))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     return torch.load(Path(path) / f"rank{_rank():05d}.pt", weights_only=False)

@@ -23,12 +23,19 @@ class ModelConfig:
     norm_eps: float = 1e-5        # RMSNorm epsilon
     rope_theta: float = 500000.0  # RoPE base
     seq_len: int = 8192           # training sequence length (global, before context parallelism)
+    rope_scaling: str = "none"    # "none" or "llama3" (Llama 3.1 long-context frequency scaling)
+    rope_factor: float = 8.0              # llama3 scaling: low frequencies divided by this
+    rope_low_freq_factor: float = 1.0     # llama3 scaling: wavelengths > original / low are scaled
+    rope_high_freq_factor: float = 4.0    # llama3 scaling: wavelengths < original / high are kept
+    rope_original_max_pos: int = 8192     # llama3 scaling: the pre-training context length
 
     def __post_init__(self):
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.rope_scaling not in ("none", "llama3"):
+            raise ValueError(f"rope_scaling {self.rope_scaling!r}: expected 'none' or 'llama3'")
 
     @property
     def head_dim(self) -> int:

@@ -3,14 +3,15 @@
 Names map one to one (q_proj -> wq, gate_proj -> w1, up_proj -> w3, down_proj -> w2, ...). The
 only real conversion is RoPE's layout: this model rotates interleaved pairs (x[2i], x[2i+1]) as
 Meta's reference does, while Hugging Face rotates halves (x[i], x[i + d/2]), so q_proj and k_proj
-rows are permuted within each head on the way in and back on the way out. Rope scaling types
-other than the default raise NotImplementedError.
+rows are permuted within each head on the way in and back on the way out. Rope scaling: the
+default and Llama 3.1's "llama3" type are supported; other types raise NotImplementedError.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -29,15 +30,22 @@ def config_from_hf(path: str | Path, base: ModelConfig | None = None) -> ModelCo
     """ModelConfig from a Hugging Face config.json (seq_len kept from ``base``)."""
     hf = json.loads((Path(path) / "config.json").read_text())
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise NotImplementedError(f"{path}: rope scaling type {rope_type!r} is not implemented")
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in ("default", "llama3"):
+        raise NotImplementedError(f"{path}: rope scaling type {rope_type!r} is not implemented "
+                                  "(supported: default, llama3)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {}
+    if rope_type == "llama3":
+        scaling = dict(rope_scaling="llama3", rope_factor=float(rope["factor"]),
+                       rope_low_freq_factor=float(rope["low_freq_factor"]),
+                       rope_high_freq_factor=float(rope["high_freq_factor"]),
+                       rope_original_max_pos=int(rope["original_max_position_embeddings"]))
     return replace(base or ModelConfig(), dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                    n_heads=hf["num_attention_heads"],
                    n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
                    vocab_size=hf["vocab_size"], ffn_dim=hf["intermediate_size"],
-                   norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=float(theta))
+                   norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=float(theta), **scaling)
 
 
 def _hf_to_meta_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -66,15 +74,15 @@ def _name_to_meta(name: str) -> str | None:
     return None
 
 
-def load_hf(model, path: str | Path) -> None:
-    """Copy a Hugging Face Llama checkpoint's weights into ``model`` (same architecture)."""
+def hf_tensors(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(this model's parameter name, full tensor) for every weight of a Hugging Face Llama
+    checkpoint, converted to this model's layout, one file at a time; a tied checkpoint (no
+    lm_head) yields its embedding again as output.weight."""
     from safetensors.torch import load_file
-    cfg = model.cfg
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors files")
-    own = dict(model.named_parameters())
-    seen = set()
+    embedding, seen_output = None, False
     for f in files:
         for name, tensor in load_file(str(f)).items():
             target = _name_to_meta(name)
@@ -86,27 +94,36 @@ def load_hf(model, path: str | Path) -> None:
                 tensor = _hf_to_meta_rows(tensor, cfg.n_heads)
             elif target.endswith("attention.wk.weight"):
                 tensor = _hf_to_meta_rows(tensor, cfg.n_kv_heads)
-            if own[target].shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {target} {tuple(own[target].shape)}")
-            with torch.no_grad():
-                own[target].copy_(tensor)
-            seen.add(target)
-    if "output.weight" not in seen and "tok_embeddings.weight" in seen:
-        with torch.no_grad():  # tied embeddings in the checkpoint
-            own["output.weight"].copy_(own["tok_embeddings.weight"])
-        seen.add("output.weight")
+            embedding = tensor if target == "tok_embeddings.weight" else embedding
+            seen_output = seen_output or target == "output.weight"
+            yield target, tensor
+    if not seen_output and embedding is not None:
+        yield "output.weight", embedding
+
+
+def load_hf(model, path: str | Path) -> None:
+    """Copy a Hugging Face Llama checkpoint's weights into an unsharded ``model``."""
+    own = dict(model.named_parameters())
+    seen = set()
+    for target, tensor in hf_tensors(path, model.cfg):
+        if target not in own or own[target].shape != tensor.shape:
+            shape = tuple(own[target].shape) if target in own else None
+            raise ValueError(f"{target}: shape {tuple(tensor.shape)} does not fit the model's {shape}")
+        with torch.no_grad():
+            own[target].copy_(tensor)
+        seen.add(target)
     missing = sorted(set(own) - seen)
     if missing:
         raise ValueError(f"{path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def export_hf(model, path: str | Path) -> None:
-    """Write ``model`` as a Hugging Face Llama checkpoint (config.json + model.safetensors)."""
+def export_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], path: str | Path) -> None:
+    """Write (plain-model name, full tensor) pairs, e.g. ``model.named_parameters()`` of an
+    unsharded model, as a Hugging Face Llama checkpoint (config.json + model.safetensors)."""
     from safetensors.torch import save_file
-    cfg = model.cfg
     inverse = {v: k for k, v in _LAYER_MAP.items()}
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in tensors:
         t = p.detach().cpu().contiguous()
         if name == "tok_embeddings.weight":
             out["model.embed_tokens.weight"] = t
@@ -131,4 +148,9 @@ def export_hf(model, path: str | Path) -> None:
               "intermediate_size": cfg.ffn_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
               "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
               "mlp_bias": False, "max_position_embeddings": cfg.seq_len, "torch_dtype": "float32"}
+    if cfg.rope_scaling == "llama3":
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
+                                  "low_freq_factor": cfg.rope_low_freq_factor,
+                                  "high_freq_factor": cfg.rope_high_freq_factor,
+                                  "original_max_position_embeddings": cfg.rope_original_max_pos}
     (path / "config.json").write_text(json.dumps(config, indent=1))

@@ -7,11 +7,13 @@ passes in, so a shard of a sequence in any layout computes exactly what the whol
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -35,9 +37,26 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: ModelConfig | None = None,
+                  device=None) -> torch.Tensor:
+    """(head_dim // 2,) float64 rotation frequencies; with ``scaling.rope_scaling == "llama3"``
+    the Llama 3.1 rule: wavelengths longer than original_max_pos / low_freq_factor are divided by
+    ``rope_factor``, shorter than original_max_pos / high_freq_factor kept, smooth in between."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    if scaling is None or scaling.rope_scaling == "none":
+        return inv_freq
+    factor, low, high = scaling.rope_factor, scaling.rope_low_freq_factor, scaling.rope_high_freq_factor
+    old = scaling.rope_original_max_pos
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > old / low, inv_freq / factor, torch.where(wavelen < old / high, inv_freq, scaled))
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
+                scaling: ModelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """positions (s,) int64 -> cos, sin (s, head_dim // 2) float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     ang = positions.double()[:, None] * inv_freq[None, :]
     return ang.cos().float(), ang.sin().float()
 
@@ -71,57 +90,110 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """SwiGLU. With ``chunk`` > 0 the sequence goes through in chunks of ``chunk`` tokens, each
+    recomputed in backward, so the (B, S, ffn_dim) hidden activations never exist whole
+    (blockwise feed-forward); the result is the same."""
+
+    def __init__(self, cfg: ModelConfig, chunk: int = 0):
         super().__init__()
+        self.chunk = chunk
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
 
-    def forward(self, x):
+    def _mlp(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def forward(self, x):                                          # x: (B, S, dim)
+        if not self.chunk or x.shape[1] <= self.chunk:
+            return self._mlp(x)
+        parts = [checkpoint(self._mlp, part, use_reentrant=False) if torch.is_grad_enabled() else self._mlp(part)
+                 for part in x.split(self.chunk, dim=1)]
+        return torch.cat(parts, dim=1)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mlp_chunk: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = FeedForward(cfg, mlp_chunk)
 
     def forward(self, x, cos, sin, attn_fn: AttnFn):
         x = x + self.attention(self.attention_norm(x), cos, sin, attn_fn)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class Llama(nn.Module):
-    """tokens (B, S_local) int64 + global positions (S_local,) -> logits (B, S_local, vocab)."""
+def init_std(name: str, n_layers: int) -> float | None:
+    """Initial std of a parameter by name (None: a norm weight, set to ones)."""
+    if name.endswith("norm.weight"):
+        return None
+    return 0.02 / (2 * n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight")) else 0.02
 
-    def __init__(self, cfg: ModelConfig):
+
+def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int,
+                          ignore_index: int = -100) -> torch.Tensor:
+    """Sum of cross-entropy of ``head(h)`` against ``labels`` ((B, S, dim), (B, S) -> scalar
+    float32). With ``chunk`` > 0 the logits of ``chunk`` tokens at a time are made, reduced and
+    freed, and remade in backward, so (B, S, vocab) logits never exist whole."""
+    def part(hc, lc):
+        return F.cross_entropy(head(hc).flatten(0, 1).float(), lc.flatten(), reduction="sum",
+                               ignore_index=ignore_index)
+    if not chunk or h.shape[1] <= chunk:
+        return part(h, labels)
+    total = h.new_zeros((), dtype=torch.float32)
+    for hc, lc in zip(h.split(chunk, dim=1), labels.split(chunk, dim=1)):
+        total = total + (checkpoint(part, hc, lc, use_reentrant=False) if torch.is_grad_enabled() else part(hc, lc))
+    return total
+
+
+class Llama(nn.Module):
+    """tokens (B, S_local) int64 + global positions (S_local,) -> logits (B, S_local, vocab), or
+    with ``labels`` (B, S_local) the summed cross-entropy of the local tokens (float32 scalar).
+
+    Memory options (results unchanged): ``mlp_chunk`` tokens per feed-forward chunk, ``loss_chunk``
+    tokens per logits chunk of the loss (0: whole)."""
+
+    def __init__(self, cfg: ModelConfig, mlp_chunk: int = 0, loss_chunk: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.loss_chunk = cfg, loss_chunk
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, mlp_chunk) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
+    @staticmethod
+    def initial_tensors(cfg: ModelConfig, generator: torch.Generator | None = None
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full float32 tensor) for every parameter, in parameter order, made one at a
+        time on the generator's device: Normal(0, 0.02) weights, output projections scaled by
+        1/sqrt(2 * n_layers), norm weights one."""
+        with torch.device("meta"):
+            shapes = [(n, p.shape) for n, p in Llama(cfg).named_parameters()]
+        device = generator.device if generator is not None else None
+        for name, shape in shapes:
+            std = init_std(name, cfg.n_layers)
+            yield name, (torch.ones(shape, device=device) if std is None
+                         else torch.randn(shape, generator=generator, device=device) * std)
+
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, 0.02) weights, output projections scaled by 1/sqrt(2 * n_layers)."""
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-                continue
-            std = 0.02 / (2 * self.cfg.n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight")) else 0.02
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+        """Set every parameter from ``initial_tensors`` (an unsharded model)."""
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, full in self.initial_tensors(self.cfg, generator):
+                own[name].copy_(full)
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attn_fn: AttnFn = sdpa_causal):
         """Final normalised hidden states (B, S_local, dim)."""
-        cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_fn)
         return self.norm(x)
 
-    def forward(self, tokens, positions, attn_fn: AttnFn = sdpa_causal):
-        return self.output(self.hidden(tokens, positions, attn_fn))
+    def forward(self, tokens, positions, attn_fn: AttnFn = sdpa_causal, labels=None):
+        h = self.hidden(tokens, positions, attn_fn)
+        if labels is None:
+            return self.output(h)
+        return chunked_cross_entropy(h, self.output, labels, self.loss_chunk)

@@ -9,13 +9,18 @@ token count), so the full gradient of a weight is the SUM over cp ranks of their
 from __future__ import annotations
 
 import functools
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ringX import ATTN_FUNCS, expected_layout
 from ringX.layout import global_positions, shard
+
+from .model import Llama
 
 ATTN_CHOICES = tuple(ATTN_FUNCS) + ("sdpa",)
 # With tensor parallelism the attention heads arriving here are this tp rank's share; the cp
@@ -39,12 +44,12 @@ def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, attn: str, cp_group)
     return shard(tokens, layout, r, n), shard(labels, layout, r, n), pos
 
 
-def cp_loss(logits: torch.Tensor, labels: torch.Tensor, cp_group, ignore_index: int = -100):
-    """Mean cross-entropy over every token of the whole sequence (all cp ranks).
+def cp_loss(local_sum: torch.Tensor, labels: torch.Tensor, cp_group, ignore_index: int = -100):
+    """Mean cross-entropy over every token of the whole sequence (all cp ranks), from this rank's
+    summed cross-entropy ``local_sum`` (float32 scalar, ``Llama(..., labels=...)``) and its
+    (B, S_local) ``labels``.
 
     Returns (loss to back-propagate on this rank, global mean loss as a detached tensor)."""
-    local_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
-                                ignore_index=ignore_index)
     counts = torch.stack([(labels != ignore_index).sum().to(torch.float64), local_sum.detach().double()])
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(counts, group=cp_group)
@@ -59,3 +64,134 @@ def reduce_gradients(model: torch.nn.Module, group) -> None:
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)
+
+
+# ---- model construction: activation checkpointing, FSDP2, sharded initialisation ------------
+
+AC_MODES = ("none", "selective", "full")
+DP_ENGINES = ("fsdp", "allreduce")
+
+
+class Checkpointed(nn.Module):
+    """Runs ``inner`` under non-reentrant activation checkpointing (recomputed in backward)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return checkpoint(self.inner, *args, use_reentrant=False)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without wrapper levels (``.inner``): the plain Llama's name."""
+    return ".".join(part for part in name.split(".") if part != "inner")
+
+
+def apply_activation_checkpointing(model: Llama, mode: str) -> Llama:
+    """``full``: every block is recomputed in backward (only block inputs are kept);
+    ``selective``: only the feed-forward is recomputed (attention activations, whose recompute
+    would cost a whole ringX pass at long context, are kept); ``none``: nothing."""
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing {mode!r}: expected one of {', '.join(AC_MODES)}")
+    for i, block in enumerate(model.layers):
+        if mode == "full":
+            model.layers[i] = Checkpointed(block)
+        elif mode == "selective":
+            block.feed_forward = Checkpointed(block.feed_forward)
+    return model
+
+
+def apply_fsdp(model: Llama, mesh, bf16: bool) -> Llama:
+    """FSDP2 over ``mesh`` (the dp x cp ranks): each block and the root are sharded units.
+    Parameters and optimizer state stay float32 (sharded); with ``bf16`` blocks compute in
+    bfloat16 and gradients are reduced in float32. Gradients are summed over cp and averaged over
+    dp (divide factor dp, set by the caller through ``set_fsdp_divide_factor``)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
+                              reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def set_fsdp_divide_factor(model: nn.Module, factor: float, sum_only: bool) -> None:
+    """Gradients reduced by FSDP are divided by ``factor``; ``sum_only`` for backends without
+    pre-scaled reductions (gloo): reduce with SUM, then divide."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(float(factor))
+            if sum_only:
+                m.set_force_sum_reduction_for_comms(True)
+
+
+def materialize(model: Llama, tensors: Iterable[tuple[str, torch.Tensor]], device, tp_group) -> Llama:
+    """Give a model built on the meta device (and already split by TP / wrapped / FSDP-sharded)
+    real storage on ``device`` and fill it from ``tensors``: (plain-model name, FULL tensor)
+    pairs, for example ``Llama.initial_tensors`` or ``hf.hf_tensors``. Each rank copies only its
+    own tp slice and FSDP shard, so the result equals the unsharded model split afterwards."""
+    from torch.distributed.tensor import DTensor
+    from .tensor_parallel import shard_of
+    model.to_empty(device=device)
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    own = {canonical_name(n): p for n, p in model.named_parameters()}
+    seen = set()
+    with torch.no_grad():
+        for name, full in tensors:
+            if name not in own:
+                raise ValueError(f"no parameter {name!r} in the model")
+            p = own[name]
+            local = shard_of(name, full, tp_rank, tp).to(device)
+            if isinstance(p, DTensor):   # FSDP2: dim-0 torch.chunk over the mesh, short last shards
+                mesh = p.device_mesh
+                chunks = local.chunk(mesh.size(), dim=0)
+                r = mesh.get_local_rank()
+                local = chunks[r] if r < len(chunks) else local[:0]
+                p = p.to_local()
+            if p.shape != local.shape:
+                raise ValueError(f"{name}: got shape {tuple(local.shape)} for a parameter shard of {tuple(p.shape)}")
+            p.copy_(local)
+            seen.add(name)
+    missing = sorted(set(own) - seen)
+    if missing:
+        raise ValueError(f"no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(plain-model name, whole float32 CPU tensor) per parameter, gathering FSDP shards (a
+    collective: every rank of the FSDP mesh must iterate). Tensor-parallel slices are not joined."""
+    from torch.distributed.tensor import DTensor
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        yield canonical_name(name), t.detach().float().cpu()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group) -> torch.Tensor:
+    """Clip all gradients by their global 2-norm (returned, float64) over every parameter of the
+    whole model: FSDP shards summed over ``shard_group``, tensor-parallel slices over
+    ``tp_group``, replicated parameters counted once, so every rank scales by the same factor."""
+    from torch.distributed.tensor import DTensor
+    from .tensor_parallel import is_tp_sharded
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    grads = [(canonical_name(n), p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    sharded = any(isinstance(g, DTensor) for _, g in grads)
+    locals_ = [(n, g.to_local() if isinstance(g, DTensor) else g) for n, g in grads]
+    sq = torch.zeros(2, dtype=torch.float64, device=locals_[0][1].device)
+    for name, g in locals_:
+        sq[0 if tp > 1 and is_tp_sharded(name) else 1] += torch.linalg.vector_norm(g, dtype=torch.float32).double() ** 2
+    if sharded and dist.get_world_size(shard_group) > 1:
+        dist.all_reduce(sq, group=shard_group)
+    if tp > 1:
+        dist.all_reduce(sq, group=tp_group)
+        sq[1] /= tp                                   # replicated: the same on every tp rank
+    total = sq.sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for _, g in locals_:
+        g.mul_(coef.to(g.dtype))
+    return total

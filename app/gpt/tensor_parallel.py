@@ -86,14 +86,23 @@ def apply_tensor_parallel(model: Llama, tp_group) -> Llama:
     return model
 
 
+_ROW_SPLIT = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")
+_COL_SPLIT = ("wo.weight", "w2.weight")
+
+
+def is_tp_sharded(name: str) -> bool:
+    """Whether tensor parallelism splits the parameter of this (plain-model) name."""
+    return name.endswith(_ROW_SPLIT + _COL_SPLIT)
+
+
 def shard_of(name: str, full: torch.Tensor, rank: int, parts: int) -> torch.Tensor:
     """The part of a full (unsharded) parameter that tp rank ``rank`` holds, by parameter name."""
     if parts == 1:
         return full
-    if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")):
+    if name.endswith(_ROW_SPLIT):
         rows = full.shape[0] // parts
         return full[rank * rows:(rank + 1) * rows]
-    if name.endswith(("wo.weight", "w2.weight")):
+    if name.endswith(_COL_SPLIT):
         cols = full.shape[1] // parts
         return full[:, rank * cols:(rank + 1) * cols]
     return full

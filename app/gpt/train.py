@@ -5,32 +5,51 @@
     srun -n8 bash -c "source script/setup_dist_vars.sh; python app/gpt/train.py --config llama3-8b-128k --context_parallel 8"
 
 Ranks are laid out by ringX.parallel.ParallelDims (dp is the rest); each cp group splits every
-sequence in the layout of --attn; gradients of the weights are summed over dp x cp and averaged
-over dp. Without --data the embedded passkey-retrieval task is used (byte tokens, the key in the
-first quarter, the question at the end); --data takes a .npy / .bin token file.
+sequence in the layout of --attn. Weights are sharded with FSDP2 over the dp x cp ranks
+(--dp_engine fsdp, the default; float32 master weights and optimizer state, bf16 compute with
+--dtype bfloat16) or replicated with summed gradients (--dp_engine allreduce, autocast for bf16);
+either way gradients are summed over cp and averaged over dp. --tensor_parallel T splits heads,
+kv heads and the MLP over tp groups (app/gpt/tensor_parallel.py). The model is built on the meta
+device and each rank fills only its own shards (from --hf_checkpoint or the seeded init).
+
+Memory at long context: --ac {none,selective,full} activation checkpointing (selective recomputes
+the feed-forward only), --loss_chunk N (the loss never makes more than N tokens of logits),
+--mlp_chunk N (blockwise feed-forward), --offload_activations (saved activations in pinned CPU
+memory).
+
+Without --data the embedded passkey-retrieval task is used (byte tokens, the key in the first
+quarter, the question at the end); --data takes a .npy / .bin token file.
 
 Metrics go to OUT/metrics.jsonl, one object per step: step, loss, tokens_per_s (whole job),
-tflops_per_gpu and mfu (FLOPs per step = 6 * non-embedding params * tokens + 6 * layers * dim *
-seq_len * tokens for causal attention, over --peak_tflops), max_mem_gb; every --eval_every steps
-also passkey_acc (all five digits right, greedy) on held-out prompts.
+tflops_per_gpu and mfu (model FLOPs per step = 6 * non-embedding params * tokens + 6 * layers *
+dim * seq_len * tokens for causal attention, recomputation not counted, over --peak_tflops),
+max_mem_gb, skipped (steps skipped so far for a non-finite loss or gradient); every --eval_every
+steps also passkey_acc (all five digits right, greedy) on held-out prompts.
 
 Checkpoints (torch.distributed.checkpoint, atomic, see app/gpt/checkpoint.py) are written every
 --checkpoint_every steps and at the end under OUT/checkpoints; --resume continues from the newest
 complete one exactly (same data order, random state, optimizer and schedule).
 
---tensor_parallel T splits attention heads, kv heads and the MLP over tp groups (see
-app/gpt/tensor_parallel.py); checkpoints are not written with T > 1 yet (said on rank 0).
+Preemption: SIGTERM or SIGUSR1 (Slurm's --signal) lets the current step finish, writes a
+checkpoint, writes OUT/preempted and exits 0; app/gpt/job.sb requeues the job, which resumes.
+A non-finite loss or gradient norm is handled by --nan_policy: skip (the update is dropped and
+counted; more than --max_nan_steps in a row stop the run) or stop (exit with an error at once,
+no checkpoint written, the last good one kept).
+
+--eval_only evaluates without training: the weights of --hf_checkpoint, or else the newest
+checkpoint under OUT; writes OUT/eval.json (mean loss over --eval_batches batches, and passkey
+accuracy on the passkey task).
 
 --hf_checkpoint DIR starts from a local Hugging Face Llama checkpoint (its config.json sets the
-architecture; see app/gpt/hf.py); --export_hf DIR writes the trained weights back in that format.
-
-Not implemented yet (each refuses with an error instead of being ignored): --eval_only,
---checkpoint_every / --resume with --tensor_parallel > 1, --export_hf with --tensor_parallel > 1.
+architecture; see app/gpt/hf.py); --export_hf DIR writes the trained weights back in that format
+(not with --tensor_parallel > 1, which refuses).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -43,12 +62,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.gpt import checkpoint  # noqa: E402
-from app.gpt.config import load_preset, presets  # noqa: E402
-from app.gpt.hf import config_from_hf, export_hf, load_hf  # noqa: E402
+from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
+from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
-from app.gpt.parallelize import ATTN_CHOICES, cp_attention, cp_loss, reduce_gradients, shard_batch  # noqa: E402
+from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activation_checkpointing,  # noqa: E402
+                                 apply_fsdp, clip_grad_norm, cp_attention, cp_loss, full_tensors,
+                                 materialize, reduce_gradients, set_fsdp_divide_factor, shard_batch)
 from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
+from ringX.comm import GroupComm  # noqa: E402
 from ringX.launch import init_distributed  # noqa: E402
 from ringX.parallel import ParallelDims  # noqa: E402
 
@@ -68,11 +90,20 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help=".npy/.bin token file (default: passkey task)")
     p.add_argument("--hf_checkpoint", default=None, help="local Hugging Face Llama checkpoint to start from")
     p.add_argument("--export_hf", default=None, help="write the final weights as a Hugging Face checkpoint")
-    p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--eval_only", action="store_true", help="evaluate and exit (see above)")
+    p.add_argument("--eval_batches", type=int, default=4)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--checkpoint_every", type=int, default=0, help="0: only at the end")
     p.add_argument("--eval_every", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--dp_engine", choices=DP_ENGINES, default="fsdp")
+    p.add_argument("--ac", choices=AC_MODES, default="none", help="activation checkpointing")
+    p.add_argument("--loss_chunk", type=int, default=0, help="tokens per logits chunk in the loss (0: all)")
+    p.add_argument("--mlp_chunk", type=int, default=0, help="tokens per feed-forward chunk (0: all)")
+    p.add_argument("--offload_activations", action="store_true", help="keep saved activations in CPU memory")
+    p.add_argument("--nan_policy", choices=["skip", "stop"], default="skip")
+    p.add_argument("--max_nan_steps", type=int, default=10, help="skip policy: stop after this many in a row")
+    p.add_argument("--inject_nan_at", type=int, default=-1, help="fault injection for testing: NaN loss at this step")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100/H200 bf16 dense)")
     p.add_argument("--out", default="runs/gpt")
     p.add_argument("--seed", type=int, default=0)
@@ -80,18 +111,39 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def _refuse_unimplemented(args) -> None:
-    tp_ckpt = args.tensor_parallel > 1 and (args.resume or args.checkpoint_every)
-    for flag, on in (("--checkpoint_every / --resume with --tensor_parallel > 1", tp_ckpt),
-                     ("--export_hf with --tensor_parallel > 1", args.export_hf and args.tensor_parallel > 1),
-                     ("--eval_only", args.eval_only)):
-        if on:
-            raise NotImplementedError(f"{flag} is not implemented in app/gpt yet")
+    if args.export_hf and args.tensor_parallel > 1:
+        raise NotImplementedError("--export_hf with --tensor_parallel > 1 is not implemented in app/gpt yet")
 
 
-def step_flops(model: Llama, tokens: int) -> float:
-    cfg = model.cfg
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" not in n)
-    return 6.0 * non_embedding * tokens + 6.0 * cfg.n_layers * cfg.dim * cfg.seq_len * tokens
+def param_count(cfg: ModelConfig, embedding: bool = False) -> int:
+    """Parameters of the whole (unsharded) model, without the input embedding unless asked."""
+    hd = cfg.head_dim
+    block = (2 * cfg.dim * cfg.n_heads * hd + 2 * cfg.dim * cfg.n_kv_heads * hd
+             + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim)
+    return cfg.n_layers * block + cfg.dim + cfg.vocab_size * cfg.dim * (2 if embedding else 1)
+
+
+def step_flops(cfg: ModelConfig, tokens: int) -> float:
+    """Model FLOPs of one training step over ``tokens`` tokens (causal attention counted half)."""
+    return 6.0 * param_count(cfg) * tokens + 6.0 * cfg.n_layers * cfg.dim * cfg.seq_len * tokens
+
+
+def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device) -> Llama:
+    """The model for this rank: built on the meta device, split by TP, wrapped for activation
+    checkpointing, sharded by FSDP2 (or not), then filled with its own shards only."""
+    with torch.device("meta"):
+        model = Llama(cfg, mlp_chunk=args.mlp_chunk, loss_chunk=args.loss_chunk)
+    apply_tensor_parallel(model, groups.tp)
+    apply_activation_checkpointing(model, args.ac)
+    if args.dp_engine == "fsdp":
+        from torch.distributed.device_mesh import DeviceMesh
+        apply_fsdp(model, DeviceMesh.from_group(groups["dp_cp"], device.type), args.dtype == "bfloat16")
+        set_fsdp_divide_factor(model, dims.dp, dist.get_backend(groups["dp_cp"]) == "gloo")
+    if args.hf_checkpoint:
+        tensors = hf_tensors(args.hf_checkpoint, cfg)
+    else:
+        tensors = Llama.initial_tensors(cfg, torch.Generator(device).manual_seed(args.seed))
+    return materialize(model, tensors, device, groups.tp)
 
 
 @torch.no_grad()
@@ -101,119 +153,238 @@ def passkey_accuracy(model, attn_fn, cp_group, attn, device, seq_len, n=8, seed=
     tokens, labels, mask = tokens.to(device), labels.to(device), mask.to(device)
     tok, lab, pos = shard_batch(tokens, labels, attn, cp_group)
     _, msk, _ = shard_batch(tokens, mask.long(), attn, cp_group)
-    pred = model(tok, pos, attn_fn).argmax(-1)
-    wrong = ((pred != lab) & msk.bool()).sum(1).double()
+    wrong = torch.zeros(n, dtype=torch.float64, device=device)
+    for i in range(n):                      # one prompt at a time: logits of one sequence only
+        pred = model(tok[i:i + 1], pos, attn_fn).argmax(-1)
+        wrong[i] = ((pred != lab[i:i + 1]) & msk[i:i + 1].bool()).sum()
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(wrong, group=cp_group)
     return (wrong == 0).double().mean().item()
 
 
-def train(args) -> list[dict]:
-    _refuse_unimplemented(args)
-    info = init_distributed()
-    dims = ParallelDims(dp=-1, cp=args.context_parallel, tp=args.tensor_parallel,
-                        order=args.parallel_order, world_size=info.world_size)
-    groups = dims.build(names=("cp", "tp", "dp", "dp_cp"))
-    if args.attn == "sdpa" and dims.cp > 1:
-        raise ValueError("--attn sdpa computes on the local tokens only: use a ringX function with --context_parallel > 1")
-    cfg = load_preset(args.config, seq_len=args.seq_len)
-    if args.hf_checkpoint:
-        cfg = config_from_hf(args.hf_checkpoint, base=cfg)
-    if args.data is None and cfg.vocab_size < BYTE_VOCAB:
-        raise ValueError(f"the passkey task needs vocab_size >= {BYTE_VOCAB}, preset has {cfg.vocab_size}")
-    device, dp_rank = info.device, dims.coords(info.rank)["dp"]
-    torch.manual_seed(args.seed)
-    model = Llama(cfg)
-    model.init_weights(torch.Generator().manual_seed(args.seed))
-    if args.hf_checkpoint:
-        load_hf(model, args.hf_checkpoint)
-    model.to(device)
-    apply_tensor_parallel(model, groups.tp)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
-    attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(args.attn, groups.cp)
-    data = TokenFile(args.data, cfg.seq_len, seed=args.seed + dp_rank) if args.data else None
-    gen = torch.Generator().manual_seed(args.seed * 1000 + dp_rank)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-    out_dir = Path(args.out)
-    ckpt_root = out_dir / "checkpoints"
-    first_step = 0
-    if args.resume:
-        path = checkpoint.latest(ckpt_root, log=lambda m: info.rank == 0 and print(m, flush=True))
-        if path is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
-        local = checkpoint.load(path, model, opt)
-        sched.load_state_dict(local["sched"])
-        gen.set_state(local["generator"])
-        torch.set_rng_state(local["torch_rng"])
-        if data is not None:
-            data.load_state(local["data"])
-        first_step = local["step"]
-        if info.rank == 0:
-            print(f"resumed from {path} at step {first_step}", flush=True)
-    metrics, log = [], None
-    if info.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(out_dir / "metrics.jsonl", "a" if args.resume else "w")
-    flops = step_flops(model, cfg.seq_len * args.batch * dims.dp) * dims.tp  # model holds 1/tp of the blocks
-    bar = _progress(args.steps - first_step, info.rank == 0)
+class StopRequest:
+    """Remembers a SIGTERM / SIGUSR1 (Slurm's warning before a time limit or preemption); the
+    training loop checks it after each step, all ranks together."""
 
-    def save(done: int) -> None:
-        checkpoint.save(ckpt_root, done, model, opt, {
-            "step": done, "sched": sched.state_dict(), "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "data": data.state() if data is not None else None})
-    for step in range(first_step, args.steps):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+
+class Trainer:
+    """One run: model, optimizer, data and bookkeeping for this rank."""
+
+    def __init__(self, args):
+        self.args = args
+        self.info = info = init_distributed()
+        self.dims = dims = ParallelDims(dp=-1, cp=args.context_parallel, tp=args.tensor_parallel,
+                                        order=args.parallel_order, world_size=info.world_size)
+        self.groups = groups = dims.build(names=("cp", "tp", "dp", "dp_cp"))
+        if args.attn == "sdpa" and dims.cp > 1:
+            raise ValueError("--attn sdpa computes on the local tokens only: use a ringX function with --context_parallel > 1")
+        cfg = load_preset(args.config, seq_len=args.seq_len)
+        if args.hf_checkpoint:
+            cfg = config_from_hf(args.hf_checkpoint, base=cfg)
+        if args.data is None and cfg.vocab_size < BYTE_VOCAB:
+            raise ValueError(f"the passkey task needs vocab_size >= {BYTE_VOCAB}, preset has {cfg.vocab_size}")
+        self.cfg, self.device = cfg, info.device
+        self.dp_rank, self.tp_rank = dims.coords(info.rank)["dp"], dims.coords(info.rank)["tp"]
+        torch.manual_seed(args.seed)
+        self.model = build_model(args, cfg, dims, groups, self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+        self.attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(args.attn, groups.cp)
+        self.data = TokenFile(args.data, cfg.seq_len, seed=args.seed + self.dp_rank) if args.data else None
+        self.gen = torch.Generator().manual_seed(args.seed * 1000 + self.dp_rank)
+        bf16_autocast = args.dtype == "bfloat16" and args.dp_engine == "allreduce"
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16_autocast else nullcontext()
+        self.out = Path(args.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.flag_device = GroupComm(dist.group.WORLD).collective_device()
+        self.is_root = info.rank == 0
+
+    def say(self, msg: str) -> None:
+        if self.is_root:
+            print(msg, flush=True)
+
+    def _ckpt_kw(self) -> dict:
+        return dict(tp_rank=self.tp_rank, tp=self.dims.tp, group=self.groups["dp_cp"])
+
+    def save(self, done: int) -> Path:
+        return checkpoint.save(self.ckpt_root, done, self.model, self.opt, {
+            "step": done, "sched": self.sched.state_dict(), "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "data": self.data.state() if self.data is not None else None,
+        }, **self._ckpt_kw())
+
+    def restore(self) -> int:
+        path = checkpoint.latest(self.ckpt_root, log=self.say)
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {self.ckpt_root}")
+        local = checkpoint.load(path, self.model, self.opt, **self._ckpt_kw())
+        self.sched.load_state_dict(local["sched"])
+        self.gen.set_state(local["generator"])
+        torch.set_rng_state(local["torch_rng"])
+        if self.data is not None:
+            self.data.load_state(local["data"])
+        self.say(f"resumed from {path} at step {local['step']}")
+        return local["step"]
+
+    def batch(self, gen=None, data=None):
+        """This rank's (tokens, labels, positions) of the next global batch."""
+        data = self.data if data is None else data
         if data is not None:
-            tokens, labels = data.next_batch(args.batch)
+            tokens, labels = data.next_batch(self.args.batch)
         else:
-            tokens, _, _ = passkey_batch(args.batch, cfg.seq_len + 1, gen)
+            tokens, _, _ = passkey_batch(self.args.batch, self.cfg.seq_len + 1, gen or self.gen)
             tokens, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        tok, lab, pos = shard_batch(tokens.to(device), labels.to(device), args.attn, groups.cp)
-        with autocast:
-            logits = model(tok, pos, attn_fn)
-        loss, global_loss = cp_loss(logits, lab, groups.cp)
+        return shard_batch(tokens.to(self.device), labels.to(self.device), self.args.attn, self.groups.cp)
+
+    def forward_loss(self, tok, lab, pos):
+        offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+                   if self.args.offload_activations and torch.is_grad_enabled() else nullcontext())
+        with self.autocast, offload:
+            local_sum = self.model(tok, pos, self.attn_fn, labels=lab)
+        return cp_loss(local_sum, lab, self.groups.cp)
+
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """Element-wise OR of boolean flags over all ranks (one small all-reduce)."""
+        t = torch.tensor([float(f) for f in flags], device=self.flag_device)
+        if self.info.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(x) for x in t.tolist()]
+
+    def step(self, step: int, stop: StopRequest) -> tuple[dict, bool, bool]:
+        """One optimizer step -> (metrics row, update skipped, stop requested)."""
+        args, dims = self.args, self.dims
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        tok, lab, pos = self.batch()
+        loss, global_loss = self.forward_loss(tok, lab, pos)
+        if step == args.inject_nan_at:
+            loss, global_loss = loss * float("nan"), global_loss * float("nan")
         loss.backward()
-        reduce_gradients(model, groups["dp_cp"])
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.div_(dims.dp)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        if args.dp_engine == "allreduce":
+            reduce_gradients(self.model, self.groups["dp_cp"])
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(dims.dp)
+        grad_norm = clip_grad_norm(self.model, 1.0, self.groups.tp, self.groups["dp_cp"])
         mean_loss = global_loss.clone()
         if dims.dp > 1:
-            dist.all_reduce(mean_loss, group=groups.dp)
+            dist.all_reduce(mean_loss, group=self.groups.dp)
             mean_loss /= dims.dp
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        bad, stop_now = self.any_rank(not (math.isfinite(mean_loss.item()) and math.isfinite(grad_norm.item())),
+                                      stop.signum != 0)
+        if not bad:
+            self.opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        row = {"step": step, "loss": mean_loss.item(), "tokens_per_s": cfg.seq_len * args.batch * dims.dp / seconds,
-               "tflops_per_gpu": flops / seconds / info.world_size / 1e12,
-               "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+        tokens = self.cfg.seq_len * args.batch * dims.dp
+        row = {"step": step, "loss": mean_loss.item(), "grad_norm": grad_norm.item(),
+               "tokens_per_s": tokens / seconds,
+               "tflops_per_gpu": step_flops(self.cfg, tokens) / seconds / self.info.world_size / 1e12,
+               "max_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}
         row["mfu"] = row["tflops_per_gpu"] / args.peak_tflops
-        if data is None and args.eval_every and (step + 1) % args.eval_every == 0:
-            with autocast:
-                row["passkey_acc"] = passkey_accuracy(model, attn_fn, groups.cp, args.attn, device, cfg.seq_len)
-        metrics.append(row)
-        if log is not None:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        bar(row)
-        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
-            save(step + 1)
-    if first_step < args.steps and dims.tp == 1:
-        save(args.steps)
-    elif dims.tp > 1 and info.rank == 0:
-        print("no checkpoint written: checkpoints with --tensor_parallel > 1 are not implemented yet", flush=True)
-    if args.export_hf and info.rank == 0:
-        export_hf(model, args.export_hf)
-    if log is not None:
-        log.close()
-    return metrics
+        return row, bad, stop_now
+
+    def evaluate(self) -> dict:
+        """Mean loss over --eval_batches held-out batches (and passkey accuracy) -> OUT/eval.json."""
+        args = self.args
+        if not args.hf_checkpoint:
+            self.restore()
+        held_out = TokenFile(args.data, self.cfg.seq_len, seed=args.seed + 10**6 + self.dp_rank) if args.data else None
+        gen = torch.Generator().manual_seed(args.seed + 10**6 + self.dp_rank)
+        self.model.eval()
+        losses = []
+        with torch.no_grad():
+            for _ in range(args.eval_batches):
+                _, global_loss = self.forward_loss(*self.batch(gen=gen, data=held_out))
+                losses.append(global_loss)
+        loss = torch.stack(losses).mean()
+        if self.dims.dp > 1:
+            dist.all_reduce(loss, group=self.groups.dp)
+            loss /= self.dims.dp
+        result = {"loss": loss.item(), "batches": args.eval_batches * self.dims.dp, "seq_len": self.cfg.seq_len}
+        if args.data is None:
+            with self.autocast:
+                result["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
+                                                         self.device, self.cfg.seq_len)
+        if self.is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "eval.json").write_text(json.dumps(result) + "\n")
+        self.say(json.dumps(result))
+        return result
+
+    def train(self) -> list[dict]:
+        args = self.args
+        stop = StopRequest()
+        first_step = self.restore() if args.resume else 0
+        metrics, log = [], None
+        if self.is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "preempted").unlink(missing_ok=True)
+            log = open(self.out / "metrics.jsonl", "a" if args.resume else "w")
+        bar = _progress(args.steps - first_step, self.is_root)
+        skipped = in_a_row = 0
+        try:
+            for step in range(first_step, args.steps):
+                row, bad, stop_now = self.step(step, stop)
+                skipped, in_a_row = skipped + bad, (in_a_row + 1) if bad else 0
+                row["skipped"] = skipped
+                if args.eval_every and self.data is None and (step + 1) % args.eval_every == 0:
+                    with self.autocast:
+                        row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
+                                                              self.device, self.cfg.seq_len)
+                metrics.append(row)
+                if log is not None:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                bar(row)
+                if bad and (args.nan_policy == "stop" or in_a_row > args.max_nan_steps):
+                    raise FloatingPointError(
+                        f"step {step}: loss {row['loss']} / gradient norm {row['grad_norm']} is not finite "
+                        f"({in_a_row} such step(s) in a row, --nan_policy {args.nan_policy}); no checkpoint "
+                        f"written, the newest good one under {self.ckpt_root} is kept")
+                if bad:
+                    self.say(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+                if stop_now:
+                    path = self.save(step + 1)
+                    if self.is_root:
+                        (self.out / "preempted").write_text(f"{step + 1}\n")
+                    self.say(f"stop requested by signal: checkpoint {path} written after step {step}; exiting")
+                    return metrics
+                if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+                    self.save(step + 1)
+            if first_step < args.steps:
+                self.save(args.steps)
+            if args.export_hf:
+                tensors = full_tensors(self.model)
+                if self.is_root:
+                    export_hf(self.cfg, tensors, args.export_hf)
+                else:
+                    for _ in tensors:
+                        pass
+        finally:
+            if log is not None:
+                log.close()
+        return metrics
+
+
+def train(args) -> list[dict]:
+    _refuse_unimplemented(args)
+    trainer = Trainer(args)
+    if args.eval_only:
+        trainer.evaluate()
+        return []
+    return trainer.train()
 
 
 def _progress(total: int, enabled: bool):
