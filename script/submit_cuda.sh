@@ -10,16 +10,10 @@
 #SBATCH -o ringx-bench-%j.out
 #SBATCH --signal=B:USR1@60
 
-if [ "${RINGX_MODE:-gpu}" != cpu ]; then
-  if [ -n "${RINGX_MODULES:-}" ] && command -v module >/dev/null 2>&1; then module load $RINGX_MODULES; fi
-  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-  export RINGX_GPUS_PER_NODE=${RINGX_GPUS_PER_NODE:-8}
-  export RINGX_SRUN_GPU_FLAGS=${RINGX_SRUN_GPU_FLAGS:---cpus-per-task=${OMP_NUM_THREADS}}
-fi
 # sbatch runs a copy of this file: find the checkout from RINGX_ROOT or the submit directory
 submit=${SLURM_SUBMIT_DIR:-$PWD}
-if [ -n "${RINGX_ROOT:-}" ]; then job_body=$RINGX_ROOT/script/bench_job.sh
-elif [ -f "$submit/bench_job.sh" ]; then job_body=$submit/bench_job.sh
-else job_body=$submit/script/bench_job.sh; fi
-source "$job_body" "$@"
+if [ -n "${RINGX_ROOT:-}" ]; then script_dir=$RINGX_ROOT/script
+elif [ -f "$submit/bench_job.sh" ]; then script_dir=$submit
+else script_dir=$submit/script; fi
+if [ "${RINGX_MODE:-gpu}" != cpu ]; then source "$script_dir/platform_env.sh" cuda; fi
+source "$script_dir/bench_job.sh" "$@"

@@ -92,6 +92,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--export_hf", default=None, help="write the final weights as a Hugging Face checkpoint")
     p.add_argument("--eval_only", action="store_true", help="evaluate and exit (see above)")
     p.add_argument("--eval_batches", type=int, default=4)
+    p.add_argument("--eval_prompts", type=int, default=16, help="held-out passkey prompts per evaluation")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--checkpoint_every", type=int, default=0, help="0: only at the end")
     p.add_argument("--eval_every", type=int, default=0)
@@ -147,7 +148,7 @@ def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device) -> L
 
 
 @torch.no_grad()
-def passkey_accuracy(model, attn_fn, cp_group, attn, device, seq_len, n=8, seed=12345) -> float:
+def passkey_accuracy(model, attn_fn, cp_group, attn, device, seq_len, n=16, seed=12345) -> float:
     """Fraction of held-out prompts whose five answer digits are all predicted right."""
     tokens, labels, mask = passkey_batch(n, seq_len, torch.Generator().manual_seed(seed))
     tokens, labels, mask = tokens.to(device), labels.to(device), mask.to(device)
@@ -316,7 +317,8 @@ class Trainer:
         if args.data is None:
             with self.autocast:
                 result["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
-                                                         self.device, self.cfg.seq_len)
+                                                         self.device, self.cfg.seq_len, args.eval_prompts)
+                result["passkey_prompts"] = args.eval_prompts
         if self.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "eval.json").write_text(json.dumps(result) + "\n")
@@ -342,7 +344,7 @@ class Trainer:
                 if args.eval_every and self.data is None and (step + 1) % args.eval_every == 0:
                     with self.autocast:
                         row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
-                                                              self.device, self.cfg.seq_len)
+                                                              self.device, self.cfg.seq_len, args.eval_prompts)
                 metrics.append(row)
                 if log is not None:
                     log.write(json.dumps(row) + "\n")
