@@ -27,7 +27,7 @@ case "$what" in
     rm -rf "$dir"
     if run --config llama3-8b-128k --context_parallel "$NGPU" --attn "${ATTN:-ringX4}" --steps "${STEPS:-4}" \
         --ac "$ac" --loss_chunk 8192 --mlp_chunk "${MLP_CHUNK:-0}" --dtype bfloat16 --warmup 1 --out "$dir" \
-        --checkpoint_every 1000000 ${EXTRA:-} > "$dir.log" 2>&1; then
+        --no_checkpoint ${EXTRA:-} > "$dir.log" 2>&1; then
       echo "== llama3-8b-128k cp=$NGPU ac=$ac"; summary "$dir"
     else
       echo "== llama3-8b-128k cp=$NGPU ac=$ac FAILED"; grep -m3 -E "Error|error" "$dir.log"

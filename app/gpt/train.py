@@ -95,6 +95,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_prompts", type=int, default=16, help="held-out passkey prompts per evaluation")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--checkpoint_every", type=int, default=0, help="0: only at the end")
+    p.add_argument("--no_checkpoint", action="store_true", help="write no checkpoints (benchmark runs)")
     p.add_argument("--eval_every", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--dp_engine", choices=DP_ENGINES, default="fsdp")
@@ -363,9 +364,10 @@ class Trainer:
                         (self.out / "preempted").write_text(f"{step + 1}\n")
                     self.say(f"stop requested by signal: checkpoint {path} written after step {step}; exiting")
                     return metrics
-                if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+                if (args.checkpoint_every and not args.no_checkpoint and (step + 1) % args.checkpoint_every == 0
+                        and step + 1 < args.steps):
                     self.save(step + 1)
-            if first_step < args.steps:
+            if first_step < args.steps and not args.no_checkpoint:
                 self.save(args.steps)
             if args.export_hf:
                 tensors = full_tensors(self.model)
