@@ -36,11 +36,12 @@ case "$what" in
 passkey)
   dir=$OUT/passkey
   rm -rf "$dir"
-  run --config passkey --seq_len 2048 --batch 16 --attn sdpa --steps "${WARM_STEPS:-2000}" --lr 1e-3 --warmup 100 \
-      --eval_every 500 --dtype bfloat16 --out "$dir" > "$dir.warm.log" 2>&1 || { tail -20 "$dir.warm.log"; exit 1; }
-  echo "== passkey warm-up: 2K tokens, dp=$NGPU"; summary "$dir" | awk 'NR % 250 == 0 || /passkey/'
-  run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn ringX4 --resume \
-      --steps $(( ${WARM_STEPS:-2000} + ${LONG_STEPS:-300} )) --lr 1e-3 --eval_every 50 --dtype bfloat16 \
+  run --config passkey --seq_len "${WARM_LEN:-512}" --batch "${WARM_BATCH:-64}" --attn sdpa --steps "${WARM_STEPS:-3000}" \
+      --lr 1e-3 --warmup 100 --passkey_loss answer --eval_every 500 --dtype bfloat16 --out "$dir" \
+      > "$dir.warm.log" 2>&1 || { tail -20 "$dir.warm.log"; exit 1; }
+  echo "== passkey warm-up: ${WARM_LEN:-512} tokens, dp=$NGPU"; summary "$dir" | awk 'NR % 250 == 0 || /passkey/'
+  run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn ringX4 --resume --passkey_loss answer \
+      --steps $(( ${WARM_STEPS:-3000} + ${LONG_STEPS:-300} )) --lr 3e-4 --eval_every 50 --dtype bfloat16 \
       --out "$dir" > "$dir.long.log" 2>&1 || { tail -20 "$dir.long.log"; exit 1; }
   run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn ringX4 --eval_only --eval_prompts 64 \
       --dtype bfloat16 --out "$dir" > "$dir.eval.log" 2>&1 || { tail -20 "$dir.eval.log"; exit 1; }

@@ -91,6 +91,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--hf_checkpoint", default=None, help="local Hugging Face Llama checkpoint to start from")
     p.add_argument("--export_hf", default=None, help="write the final weights as a Hugging Face checkpoint")
     p.add_argument("--eval_only", action="store_true", help="evaluate and exit (see above)")
+    p.add_argument("--passkey_loss", choices=["all", "answer"], default="all",
+                   help="passkey task: train on every next token, or on the answer digits only")
     p.add_argument("--eval_batches", type=int, default=4)
     p.add_argument("--eval_prompts", type=int, default=16, help="held-out passkey prompts per evaluation")
     p.add_argument("--resume", action="store_true")
@@ -240,6 +242,8 @@ class Trainer:
         data = self.data if data is None else data
         if data is not None:
             tokens, labels = data.next_batch(self.args.batch)
+        elif self.args.passkey_loss == "answer":
+            tokens, labels, _ = passkey_batch(self.args.batch, self.cfg.seq_len, gen or self.gen)
         else:
             tokens, _, _ = passkey_batch(self.args.batch, self.cfg.seq_len + 1, gen or self.gen)
             tokens, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
