@@ -40,12 +40,12 @@ passkey)
       --lr 1e-3 --warmup 100 --passkey_loss answer --eval_every 500 --dtype bfloat16 --out "$dir" \
       > "$dir.warm.log" 2>&1 || { tail -20 "$dir.warm.log"; exit 1; }
   echo "== passkey warm-up: ${WARM_LEN:-512} tokens, dp=$NGPU"; summary "$dir" | awk 'NR % 250 == 0 || /passkey/'
-  run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn ringX4 --resume --passkey_loss answer \
+  run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn "${PASSKEY_ATTN:-ringX2}" --resume --passkey_loss answer \
       --batch "${LONG_BATCH:-4}" --steps $(( ${WARM_STEPS:-3000} + ${LONG_STEPS:-300} )) --lr 3e-4 --eval_every 100 --dtype bfloat16 \
       --out "$dir" > "$dir.long.log" 2>&1 || { tail -20 "$dir.long.log"; exit 1; }
-  run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn ringX4 --eval_only --eval_prompts 64 \
+  run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn "${PASSKEY_ATTN:-ringX2}" --eval_only --eval_prompts 64 \
       --dtype bfloat16 --out "$dir" > "$dir.eval.log" 2>&1 || { tail -20 "$dir.eval.log"; exit 1; }
-  echo "== passkey at 32K tokens, cp=$NGPU (ringX4)"; summary "$dir" | tail -n "${LONG_STEPS:-300}" | awk 'NR % 50 == 0 || /passkey/'
+  echo "== passkey at 32K tokens, cp=$NGPU (${PASSKEY_ATTN:-ringX2}, contiguous: the key is on another rank than the question)"; summary "$dir" | tail -n "${LONG_STEPS:-300}" | awk 'NR % 50 == 0 || /passkey/'
   echo "== final evaluation, 64 held-out prompts, key in the first quarter:"; cat "$dir/eval.json";;
 *) echo "usage: $0 8b|passkey" >&2; exit 2;;
 esac
