@@ -1,0 +1,37 @@
+"""Plot loss (and passkey accuracy where present) against step from one or more metrics.jsonl files.
+
+    python app/gpt/plot_metrics.py OUT.png runs/a/metrics.jsonl:label-a runs/b/metrics.jsonl:label-b
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for spec in argv[1:]:
+        path, _, label = spec.partition(":")
+        rows = [json.loads(line) for line in open(path)]
+        ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.6, label=label or path)
+        acc = [(r["step"], r["passkey_acc"]) for r in rows if "passkey_acc" in r]
+        if acc:
+            ax_acc.plot(*zip(*acc), marker="o", ms=3, label=label or path)
+    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy (5 digits right)", ylim=(-0.05, 1.05), title="passkey accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(argv[0], dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
