@@ -43,6 +43,8 @@ SlurmUser=root
 SlurmctldPort=${RINGX_SLURMCTLD_PORT:-$(free_port)}
 SlurmdPort=${RINGX_SLURMD_PORT:-$(free_port)}
 AuthType=auth/munge
+# requeued jobs wait cred_expire + 1 s before they start again (default 120 s)
+AuthInfo=cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid

@@ -150,3 +150,39 @@ def test_dead_rank_under_mpirun(tmp_path):
     stamp = tmp_path / "killed"
     _dead_rank(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", "python",
                 "test/dead_rank_worker.py", str(stamp)], stamp)
+
+
+def _job_state(job: str) -> dict:
+    rc, out = _run(["scontrol", "show", "job", job], timeout=30)
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    return fields if rc == 0 else {}
+
+
+def test_gpt_job_preempted_requeues_and_resumes(tmp_path):
+    """app/gpt/job.sb under the real Slurm: USR1 to the job's tasks (as before a time limit or a
+    preemption) -> checkpoint, exit 0, the script requeues the job, which resumes and finishes."""
+    _need("srun", "sbatch", "scancel", "scontrol")
+    runs = tmp_path / "runs"
+    rc, out = _run(["sbatch", "--parsable", "-o", str(tmp_path / "job-%j.out"), "app/gpt/job.sb", "debug",
+                    "--context_parallel", "2", "--attn", "ringX1", "--dtype", "float32", "--steps", "150"],
+                   RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="2", RINGX_RUN_DIR=str(runs), RINGX_PYTHON=sys.executable)
+    assert rc == 0, out
+    job = out.strip().split(";")[0]
+    metrics = runs / f"debug_{job}" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.5)
+    assert metrics.exists(), (tmp_path / f"job-{job}.out").read_text() if (tmp_path / f"job-{job}.out").exists() else out
+    assert _run(["scancel", "-s", "USR1", job], timeout=30)[0] == 0
+    deadline = time.time() + 400
+    state = {}
+    while time.time() < deadline:
+        state = _job_state(job)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(2)
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", (state, log[-3000:])
+    assert "preempted after step" in log and "requeueing job" in log and "resumed from" in log, log[-3000:]
+    steps = [__import__("json").loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(150)), steps
