@@ -2,6 +2,12 @@
 
 Takes GQA natively and the (b, s, h, d) strides as views. A fully masked row would give out 0 and
 lse 0 (not -inf), but ringX never hands it one: causal blocks are square diagonal blocks.
+
+The kernel also returns out 0 and lse 0, instead of NaN, for a row whose scores are all NaN (a
+NaN in the query row, or a NaN key that is the only one the row sees in the block): that would
+let a NaN input vanish once ringX splits the keys into blocks. ``forward`` sets the rows that
+attend a NaN (a NaN in the query row, or in a key the row sees), and the all-NaN rows that Inf
+inputs cause, to NaN, as a whole-sequence kernel gives them.
 """
 from __future__ import annotations
 
@@ -28,10 +34,25 @@ class CpuFlashBackend(Backend):
     def forward(self, q, k, v, causal, scale):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             bhsd(q), bhsd(k), bhsd(v), 0.0, causal, scale=scale)
-        return bshd(out), lse
+        return poison_nan_rows(q, k, causal, bshd(out), lse)
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             bhsd(dout), bhsd(q), bhsd(k), bhsd(v), bhsd(out), lse.contiguous(), 0.0, causal,
             scale=scale)
         return bshd(dq), bshd(dk), bshd(dv)
+
+
+def poison_nan_rows(q, k, causal: bool, out, lse):
+    """out (b, s, h, d), lse (b, h, s) with NaN in every row whose scores the kernel found all NaN
+    or that attends a NaN: a NaN in the query row or in a key the row sees (keys <= the row in a
+    causal diagonal block), or out 0 with lse 0 (the kernel's answer for all-NaN scores) where the
+    query row or a key it sees is infinite."""
+    def seen(flags):                                                    # (b, sk, hk) -> (b, s, h)
+        hit = flags.cumsum(dim=1) > 0 if causal else flags.any(dim=1, keepdim=True).expand(-1, q.shape[1], -1)
+        return hit.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    nan = torch.isnan(q).any(dim=-1) | seen(torch.isnan(k).any(dim=-1))
+    inf = torch.isinf(q).any(dim=-1) | seen(torch.isinf(k).any(dim=-1))
+    zero = (out == 0).all(dim=-1) & (lse.transpose(1, 2) == 0)
+    bad = nan | (inf & zero)
+    return out.masked_fill(bad.unsqueeze(-1), float("nan")), lse.masked_fill(bad.transpose(1, 2), float("nan"))
