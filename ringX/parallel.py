@@ -156,3 +156,13 @@ class ParallelGroups:
         names = tuple(reversed(self.dims.names))
         return init_device_mesh(device_type, tuple(self.dims.degree(n) for n in names),
                                 mesh_dim_names=names)
+
+
+def reduce_gradients(model, group) -> None:
+    """Sum every parameter gradient of ``model`` over ``group`` (the ranks that share the
+    weights, e.g. cp or dp x cp), in place. A group of one rank, or None, does nothing."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ringX import ATTN_FUNCS, expected_layout
+from ringX.parallel import reduce_gradients  # noqa: F401  (re-exported for the app)
 from ringX.layout import global_positions, shard
 
 from .model import Llama
@@ -55,15 +56,6 @@ def cp_loss(local_sum: torch.Tensor, labels: torch.Tensor, cp_group, ignore_inde
         dist.all_reduce(counts, group=cp_group)
     total_tokens, total_sum = counts[0].clamp(min=1), counts[1]
     return local_sum / total_tokens.to(local_sum.dtype), (total_sum / total_tokens).float()
-
-
-def reduce_gradients(model: torch.nn.Module, group) -> None:
-    """Sum every parameter gradient over ``group`` (the ranks sharing the weights)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
 
 
 # ---- model construction: activation checkpointing, FSDP2, sharded initialisation ------------

@@ -1,0 +1,120 @@
+"""Climate ViT: the synthetic data generator and HDF5 reader, and context parallelism that gives
+the step-0 loss and every weight gradient of the whole grid on one rank (float32, relative 1e-5)."""
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from launcher import spawn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.vit.config import load_preset, presets  # noqa: E402
+from app.vit.data import ClimateData, patchify, unpatchify  # noqa: E402
+from app.vit.make_data import make_dataset  # noqa: E402
+from app.vit.model import ClimateViT  # noqa: E402
+from app.vit.parallelize import cp_attention, cp_mse, local_positions, reduce_gradients  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("climate"), lat=32, lon=64, steps_per_year=6, years=3,
+                        spinup=20, log=lambda m: None)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def test_presets():
+    assert {"debug", "emb1024", "emb2048", "emb4096"} <= set(presets())
+    for p in (1, 2, 4, 8):
+        for attn, fn in (("ringX", "ringX1"), ("allgather", "allgather")):
+            cfg = load_preset(f"mp_p{p}_{attn}")
+            assert (cfg.patch, cfg.attn, cfg.embed) == (p, fn, 1024)
+    assert load_preset("mp_p1_ringX").tokens == 259200 and load_preset("mp_p8_ringX").tokens == 4050
+    with torch.device("meta"):
+        blocks = sum(p.numel() for n, p in ClimateViT(load_preset("mp_p2_ringX", embed=4096, heads=32)).named_parameters()
+                     if n.startswith("blocks"))
+    assert 2.3e9 < blocks < 2.5e9
+    with pytest.raises(ValueError, match="does not divide"):
+        load_preset("debug", patch=5)
+
+
+def test_patchify_round_trip_and_layout():
+    x = torch.randn(2, 3, 8, 12)
+    p = patchify(x, 4)
+    assert p.shape == (2, 6, 48)
+    assert torch.equal(unpatchify(p, 4, 3, 8, 12), x)
+    assert torch.equal(p[1, 1 * 3 + 2].view(3, 4, 4), x[1, :, 4:8, 8:12])   # patch row 1, column 2
+
+
+def test_synthetic_data_is_finite_normalised_and_evolving(dataset):
+    import h5py
+    meta = __import__("json").loads((dataset / "meta.json").read_text())
+    assert len(meta["channels"]) == 20 and (meta["lat"], meta["lon"]) == (32, 64)
+    with h5py.File(dataset / "train" / "2000.h5", "r") as f:
+        fields = f["fields"][...]
+    assert fields.shape == (6, 20, 32, 64) and np.isfinite(fields).all()
+    change = np.abs(fields[1:] - fields[:-1]).mean() / np.abs(fields).mean()
+    assert 1e-3 < change < 0.5, change                     # evolves, but is predictable from the last step
+    data = ClimateData(dataset, "train", 32, 64, 4, 20)
+    x, y = data.sample(0)
+    assert x.shape == y.shape == (128, 320)
+    assert abs(float(x.mean())) < 0.5 and 0.3 < float(x.std()) < 3.0
+    assert len(data) == 2 * 5 and len(ClimateData(dataset, "valid", 32, 64, 4, 20)) == 5
+
+
+def test_reader_reads_each_ranks_tokens_and_resumes(dataset):
+    whole = ClimateData(dataset, "train", 32, 64, 4, 20, seed=3)
+    parts = [ClimateData(dataset, "train", 32, 64, 4, 20, r, 4, seed=3) for r in range(4)]
+    for i in (0, 7):
+        x, y = whole.sample(i)
+        assert torch.equal(torch.cat([p.sample(i)[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p.sample(i)[1] for p in parts]), y)
+    assert parts[1].row1 - parts[1].row0 == 2                  # reads 2 of 8 patch rows
+    first = [whole.next_batch(2) for _ in range(3)]
+    state = whole.state()
+    later = whole.next_batch(2)
+    again = ClimateData(dataset, "train", 32, 64, 4, 20, seed=3)
+    again.load_state(state)
+    assert torch.equal(again.next_batch(2)[0], later[0]) and len(first) == 3
+    with pytest.raises(ValueError, match="do not split evenly"):
+        ClimateData(dataset, "train", 32, 64, 4, 20, 0, 3)
+
+
+def vit_cp_body(rank, world_size, device, root, attn):
+    cfg = load_preset("debug")
+    model = ClimateViT(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():                                      # make every parameter matter
+        model.head.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    model = model.to(device)
+    data = ClimateData(root, "train", cfg.lat, cfg.lon, cfg.patch, cfg.channels)
+    x, y = (t.unsqueeze(0).to(device) for t in data.sample(3))
+    ref = copy.deepcopy(model)
+    ref_loss = torch.nn.functional.mse_loss(ref(x, torch.arange(cfg.tokens, device=device)), y)
+    ref_loss.backward()
+    group = dist.group.WORLD
+    pos = local_positions(cfg.tokens, group, device)
+    local = ClimateData(root, "train", cfg.lat, cfg.lon, cfg.patch, cfg.channels, rank, world_size)
+    xl, yl = (t.unsqueeze(0).to(device) for t in local.sample(3))
+    loss, global_loss = cp_mse(model(xl, pos, cp_attention(attn, group)), yl, group)
+    loss.backward()
+    reduce_gradients(model, group)
+    assert _rel(global_loss, ref_loss.detach()) <= 1e-5, (global_loss.item(), ref_loss.item())
+    scale = max(p.grad.norm().item() for p in ref.parameters())
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+        if name.endswith("wk.bias"):   # softmax ignores a per-query constant: exactly zero, up to rounding
+            assert p.grad.norm().item() <= 1e-6 * scale and p_ref.grad.norm().item() <= 1e-6 * scale, name
+            continue
+        err = _rel(p.grad, p_ref.grad)
+        assert err <= 1e-5, f"{attn}: gradient of {name} differs by {err:.2e}"
+
+
+@pytest.mark.parametrize("attn", ["ringX1", "ringX3", "allgather"])
+def test_cp4_step0_loss_and_gradients_equal_cp1(dataset, attn):
+    spawn(4, vit_cp_body, str(dataset), attn, deadline_s=300)
