@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pyyaml", "transformers", "safetensors"],
+        "test": ["pytest", "hypothesis", "pyyaml", "transformers", "safetensors", "h5py", "matplotlib"],
         "mpi": ["mpi4py"],
         "flash-attn": ["flash-attn"],
         "apps": ["pyyaml", "tqdm", "safetensors", "matplotlib", "h5py"],

@@ -186,3 +186,18 @@ def test_gpt_job_preempted_requeues_and_resumes(tmp_path):
     assert "preempted after step" in log and "requeueing job" in log and "resumed from" in log, log[-3000:]
     steps = [__import__("json").loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(150)), steps
+
+
+def test_vit_submit_script_cpu_mode(tmp_path):
+    """app/vit/submit_frontier_cp.sh under the real Slurm in CPU mode, from app/vit as in the seed."""
+    _need("srun", "sbatch")
+    runs = tmp_path / "runs"
+    rc, out = _run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "job-%j.out"), "submit_frontier_cp.sh",
+                    "debug", "--context_parallel", "2", "--steps", "3", "--dtype", "float32"],
+                   cwd=ROOT / "app" / "vit", RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="2", RINGX_RUN_DIR=str(runs),
+                   RINGX_PYTHON=sys.executable)
+    logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert rc == 0, out + logs
+    metrics = glob.glob(str(runs / "debug_*" / "metrics.jsonl"))
+    assert len(metrics) == 1 and len(open(metrics[0]).read().splitlines()) == 3, logs
+    assert "# ringx-vit: preset=debug platform=cpu" in logs

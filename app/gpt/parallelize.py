@@ -21,6 +21,8 @@ from ringX import ATTN_FUNCS, expected_layout
 from ringX.parallel import reduce_gradients  # noqa: F401  (re-exported for the app)
 from ringX.layout import global_positions, shard
 
+from app.common.checkpoint import canonical_name
+
 from .model import Llama
 
 ATTN_CHOICES = tuple(ATTN_FUNCS) + ("sdpa",)
@@ -73,11 +75,6 @@ class Checkpointed(nn.Module):
 
     def forward(self, *args):
         return checkpoint(self.inner, *args, use_reentrant=False)
-
-
-def canonical_name(name: str) -> str:
-    """A parameter name without wrapper levels (``.inner``): the plain Llama's name."""
-    return ".".join(part for part in name.split(".") if part != "inner")
 
 
 def apply_activation_checkpointing(model: Llama, mode: str) -> Llama:

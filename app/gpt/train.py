@@ -26,7 +26,7 @@ dim * seq_len * tokens for causal attention, recomputation not counted, over --p
 max_mem_gb, skipped (steps skipped so far for a non-finite loss or gradient); every --eval_every
 steps also passkey_acc (all five digits right, greedy) on held-out prompts.
 
-Checkpoints (torch.distributed.checkpoint, atomic, see app/gpt/checkpoint.py) are written every
+Checkpoints (torch.distributed.checkpoint, atomic, see app/common/checkpoint.py) are written every
 --checkpoint_every steps and at the end under OUT/checkpoints; --resume continues from the newest
 complete one exactly (same data order, random state, optimizer and schedule).
 
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -61,7 +60,8 @@ import torch.distributed as dist
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from app.gpt import checkpoint  # noqa: E402
+from app.common import checkpoint  # noqa: E402
+from app.common.runtime import StopRequest, progress_bar  # noqa: E402
 from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
@@ -164,19 +164,6 @@ def passkey_accuracy(model, attn_fn, cp_group, attn, device, seq_len, n=16, seed
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(wrong, group=cp_group)
     return (wrong == 0).double().mean().item()
-
-
-class StopRequest:
-    """Remembers a SIGTERM / SIGUSR1 (Slurm's warning before a time limit or preemption); the
-    training loop checks it after each step, all ranks together."""
-
-    def __init__(self):
-        self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signum = signum
 
 
 class Trainer:
@@ -339,7 +326,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "preempted").unlink(missing_ok=True)
             log = open(self.out / "metrics.jsonl", "a" if args.resume else "w")
-        bar = _progress(args.steps - first_step, self.is_root)
+        bar = progress_bar(args.steps - first_step, self.is_root)
         skipped = in_a_row = 0
         try:
             for step in range(first_step, args.steps):
@@ -393,25 +380,6 @@ def train(args) -> list[dict]:
         trainer.evaluate()
         return []
     return trainer.train()
-
-
-def _progress(total: int, enabled: bool):
-    """A progress bar on rank 0 (tqdm when installed, else a line every 10 steps)."""
-    if not enabled:
-        return lambda row: None
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
-
-        def update(row):
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if bar.n >= total:
-                bar.close()
-        return update
-    except ImportError:
-        return lambda row: (row["step"] % 10 == 0 or row["step"] + 1 == total) and print(
-            f"step {row['step']:5d}  loss {row['loss']:.4f}  tokens/s {row['tokens_per_s']:.0f}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints with torch.distributed.checkpoint.
+"""Atomic, resumable checkpoints with torch.distributed.checkpoint, for both apps.
 
 Layout under OUT/checkpoints/::
 
@@ -30,9 +30,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .parallelize import canonical_name
 
 MANIFEST = "manifest.json"
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without wrapper levels (``.inner``, as tensor-parallel and activation-
+    checkpointing wrappers add): the plain model's name."""
+    return ".".join(part for part in name.split(".") if part != "inner")
 
 
 def _barrier():
@@ -135,3 +140,15 @@ def load(path: Path, model, optimizer, tp_rank: int = 0, tp: int = 1, group=None
     model_sd, optim_sd = _renamed(state["model"], state["optim"], lambda n: wrapped.get(n, n))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     return torch.load(Path(path) / f"rank{_rank():05d}.pt", weights_only=False)
+
+
+def load_model(path: Path, model, tp_rank: int = 0, group=None) -> int:
+    """Load only the model weights of checkpoint ``path`` (a collective; any world size, since
+    DCP reshards); returns the checkpoint's step."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    model_sd = get_model_state_dict(model)
+    wrapped = {canonical_name(k): k for k in model_sd}
+    state = {"model": {canonical_name(k): v for k, v in model_sd.items()}}
+    dcp.load(state, checkpoint_id=str(Path(path) / f"tp{tp_rank:02d}"), process_group=group)
+    set_model_state_dict(model, {wrapped.get(k, k): v for k, v in state["model"].items()})
+    return json.loads((Path(path) / MANIFEST).read_text())["step"]

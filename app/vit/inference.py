@@ -1,0 +1,118 @@
+"""Forecast with a trained climate ViT and plot truth, prediction and error.
+
+    python app/vit/inference.py --config debug --checkpoint runs/vit
+    srun -n8 bash -c "source app/vit/export_DDP_vars.sh; python app/vit/inference.py --config=mp_p2_ringX \\
+        --tensor_parallel=1 --context_parallel=8 --parallel_order=cp-tp-dp --checkpoint runs/vit"
+
+--checkpoint is a run directory (its newest complete checkpoint is used) or one checkpoint
+directory. The first --samples validation samples are predicted one step ahead with the same
+parallel layout flags as train.py (any cp degree: checkpoints reshard). Writes to --out:
+predictions.npy and truth.npy ((samples, channels, lat, lon), physical units), scores.json
+(latitude-weighted RMSE and ACC per channel, and those of persistence for comparison), and
+forecast.png (truth, prediction and error of --channel for the first sample).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from app.common import checkpoint  # noqa: E402
+from app.vit.data import unpatchify  # noqa: E402
+from app.vit.metrics import ForecastScore  # noqa: E402
+from app.vit.train import Setup, add_model_args  # noqa: E402
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--channel", type=int, default=2, help="channel to plot (2: vorticity)")
+    p.add_argument("--out", default=None, help="default: CHECKPOINT/inference")
+    return p.parse_args(argv)
+
+
+def _gather_tokens(t: torch.Tensor, group) -> torch.Tensor:
+    """(B, S_local, D) on each cp rank -> (B, S, D) (contiguous ranges in rank order)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def plot(path: Path, truth: np.ndarray, pred: np.ndarray, name: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    lim = float(np.abs(truth).max())
+    for ax, field, title in zip(axes, (truth, pred, pred - truth), ("truth", "prediction", "error")):
+        scale = lim if title != "error" else max(float(np.abs(pred - truth).max()), 1e-12)
+        im = ax.imshow(field, cmap="RdBu_r", vmin=-scale, vmax=scale, extent=(0, 360, -90, 90))
+        ax.set(title=f"{name}: {title}", xlabel="longitude", ylabel="latitude")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        s = Setup(args)
+        cfg = s.cfg
+        path = Path(args.checkpoint)
+        if not (path / checkpoint.MANIFEST).exists():
+            path = checkpoint.latest(path / "checkpoints", log=lambda m: s.is_root and print(m, flush=True))
+            if path is None:
+                raise FileNotFoundError(f"no complete checkpoint under {args.checkpoint}/checkpoints")
+        step = checkpoint.load_model(path, s.model, group=s.groups["dp_cp"])
+        out = Path(args.out) if args.out else Path(args.checkpoint) / "inference"
+        valid = s.dataset("valid", 0)
+        std, mean = valid.std.reshape(1, -1, 1, 1), valid.mean.reshape(1, -1, 1, 1)
+        model_score, persistence = ForecastScore(cfg.channels, s.device), ForecastScore(cfg.channels, s.device)
+        preds, truths = [], []
+        s.model.eval()
+        with torch.no_grad():
+            for i in range(min(args.samples, len(valid))):
+                x, y = (t.unsqueeze(0).to(s.device) for t in valid.sample(i))
+                pred = s.predict(x)
+                model_score.add(pred, y, s.weights)
+                persistence.add(x, y, s.weights)
+                for store, t in ((preds, pred), (truths, y)):
+                    whole = _gather_tokens(t.float(), s.groups.cp)
+                    store.append(unpatchify(whole, cfg.patch, cfg.channels, cfg.lat, cfg.lon)[0].cpu().numpy())
+        std_t = torch.from_numpy(std.reshape(-1))
+        scores = {"checkpoint": str(path), "step": step, "samples": len(preds),
+                  "model": model_score.result(std_t, s.groups.cp),
+                  "persistence": persistence.result(std_t, s.groups.cp)}
+        if s.is_root:
+            out.mkdir(parents=True, exist_ok=True)
+            pred_phys, true_phys = np.stack(preds) * std + mean, np.stack(truths) * std + mean
+            np.save(out / "predictions.npy", pred_phys.astype(np.float32))
+            np.save(out / "truth.npy", true_phys.astype(np.float32))
+            (out / "scores.json").write_text(json.dumps(scores, indent=1))
+            meta = s.data_root / "meta.json"
+            names = json.loads(meta.read_text())["channels"] if meta.exists() else [str(c) for c in range(cfg.channels)]
+            plot(out / "forecast.png", true_phys[0, args.channel], pred_phys[0, args.channel], names[args.channel])
+            mean_rmse = float(np.mean(scores["model"]["rmse"]))
+            print(f"step {step}: {len(preds)} samples, mean RMSE {mean_rmse:.4g} "
+                  f"(persistence {float(np.mean(scores['persistence']['rmse'])):.4g}); wrote {out}", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
