@@ -171,3 +171,22 @@ def test_tensor_parallel_is_refused():
     from app.vit.train import parse, train
     with pytest.raises(NotImplementedError, match="not implemented in app/vit yet"):
         train(parse(["--tensor_parallel", "2"]))
+
+
+def test_nan_policy_and_a_broken_checkpoint_is_skipped(tmp_path, dataset):
+    """--nan_policy skip drops the poisoned update and counts it; stop exits non-zero and keeps
+    the last good checkpoint; a later checkpoint without a manifest is skipped on resume."""
+    common = ["--context_parallel", "2", "--data", str(dataset), "--checkpoint_every", "2", "--inject_nan_at", "3"]
+    rows = _run_app(tmp_path / "skip", 2, "app/vit/train.py", *common, "--steps", "6", "--out", str(tmp_path / "skip" / "run"))
+    assert [r["skipped"] for r in rows] == [0, 0, 0, 1, 1, 1] and rows[3]["loss"] != rows[3]["loss"]
+    assert "update skipped (1 so far)" in _run_app.last_output
+    with pytest.raises(AssertionError, match="FloatingPointError: step 3"):
+        _run_app(tmp_path / "stop", 2, "app/vit/train.py", *common, "--steps", "6", "--nan_policy", "stop",
+                 "--out", str(tmp_path / "stop" / "run"))
+    ckpts = tmp_path / "stop" / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"]
+    (ckpts / "step_00000004").mkdir()
+    (ckpts / "step_00000004" / "rank00000.pt").write_bytes(b"partial")
+    _run_app(tmp_path / "stop", 2, "app/vit/train.py", "--context_parallel", "2", "--data", str(dataset),
+             "--steps", "3", "--resume", "--out", str(tmp_path / "stop" / "run"))
+    assert "skipping checkpoint" in _run_app.last_output and "step_00000002 at step 2" in _run_app.last_output

@@ -1,5 +1,7 @@
 """Bad input raises a clear error on every rank and never hangs; options that are not
 implemented raise NotImplementedError instead of being ignored."""
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,9 +20,11 @@ def _tensors(b=1, s=8, h=4, hk=2, d=16, dtype=torch.float32, device="cpu"):
 
 
 def _expect_on_every_rank(fn, exc, pattern):
-    """Run fn, require exc matching pattern, and prove all ranks got there (no rank hung)."""
+    """Run fn, require exc matching pattern within 30 s, and prove all ranks got there (no rank hung)."""
+    start = time.monotonic()
     with pytest.raises(exc, match=pattern):
         fn()
+    assert time.monotonic() - start < 30.0, f"took {time.monotonic() - start:.1f} s to raise"
     dist.barrier()
 
 
@@ -30,6 +34,13 @@ def mismatch_body(rank, world_size, device, algo):
     q, k, v = _tensors(s=10 if rank == 1 else 8, device=device)
     _expect_on_every_rank(lambda: f(q, k, v, causal=True), ValueError,
                           r"(?s)seqlen_local: rank 0=8, rank 1=10")
+    # different batch size, head count, head dim on rank 1
+    q, k, v = _tensors(b=2 if rank == 1 else 1, device=device)
+    _expect_on_every_rank(lambda: f(q, k, v), ValueError, r"(?s)batch: rank 0=1, rank 1=2")
+    q, k, v = _tensors(h=8 if rank == 1 else 4, device=device)
+    _expect_on_every_rank(lambda: f(q, k, v), ValueError, r"(?s)heads: rank 0=4, rank 1=8")
+    q, k, v = _tensors(d=32 if rank == 1 else 16, device=device)
+    _expect_on_every_rank(lambda: f(q, k, v), ValueError, r"(?s)headdim: rank 0=16, rank 1=32")
     # different causal flag
     q, k, v = _tensors(device=device)
     _expect_on_every_rank(lambda: f(q, k, v, causal=rank == 0), ValueError, r"causal: rank 0=1, rank 1=0")

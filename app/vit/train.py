@@ -65,6 +65,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--nan_policy", choices=["skip", "stop"], default="skip")
     p.add_argument("--max_nan_steps", type=int, default=10)
+    p.add_argument("--inject_nan_at", type=int, default=-1, help="fault injection for testing: NaN loss at this step")
     p.add_argument("--out", default="runs/vit")
     return p.parse_args(argv)
 
@@ -191,6 +192,8 @@ def train(args) -> list[dict]:
             with s.autocast:
                 pred = model(x, s.positions, s.attn_fn)
             loss, global_loss = cp_mse(pred, y, groups.cp)
+            if step == args.inject_nan_at:
+                loss, global_loss = loss * float("nan"), global_loss * float("nan")
             loss.backward()
             reduce_gradients(model, groups["dp_cp"])
             for p in model.parameters():
@@ -223,6 +226,8 @@ def train(args) -> list[dict]:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             bar(row)
+            if bad and s.is_root:
+                print(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)", flush=True)
             if bad and (args.nan_policy == "stop" or in_a_row > args.max_nan_steps):
                 raise FloatingPointError(f"step {step}: loss {row['loss']} is not finite ({in_a_row} in a row, "
                                          f"--nan_policy {args.nan_policy}); the newest good checkpoint is kept")
