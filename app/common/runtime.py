@@ -1,7 +1,20 @@
-"""What the training apps share at run time: the stop-request signal flag and the progress bar."""
+"""What the training apps share at run time: the entry-point wrapper, the stop-request signal
+flag and the progress bar."""
 from __future__ import annotations
 
 import signal
+
+import torch.distributed as dist
+
+
+def run_and_shut_down(fn, *args) -> int:
+    """Call ``fn(*args)`` and tear the process group down afterwards, also on an error; 0."""
+    try:
+        fn(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 class StopRequest:

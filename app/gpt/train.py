@@ -61,7 +61,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
-from app.common.runtime import StopRequest, progress_bar  # noqa: E402
+from app.common.runtime import StopRequest, progress_bar, run_and_shut_down  # noqa: E402
 from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
@@ -383,13 +383,7 @@ def train(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    try:
-        train(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_and_shut_down(train, parse(argv))
 
 
 if __name__ == "__main__":

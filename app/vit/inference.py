@@ -26,6 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
+from app.common.runtime import run_and_shut_down  # noqa: E402
 from app.vit.data import unpatchify  # noqa: E402
 from app.vit.metrics import ForecastScore  # noqa: E402
 from app.vit.train import Setup, add_model_args  # noqa: E402
@@ -66,52 +67,51 @@ def plot(path: Path, truth: np.ndarray, pred: np.ndarray, name: str) -> None:
     plt.close(fig)
 
 
+def infer(args) -> None:
+    """Predict, score and plot (see the module docstring); a collective over all ranks."""
+    s = Setup(args)
+    cfg = s.cfg
+    path = Path(args.checkpoint)
+    if not (path / checkpoint.MANIFEST).exists():
+        path = checkpoint.latest(path / "checkpoints", log=lambda m: s.is_root and print(m, flush=True))
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {args.checkpoint}/checkpoints")
+    step = checkpoint.load_model(path, s.model, group=s.groups["dp_cp"])
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "inference"
+    valid = s.dataset("valid", 0)
+    std, mean = valid.std.reshape(1, -1, 1, 1), valid.mean.reshape(1, -1, 1, 1)
+    model_score, persistence = ForecastScore(cfg.channels, s.device), ForecastScore(cfg.channels, s.device)
+    preds, truths = [], []
+    s.model.eval()
+    with torch.no_grad():
+        for i in range(min(args.samples, len(valid))):
+            x, y = (t.unsqueeze(0).to(s.device) for t in valid.sample(i))
+            pred = s.predict(x)
+            model_score.add(pred, y, s.weights)
+            persistence.add(x, y, s.weights)
+            for store, t in ((preds, pred), (truths, y)):
+                whole = _gather_tokens(t.float(), s.groups.cp)
+                store.append(unpatchify(whole, cfg.patch, cfg.channels, cfg.lat, cfg.lon)[0].cpu().numpy())
+    std_t = torch.from_numpy(std.reshape(-1))
+    scores = {"checkpoint": str(path), "step": step, "samples": len(preds),
+              "model": model_score.result(std_t, s.groups.cp),
+              "persistence": persistence.result(std_t, s.groups.cp)}
+    if s.is_root:
+        out.mkdir(parents=True, exist_ok=True)
+        pred_phys, true_phys = np.stack(preds) * std + mean, np.stack(truths) * std + mean
+        np.save(out / "predictions.npy", pred_phys.astype(np.float32))
+        np.save(out / "truth.npy", true_phys.astype(np.float32))
+        (out / "scores.json").write_text(json.dumps(scores, indent=1))
+        meta = s.data_root / "meta.json"
+        names = json.loads(meta.read_text())["channels"] if meta.exists() else [str(c) for c in range(cfg.channels)]
+        plot(out / "forecast.png", true_phys[0, args.channel], pred_phys[0, args.channel], names[args.channel])
+        mean_rmse = float(np.mean(scores["model"]["rmse"]))
+        print(f"step {step}: {len(preds)} samples, mean RMSE {mean_rmse:.4g} "
+              f"(persistence {float(np.mean(scores['persistence']['rmse'])):.4g}); wrote {out}", flush=True)
+
+
 def main(argv=None) -> int:
-    args = parse(argv)
-    try:
-        s = Setup(args)
-        cfg = s.cfg
-        path = Path(args.checkpoint)
-        if not (path / checkpoint.MANIFEST).exists():
-            path = checkpoint.latest(path / "checkpoints", log=lambda m: s.is_root and print(m, flush=True))
-            if path is None:
-                raise FileNotFoundError(f"no complete checkpoint under {args.checkpoint}/checkpoints")
-        step = checkpoint.load_model(path, s.model, group=s.groups["dp_cp"])
-        out = Path(args.out) if args.out else Path(args.checkpoint) / "inference"
-        valid = s.dataset("valid", 0)
-        std, mean = valid.std.reshape(1, -1, 1, 1), valid.mean.reshape(1, -1, 1, 1)
-        model_score, persistence = ForecastScore(cfg.channels, s.device), ForecastScore(cfg.channels, s.device)
-        preds, truths = [], []
-        s.model.eval()
-        with torch.no_grad():
-            for i in range(min(args.samples, len(valid))):
-                x, y = (t.unsqueeze(0).to(s.device) for t in valid.sample(i))
-                pred = s.predict(x)
-                model_score.add(pred, y, s.weights)
-                persistence.add(x, y, s.weights)
-                for store, t in ((preds, pred), (truths, y)):
-                    whole = _gather_tokens(t.float(), s.groups.cp)
-                    store.append(unpatchify(whole, cfg.patch, cfg.channels, cfg.lat, cfg.lon)[0].cpu().numpy())
-        std_t = torch.from_numpy(std.reshape(-1))
-        scores = {"checkpoint": str(path), "step": step, "samples": len(preds),
-                  "model": model_score.result(std_t, s.groups.cp),
-                  "persistence": persistence.result(std_t, s.groups.cp)}
-        if s.is_root:
-            out.mkdir(parents=True, exist_ok=True)
-            pred_phys, true_phys = np.stack(preds) * std + mean, np.stack(truths) * std + mean
-            np.save(out / "predictions.npy", pred_phys.astype(np.float32))
-            np.save(out / "truth.npy", true_phys.astype(np.float32))
-            (out / "scores.json").write_text(json.dumps(scores, indent=1))
-            meta = s.data_root / "meta.json"
-            names = json.loads(meta.read_text())["channels"] if meta.exists() else [str(c) for c in range(cfg.channels)]
-            plot(out / "forecast.png", true_phys[0, args.channel], pred_phys[0, args.channel], names[args.channel])
-            mean_rmse = float(np.mean(scores["model"]["rmse"]))
-            print(f"step {step}: {len(preds)} samples, mean RMSE {mean_rmse:.4g} "
-                  f"(persistence {float(np.mean(scores['persistence']['rmse'])):.4g}); wrote {out}", flush=True)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_and_shut_down(infer, parse(argv))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
-from app.common.runtime import StopRequest, progress_bar  # noqa: E402
+from app.common.runtime import StopRequest, progress_bar, run_and_shut_down  # noqa: E402
 from app.vit.config import load_preset, presets  # noqa: E402
 from app.vit.data import ClimateData  # noqa: E402
 from app.vit.metrics import ForecastScore, patch_weights  # noqa: E402
@@ -249,13 +249,7 @@ def train(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    try:
-        train(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_and_shut_down(train, parse(argv))
 
 
 if __name__ == "__main__":
