@@ -54,7 +54,16 @@ fi
 } > "$log"
 # Single quotes: $RINGX_ROOT etc. expand inside each task, after setup_dist_vars.sh ran.
 export RINGX_ROOT=$root RINGX_BENCH_PY=$py RINGX_BENCH_METHOD=$ringx_method RINGX_BENCH_SWEEP=$sweep RINGX_BENCH_OUT=$rundir
-srun "${srun_flags[@]}" bash -c 'source "$RINGX_ROOT/script/setup_dist_vars.sh" && cd "$RINGX_ROOT" && exec "$RINGX_BENCH_PY" -m ringX.bench --methods "$RINGX_BENCH_METHOD" --sweep "$RINGX_BENCH_SWEEP" --out "$RINGX_BENCH_OUT" '"${RINGX_BENCH_ARGS:-}" 2>&1 | tee -a "$log"
-rc=${PIPESTATUS[0]}
-echo "# exit $rc" >> "$log"
+# srun runs in the background so that the USR1 Slurm sends before the time limit (--signal=B:USR1@60
+# in the submit scripts) is handled at once: the log says why the job ends and the ranks are
+# stopped cleanly (TERM through srun) instead of being killed at the limit with no word.
+stopped=""
+trap 'stopped=1; echo "# USR1: the time limit is near; stopping the benchmark (results so far are in the log)" | tee -a "$log"; kill -TERM "$srun_pid" 2>/dev/null' USR1
+srun "${srun_flags[@]}" bash -c 'source "$RINGX_ROOT/script/setup_dist_vars.sh" && cd "$RINGX_ROOT" && exec "$RINGX_BENCH_PY" -m ringX.bench --methods "$RINGX_BENCH_METHOD" --sweep "$RINGX_BENCH_SWEEP" --out "$RINGX_BENCH_OUT" '"${RINGX_BENCH_ARGS:-}" > >(tee -a "$log") 2>&1 &
+srun_pid=$!
+wait "$srun_pid"
+rc=$?
+while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; rc=$?; done   # a trapped signal interrupts wait
+if [ -n "$stopped" ] && [ "$rc" -eq 0 ]; then rc=143; fi
+echo "# exit $rc${stopped:+ (stopped by USR1 before the time limit)}" >> "$log"
 exit "$rc"

@@ -11,6 +11,7 @@
 #SBATCH -t 00:30:00
 #SBATCH --exclusive
 #SBATCH -o ringx-bench-%j.out
+#SBATCH --signal=B:USR1@60
 
 # sbatch runs a copy of this file: find the checkout from RINGX_ROOT or the submit directory
 submit=${SLURM_SUBMIT_DIR:-$PWD}

@@ -102,6 +102,37 @@ def test_sbatch_rejects_an_unknown_algorithm(tmp_path):
     assert "unknown algorithm 'ringX9_attn'" in "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
 
 
+def test_sbatch_benchmark_stops_cleanly_on_the_time_limit_signal(tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@60 sends before the limit): the log says why,
+    the ranks are stopped, and the job exits non-zero promptly."""
+    _need("srun", "sbatch", "scancel", "scontrol")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rc, out = _run(["sbatch", "--parsable", "-o", str(logs / "job-%j.out"), "submit_cuda.sh", "ringX1_attn"],
+                   cwd=ROOT / "script", RINGX_MODE="cpu", RINGX_LOG_DIR=str(logs), RINGX_RUN_DIR=str(tmp_path / "runs"),
+                   RINGX_BENCH_ARGS="--repeats 2000 --warmup 0")
+    assert rc == 0, out
+    job = out.strip().split(";")[0]
+    log = logs / "ringX1_N1.log"
+    deadline = time.time() + 180
+    while not (log.exists() and "TFLOP" in log.read_text() or log.exists() and log.read_text().count("\n") > 4) \
+            and time.time() < deadline:
+        time.sleep(0.5)
+    assert _job_state(job).get("JobState") == "RUNNING", log.read_text() if log.exists() else ""
+    sent = time.time()
+    assert _run(["scancel", "-b", "-s", "USR1", job], timeout=30)[0] == 0
+    state = {}
+    while time.time() < sent + 120:
+        state = _job_state(job)
+        if state.get("JobState") not in ("RUNNING", "PENDING", "COMPLETING", None):
+            break
+        time.sleep(1)
+    text = log.read_text()
+    assert "# USR1: the time limit is near; stopping the benchmark" in text, text[-2000:]
+    assert "(stopped by USR1 before the time limit)" in text and state.get("JobState") == "FAILED", (state, text[-2000:])
+    assert time.time() - sent < 60
+
+
 def test_mpirun_with_mpi4py_rendezvous():
     _need("mpirun")
     rc, out = _run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", "python",
