@@ -73,6 +73,18 @@ def mismatch_body(rank, world_size, device, algo):
     _expect_on_every_rank(lambda: f(q, k, v, dropout_p=0.1), NotImplementedError, "dropout_p=0.1")
     _expect_on_every_rank(lambda: f(q, k, v, window_size=(4, 0)), NotImplementedError, "window")
     _expect_on_every_rank(lambda: f(q, k, v, alibi_slopes=torch.ones(4, device=device)), NotImplementedError, "alibi")
+    # float64 is legal where a backend takes it (the float64 math backend): the exact result
+    q, k, v = _tensors(b=1, s=8, dtype=torch.float64, device=device)
+    out = f(q, k, v, causal=False)
+    qa, ka, va = (torch.cat([torch.empty_like(x)] * 2, dim=1) for x in (q, k, v))
+    for whole, part in ((qa, q), (ka, k), (va, v)):
+        dist.all_gather_into_tensor(whole.transpose(0, 1), part.transpose(0, 1).contiguous())
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), enable_gqa=True).transpose(1, 2)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref[:, 8 * rank:8 * (rank + 1)], rtol=1e-10, atol=1e-12)
+    # ... and a clear error on every rank where the forced backend cannot take them
+    _expect_on_every_rank(lambda: f(q, k, v, backend="flash"), NotImplementedError, r"cannot take these inputs")
     # after all that, a good call still works
     out = f(*_tensors(device=device), causal=True)
     assert out.shape == (1, 8, 4, 16) and torch.isfinite(out).all()
