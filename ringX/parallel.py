@@ -158,11 +158,14 @@ class ParallelGroups:
                                 mesh_dim_names=names)
 
 
-def reduce_gradients(model, group) -> None:
+def reduce_gradients(model, group, divide_by: int = 1) -> None:
     """Sum every parameter gradient of ``model`` over ``group`` (the ranks that share the
-    weights, e.g. cp or dp x cp), in place. A group of one rank, or None, does nothing."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+    weights, e.g. cp or dp x cp) and divide it by ``divide_by`` (e.g. dp, for a mean over data
+    parallel ranks of sums over cp), in place. A group of one rank, or None, only divides."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if group is not None and dist.get_world_size(group) > 1:
+        for g in grads:
+            dist.all_reduce(g, group=group)
+    if divide_by != 1:
+        for g in grads:
+            g.div_(divide_by)

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 try:
     import ringX  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
@@ -28,6 +30,29 @@ def spawn(world_size: int, body, *args, deadline_s: float = DEADLINE_S) -> None:
     thread each, 120 s process-group timeout); raise if any fails or the deadline passes."""
     from ringX.launch import spawn as spawn_ranks
     spawn_ranks(world_size, body, *args, deadline_s=deadline_s, threads=1, pg_timeout_s=120)
+
+
+def torchrun_command(nproc: int, script: str, *args: str) -> tuple[list[str], dict]:
+    """(argv, environment) that run ``script`` (relative to the checkout) on ``nproc`` local
+    ranks under ``torchrun --standalone``, without rank variables leaking in from this process."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+            script, *args], env
+
+
+def run_app(script: str, nproc: int, *args: str, timeout: float = 600):
+    """Run an app's ``train.py``/``inference.py`` under torchrun from the checkout root; require
+    exit 0 (else fail with its output). Returns (stdout + stderr, the rows of OUT/metrics.jsonl
+    for the ``--out`` in ``args``, [] when there is none)."""
+    import json
+    import subprocess
+    argv, env = torchrun_command(nproc, script, *args)
+    res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = Path(args[list(args).index("--out") + 1]) / "metrics.jsonl" if "--out" in args else None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics and metrics.exists() else []
+    return res.stdout + res.stderr, rows
 
 
 def script_main(body, *args) -> int:

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launcher import spawn
+from launcher import run_app, spawn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.gpt.config import load_preset, presets  # noqa: E402
 from app.gpt.model import Llama, rope_angles, apply_rope  # noqa: E402
-from app.gpt.parallelize import cp_attention, cp_loss, reduce_gradients, shard_batch  # noqa: E402
+from app.gpt.parallelize import cp_attention, cp_loss, shard_batch  # noqa: E402
+from ringX.parallel import reduce_gradients  # noqa: E402
 
 
 def _model_and_batch(seq_len=64):
@@ -113,20 +114,11 @@ def test_rope_depends_on_global_positions_only():
 
 
 def _train(tmp_path, nproc, *flags):
-    import json
-    import os
-    import subprocess
-    out = tmp_path / "run"
+    """app/gpt/train.py on ``nproc`` ranks (debug, float32) into tmp_path/run -> metrics rows."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                          "--standalone", "app/gpt/train.py", "--config", "debug", "--dtype",
-                          "float32", "--out", str(out), *flags],
-                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    _train.last_output = res.stdout + res.stderr
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    _train.last_output, rows = run_app("app/gpt/train.py", nproc, "--config", "debug", "--dtype", "float32",
+                                       "--out", str(tmp_path / "run"), *flags)
+    return rows
 
 
 def test_train_30_steps_cp4_decreases_loss(tmp_path):

@@ -9,14 +9,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launcher import spawn
+from launcher import run_app, spawn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.vit.config import load_preset, presets  # noqa: E402
 from app.vit.data import ClimateData, patchify, unpatchify  # noqa: E402
 from app.vit.make_data import make_dataset  # noqa: E402
 from app.vit.model import ClimateViT  # noqa: E402
-from app.vit.parallelize import cp_attention, cp_mse, local_positions, reduce_gradients  # noqa: E402
+from app.vit.parallelize import cp_attention, cp_mse, local_positions  # noqa: E402
+from ringX.parallel import reduce_gradients  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,20 +121,11 @@ def test_cp4_step0_loss_and_gradients_equal_cp1(dataset, attn):
     spawn(4, vit_cp_body, str(dataset), attn, deadline_s=300)
 
 
-def _run_app(tmp_path, nproc, script, *flags, out_name="run"):
-    import json
-    import os
-    import subprocess
-    out = tmp_path / out_name
+def _run_app(tmp_path, nproc, script, *flags):
+    """An app/vit script on ``nproc`` ranks (debug, float32) -> metrics rows of its --out."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                          "--standalone", script, "--config", "debug", "--dtype", "float32", *flags],
-                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    _run_app.last_output = res.stdout + res.stderr
-    metrics = out / "metrics.jsonl"
-    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    _run_app.last_output, rows = run_app(script, nproc, "--config", "debug", "--dtype", "float32", *flags)
+    return rows
 
 
 def test_train_30_steps_cp4_learns_then_inference_writes_its_png(tmp_path, dataset):

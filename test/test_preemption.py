@@ -7,20 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+from launcher import ROOT, torchrun_command
 
 
 def _cmd(app, out, flags):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-            f"app/{app}/train.py", "--config", "debug", "--dtype", "float32", "--out", str(out), *flags]
+    return torchrun_command(2, f"app/{app}/train.py", "--config", "debug", "--dtype", "float32", "--out", str(out), *flags)
 
 
 def _losses(out):
@@ -41,12 +35,12 @@ def test_sigusr1_checkpoints_and_exits_0_then_resumes_exactly(tmp_path, app, req
     if app == "vit":
         common += ["--data", str(request.getfixturevalue("vit_data")), "--decay_steps", "40"]
     straight = tmp_path / "a"
-    res = subprocess.run(_cmd(app, straight, [*common, "--steps", "40"]), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    argv, env = _cmd(app, straight, [*common, "--steps", "40"])
+    res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "b"
-    proc = subprocess.Popen(_cmd(app, out, [*common, "--steps", "100000"]), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv, env = _cmd(app, out, [*common, "--steps", "100000"])
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics, deadline = out / "metrics.jsonl", time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
         time.sleep(0.2)
@@ -62,8 +56,8 @@ def test_sigusr1_checkpoints_and_exits_0_then_resumes_exactly(tmp_path, app, req
     done = int((out / "preempted").read_text())
     assert (out / "checkpoints" / f"step_{done:08d}" / "manifest.json").exists()
     assert 3 <= done <= 37 and "stop requested by signal" in log, done
-    res = subprocess.run(_cmd(app, out, [*common, "--steps", str(done + 3), "--resume"]), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    argv, env = _cmd(app, out, [*common, "--steps", str(done + 3), "--resume"])
+    res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = _losses(out)
     assert [r["step"] for r in resumed] == list(range(done + 3))

@@ -30,14 +30,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .weights import canonical_name
+
 
 MANIFEST = "manifest.json"
-
-
-def canonical_name(name: str) -> str:
-    """A parameter name without wrapper levels (``.inner``, as tensor-parallel and activation-
-    checkpointing wrappers add): the plain model's name."""
-    return ".".join(part for part in name.split(".") if part != "inner")
 
 
 def _barrier():

@@ -1,9 +1,12 @@
 """What the training apps share at run time: the entry-point wrapper, the stop-request signal
-flag and the progress bar."""
+flag, the all-rank flag check, the non-finite-step policy and the progress bar."""
 from __future__ import annotations
 
+import math
 import signal
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 
@@ -28,6 +31,45 @@ class StopRequest:
 
     def _handler(self, signum, frame):
         self.signum = signum
+
+
+def any_rank(flags: list[bool], device) -> list[bool]:
+    """Element-wise OR of boolean ``flags`` over all ranks (one small all-reduce of a tensor on
+    ``device``, the collective device of the default group)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+class NonFiniteSteps:
+    """--nan_policy: ``skip`` drops a step whose loss or gradient norm is not finite and counts
+    it, stopping after more than ``max_in_a_row`` such steps in a row; ``stop`` stops at the first.
+    Stopping raises FloatingPointError; the caller writes no checkpoint then."""
+
+    def __init__(self, policy: str, max_in_a_row: int, ckpt_root: Path, say):
+        self.policy, self.max_in_a_row, self.ckpt_root, self.say = policy, max_in_a_row, ckpt_root, say
+        self.skipped = self.in_a_row = 0
+
+    @staticmethod
+    def bad(loss: float, grad_norm: float) -> bool:
+        return not (math.isfinite(loss) and math.isfinite(grad_norm))
+
+    def count(self, bad: bool, row: dict) -> None:
+        """Record this step (``bad`` as agreed by all ranks) in the counters and in ``row``."""
+        self.skipped, self.in_a_row = self.skipped + bad, (self.in_a_row + 1) if bad else 0
+        row["skipped"] = self.skipped
+
+    def enforce(self, step: int, bad: bool, row: dict) -> None:
+        """After the step's row is logged: raise per the policy, or report the skipped update."""
+        if not bad:
+            return
+        if self.policy == "stop" or self.in_a_row > self.max_in_a_row:
+            raise FloatingPointError(
+                f"step {step}: loss {row['loss']} / gradient norm {row['grad_norm']} is not finite "
+                f"({self.in_a_row} such step(s) in a row, --nan_policy {self.policy}); no checkpoint "
+                f"written, the newest good one under {self.ckpt_root} is kept")
+        self.say(f"step {step}: non-finite loss or gradient, update skipped ({self.skipped} so far)")
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "train"):

@@ -4,8 +4,10 @@ Precedence: command-line flags > preset file > the dataclass defaults below.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from app.common.presets import load_yaml_preset, preset_names
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -43,25 +45,12 @@ class ModelConfig:
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return preset_names(CONFIG_DIR)
 
 
 def load_preset(name: str, **overrides) -> ModelConfig:
-    """ModelConfig from configs/<name>.yaml (its ``model:`` section), then ``overrides``."""
-    import yaml
-    path = CONFIG_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise ValueError(f"no preset {name!r}; available: {', '.join(presets())}")
-    data = yaml.safe_load(path.read_text()) or {}
-    model = dict(data.get("model", {}))
-    base = data.get("base")
-    cfg = load_preset(base) if base else ModelConfig()
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(model) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown model fields {sorted(unknown)}; valid: {sorted(known)}")
-    cfg = replace(cfg, **model)
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    """ModelConfig from configs/<name>.yaml (after its ``base`` chain), then non-None ``overrides``."""
+    return load_yaml_preset(CONFIG_DIR, ModelConfig, name, **overrides)
 
 
 def to_dict(cfg: ModelConfig) -> dict:

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from app.common.weights import copy_parameters
+
 from .config import ModelConfig
 
 _LAYER_MAP = {
@@ -103,18 +105,7 @@ def hf_tensors(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.
 
 def load_hf(model, path: str | Path) -> None:
     """Copy a Hugging Face Llama checkpoint's weights into an unsharded ``model``."""
-    own = dict(model.named_parameters())
-    seen = set()
-    for target, tensor in hf_tensors(path, model.cfg):
-        if target not in own or own[target].shape != tensor.shape:
-            shape = tuple(own[target].shape) if target in own else None
-            raise ValueError(f"{target}: shape {tuple(tensor.shape)} does not fit the model's {shape}")
-        with torch.no_grad():
-            own[target].copy_(tensor)
-        seen.add(target)
-    missing = sorted(set(own) - seen)
-    if missing:
-        raise ValueError(f"{path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    copy_parameters(model, hf_tensors(path, model.cfg), str(path))
 
 
 def export_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], path: str | Path) -> None:

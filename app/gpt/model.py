@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from app.common.weights import copy_parameters
+
 from .config import ModelConfig
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -179,10 +181,7 @@ class Llama(nn.Module):
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Set every parameter from ``initial_tensors`` (an unsharded model)."""
-        own = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, full in self.initial_tensors(self.cfg, generator):
-                own[name].copy_(full)
+        copy_parameters(self, self.initial_tensors(self.cfg, generator), "initial weights")
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attn_fn: AttnFn = sdpa_causal):
         """Final normalised hidden states (B, S_local, dim)."""

@@ -4,7 +4,7 @@ sequence.
 
 Gradients: each cp rank back-propagates the loss of its own tokens (divided by the *global*
 token count), so the full gradient of a weight is the SUM over cp ranks of their gradients;
-``reduce_gradients`` all-reduces them over the group that shares the weights (cp, or dp x cp).
+``ringX.parallel.reduce_gradients`` all-reduces them over the group that shares the weights (cp, or dp x cp).
 """
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ringX import ATTN_FUNCS, expected_layout
-from ringX.parallel import reduce_gradients  # noqa: F401  (re-exported for the app)
 from ringX.layout import global_positions, shard
 
-from app.common.checkpoint import canonical_name
+from app.common.weights import canonical_name, copy_parameters
 
 from .model import Llama
 
@@ -126,27 +124,15 @@ def materialize(model: Llama, tensors: Iterable[tuple[str, torch.Tensor]], devic
     model.to_empty(device=device)
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    own = {canonical_name(n): p for n, p in model.named_parameters()}
-    seen = set()
-    with torch.no_grad():
-        for name, full in tensors:
-            if name not in own:
-                raise ValueError(f"no parameter {name!r} in the model")
-            p = own[name]
-            local = shard_of(name, full, tp_rank, tp).to(device)
-            if isinstance(p, DTensor):   # FSDP2: dim-0 torch.chunk over the mesh, short last shards
-                mesh = p.device_mesh
-                chunks = local.chunk(mesh.size(), dim=0)
-                r = mesh.get_local_rank()
-                local = chunks[r] if r < len(chunks) else local[:0]
-                p = p.to_local()
-            if p.shape != local.shape:
-                raise ValueError(f"{name}: got shape {tuple(local.shape)} for a parameter shard of {tuple(p.shape)}")
-            p.copy_(local)
-            seen.add(name)
-    missing = sorted(set(own) - seen)
-    if missing:
-        raise ValueError(f"no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    def to_local(name, full, p):
+        local = shard_of(name, full, tp_rank, tp).to(device)
+        if not isinstance(p, DTensor):
+            return p, local
+        mesh = p.device_mesh             # FSDP2: dim-0 torch.chunk over the mesh, short last shards
+        chunks, r = local.chunk(mesh.size(), dim=0), mesh.get_local_rank()
+        return p.to_local(), chunks[r] if r < len(chunks) else local[:0]
+    copy_parameters(model, tensors, "weights", to_local)
     return model
 
 

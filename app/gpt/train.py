@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -61,18 +60,18 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
-from app.common.runtime import StopRequest, progress_bar, run_and_shut_down  # noqa: E402
+from app.common.runtime import NonFiniteSteps, StopRequest, any_rank, progress_bar, run_and_shut_down  # noqa: E402
 from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activation_checkpointing,  # noqa: E402
                                  apply_fsdp, clip_grad_norm, cp_attention, cp_loss, full_tensors,
-                                 materialize, reduce_gradients, set_fsdp_divide_factor, shard_batch)
+                                 materialize, set_fsdp_divide_factor, shard_batch)
 from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
 from ringX.launch import init_distributed  # noqa: E402
-from ringX.parallel import ParallelDims  # noqa: E402
+from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -243,13 +242,6 @@ class Trainer:
             local_sum = self.model(tok, pos, self.attn_fn, labels=lab)
         return cp_loss(local_sum, lab, self.groups.cp)
 
-    def any_rank(self, *flags: bool) -> list[bool]:
-        """Element-wise OR of boolean flags over all ranks (one small all-reduce)."""
-        t = torch.tensor([float(f) for f in flags], device=self.flag_device)
-        if self.info.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(x) for x in t.tolist()]
-
     def step(self, step: int, stop: StopRequest) -> tuple[dict, bool, bool]:
         """One optimizer step -> (metrics row, update skipped, stop requested)."""
         args, dims = self.args, self.dims
@@ -262,17 +254,14 @@ class Trainer:
             loss, global_loss = loss * float("nan"), global_loss * float("nan")
         loss.backward()
         if args.dp_engine == "allreduce":
-            reduce_gradients(self.model, self.groups["dp_cp"])
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(dims.dp)
+            reduce_gradients(self.model, self.groups["dp_cp"], divide_by=dims.dp)
         grad_norm = clip_grad_norm(self.model, 1.0, self.groups.tp, self.groups["dp_cp"])
         mean_loss = global_loss.clone()
         if dims.dp > 1:
             dist.all_reduce(mean_loss, group=self.groups.dp)
             mean_loss /= dims.dp
-        bad, stop_now = self.any_rank(not (math.isfinite(mean_loss.item()) and math.isfinite(grad_norm.item())),
-                                      stop.signum != 0)
+        loss_value, norm_value = mean_loss.item(), grad_norm.item()
+        bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, norm_value), stop.signum != 0], self.flag_device)
         if not bad:
             self.opt.step()
             self.sched.step()
@@ -281,7 +270,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         tokens = self.cfg.seq_len * args.batch * dims.dp
-        row = {"step": step, "loss": mean_loss.item(), "grad_norm": grad_norm.item(),
+        row = {"step": step, "loss": loss_value, "grad_norm": norm_value,
                "tokens_per_s": tokens / seconds,
                "tflops_per_gpu": step_flops(self.cfg, tokens) / seconds / self.info.world_size / 1e12,
                "max_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}
@@ -327,12 +316,11 @@ class Trainer:
             (self.out / "preempted").unlink(missing_ok=True)
             log = open(self.out / "metrics.jsonl", "a" if args.resume else "w")
         bar = progress_bar(args.steps - first_step, self.is_root)
-        skipped = in_a_row = 0
+        nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, self.ckpt_root, self.say)
         try:
             for step in range(first_step, args.steps):
                 row, bad, stop_now = self.step(step, stop)
-                skipped, in_a_row = skipped + bad, (in_a_row + 1) if bad else 0
-                row["skipped"] = skipped
+                nonfinite.count(bad, row)
                 if args.eval_every and self.data is None and (step + 1) % args.eval_every == 0:
                     with self.autocast:
                         row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
@@ -342,13 +330,7 @@ class Trainer:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                 bar(row)
-                if bad and (args.nan_policy == "stop" or in_a_row > args.max_nan_steps):
-                    raise FloatingPointError(
-                        f"step {step}: loss {row['loss']} / gradient norm {row['grad_norm']} is not finite "
-                        f"({in_a_row} such step(s) in a row, --nan_policy {args.nan_policy}); no checkpoint "
-                        f"written, the newest good one under {self.ckpt_root} is kept")
-                if bad:
-                    self.say(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+                nonfinite.enforce(step, bad, row)
                 if stop_now:
                     path = self.save(step + 1)
                     if self.is_root:

@@ -5,8 +5,10 @@ preset file (and its bases) > the dataclass defaults below.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from app.common.presets import load_yaml_preset, preset_names
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -47,24 +49,12 @@ class ViTConfig:
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return preset_names(CONFIG_DIR)
 
 
 def load_preset(name: str, **overrides) -> ViTConfig:
     """ViTConfig from configs/<name>.yaml (after its ``base`` chain), then non-None ``overrides``."""
-    import yaml
-    path = CONFIG_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise ValueError(f"no preset {name!r}; available: {', '.join(presets())}")
-    data = yaml.safe_load(path.read_text()) or {}
-    cfg = load_preset(data["base"]) if data.get("base") else ViTConfig()
-    model = dict(data.get("model", {}))
-    known = {f.name for f in fields(ViTConfig)}
-    unknown = set(model) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown fields {sorted(unknown)}; valid: {sorted(known)}")
-    cfg = replace(cfg, **model)
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return load_yaml_preset(CONFIG_DIR, ViTConfig, name, **overrides)
 
 
 def to_dict(cfg: ViTConfig) -> dict:

@@ -125,6 +125,7 @@ def make_dataset(out: str | Path, lat: int = 360, lon: int = 720, channels: int 
         flow.step(flow.stable_dt())
     dt = dt or flow.stable_dt()
     first_year = 2000
+    total, total_sq, n = np.zeros(channels), np.zeros(channels), 0      # train statistics
     for i in range(years):
         split = "valid" if i == years - 1 else "train"
         path = out / split / f"{first_year + i}.h5"
@@ -140,18 +141,13 @@ def make_dataset(out: str | Path, lat: int = 360, lon: int = 720, channels: int 
                 if not np.isfinite(state).all():
                     raise FloatingPointError(f"the solver blew up at year {i}, step {t}: lower --dt")
                 ds[t] = state
+                if split == "train":
+                    s64 = state.astype(np.float64)
+                    total += s64.sum(axis=(1, 2))
+                    total_sq += (s64 ** 2).sum(axis=(1, 2))
+                    n += lat * lon
         tmp.rename(path)
         log(f"wrote {path}")
-    files = sorted((out / "train").glob("*.h5"))
-    total = np.zeros(channels)
-    total_sq = np.zeros(channels)
-    n = 0
-    for path in files:
-        with h5py.File(path, "r") as f:
-            data = f["fields"][...].astype(np.float64)
-        total += data.sum(axis=(0, 2, 3))
-        total_sq += (data ** 2).sum(axis=(0, 2, 3))
-        n += data.shape[0] * lat * lon
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean ** 2, 1e-12))
     (out / "stats").mkdir(exist_ok=True)

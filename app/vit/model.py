@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from app.common.weights import copy_parameters
+
 from .config import ViTConfig
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -97,10 +99,8 @@ class ClimateViT(nn.Module):
                 yield name, torch.randn(shape, generator=generator, device=device) * std
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        own = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, full in self.initial_tensors(self.cfg, generator):
-                own[name].copy_(full)
+        """Set every parameter from ``initial_tensors`` (an unsharded model)."""
+        copy_parameters(self, self.initial_tensors(self.cfg, generator), "initial weights")
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor, attn_fn: AttnFn = sdpa_full):
         x = self.patch_embed(patches) + self.pos_embed[positions]

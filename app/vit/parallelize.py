@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from ringX import ATTN_FUNCS
-from ringX.parallel import reduce_gradients  # noqa: F401  (re-exported for the app)
 
 from .data import token_range
 from .model import sdpa_full

@@ -13,7 +13,7 @@ dp x cp and averaged over dp.
 Without --data a synthetic dataset for the preset's grid is made once under
 runs/vit_data/<lat>x<lon> (app/vit/make_data.py) and reused.
 
-OUT/metrics.jsonl, one object per step: step, loss (normalised MSE), samples_per_s (whole job),
+OUT/metrics.jsonl, one object per step: step, loss (normalised MSE), grad_norm, samples_per_s (whole job),
 max_mem_gb, skipped; every --eval_every steps also val_loss, val_rmse and val_acc (per channel,
 latitude-weighted, physical units; app/vit/metrics.py) over --eval_samples validation samples.
 Checkpoints (app/common/checkpoint.py) every --checkpoint_every steps and at the end;
@@ -39,7 +39,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
-from app.common.runtime import StopRequest, progress_bar, run_and_shut_down  # noqa: E402
+from app.common.runtime import NonFiniteSteps, StopRequest, any_rank, progress_bar, run_and_shut_down  # noqa: E402
 from app.vit.config import load_preset, presets  # noqa: E402
 from app.vit.data import ClimateData  # noqa: E402
 from app.vit.metrics import ForecastScore, patch_weights  # noqa: E402
@@ -182,7 +182,8 @@ def train(args) -> list[dict]:
         (out / "preempted").unlink(missing_ok=True)
         log = open(out / "metrics.jsonl", "a" if args.resume else "w")
     bar = progress_bar(args.steps - first, s.is_root)
-    skipped = in_a_row = 0
+    nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, ckpt_root,
+                               lambda m: s.is_root and print(m, flush=True))
     try:
         for step in range(first, args.steps):
             if device.type == "cuda":
@@ -195,19 +196,13 @@ def train(args) -> list[dict]:
             if step == args.inject_nan_at:
                 loss, global_loss = loss * float("nan"), global_loss * float("nan")
             loss.backward()
-            reduce_gradients(model, groups["dp_cp"])
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(dims.dp)
+            reduce_gradients(model, groups["dp_cp"], divide_by=dims.dp)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             if dims.dp > 1:
                 dist.all_reduce(global_loss, group=groups.dp)
                 global_loss /= dims.dp
-            flags = torch.tensor([float(not (math.isfinite(global_loss.item()) and math.isfinite(grad_norm.item()))),
-                                  float(stop.signum != 0)], device=flag_device)
-            if s.info.world_size > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stop_now = bool(flags[0]), bool(flags[1])
+            loss_value, norm_value = global_loss.item(), grad_norm.item()
+            bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, norm_value), stop.signum != 0], flag_device)
             if not bad:
                 opt.step()
                 sched.step()
@@ -215,10 +210,10 @@ def train(args) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
-            skipped, in_a_row = skipped + bad, (in_a_row + 1) if bad else 0
-            row = {"step": step, "loss": global_loss.item(), "samples_per_s": args.batch * dims.dp / seconds,
-                   "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                   "skipped": skipped}
+            row = {"step": step, "loss": loss_value, "grad_norm": norm_value,
+                   "samples_per_s": args.batch * dims.dp / seconds,
+                   "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+            nonfinite.count(bad, row)
             if args.eval_every and (step + 1) % args.eval_every == 0:
                 row.update(s.evaluate(args.eval_samples))
             metrics.append(row)
@@ -226,11 +221,7 @@ def train(args) -> list[dict]:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             bar(row)
-            if bad and s.is_root:
-                print(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)", flush=True)
-            if bad and (args.nan_policy == "stop" or in_a_row > args.max_nan_steps):
-                raise FloatingPointError(f"step {step}: loss {row['loss']} is not finite ({in_a_row} in a row, "
-                                         f"--nan_policy {args.nan_policy}); the newest good checkpoint is kept")
+            nonfinite.enforce(step, bad, row)
             if stop_now:
                 save(step + 1)
                 if s.is_root:
