@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GPT app on one GPU node (default 4 GPUs): the GPU targets of app/gpt, results under $OUT.
 #   bash script/gpu_gpt.sh 8b       Llama3-8B at 128K tokens, cp=4: step time, tokens/s/GPU, MFU, memory
-#   bash script/gpu_gpt.sh passkey  passkey retrieval: 2K-token warm-up (dp=4), then 32K tokens with cp=4
+#   LAYERS=4 bash script/gpu_gpt.sh 1m   one step of Llama3-8B (depth overridable) at 1,048,576 tokens, cp=4
+#   bash script/gpu_gpt.sh passkey  passkey retrieval: 512-token stage (dp=4), then 4K and 32K tokens with cp=4
 # Each run's metrics.jsonl (and eval.json) is copied to $OUT/<name>/.
 set -uo pipefail
 what=${1:-8b}
 OUT=${OUT:-runs/gpu_gpt}
 NGPU=${NGPU:-4}
 PY=${RINGX_PYTHON:-python}
+mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 run() { "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" app/gpt/train.py "$@"; }
 summary() {
@@ -33,19 +35,41 @@ case "$what" in
       echo "== llama3-8b-128k cp=$NGPU ac=$ac FAILED"; grep -m3 -E "Error|error" "$dir.log"
     fi
   done;;
+1m)
+  # One step at 1,048,576 tokens (LAYERS overrides the depth: a probe of time and memory per layer
+  # when a full 32-layer step does not fit the time at hand).
+  dir=$OUT/8b_1m_L${LAYERS:-32}
+  rm -rf "$dir"
+  if run --config llama3-8b-1m --n_layers "${LAYERS:-32}" --context_parallel "$NGPU" --attn "${ATTN:-ringX4}" \
+      --steps "${STEPS:-2}" --ac full --loss_chunk 8192 --mlp_chunk "${MLP_CHUNK:-65536}" --dtype bfloat16 --warmup 1 \
+      --out "$dir" --no_checkpoint ${EXTRA:-} > "$dir.log" 2>&1; then
+    echo "== llama3-8b-1m (${LAYERS:-32} layers) cp=$NGPU ac=full"; summary "$dir"
+  else
+    echo "== llama3-8b-1m (${LAYERS:-32} layers) cp=$NGPU FAILED"; grep -m3 -E "Error|error" "$dir.log"
+  fi;;
 passkey)
+  # Curriculum: stage 1 at ${WARM_LEN} tokens on dp=$NGPU ranks (sdpa), then each stage of
+  # STAGES ("tokens:batch:steps:lr ...") with cp=$NGPU, resumed from the previous stage.
   dir=$OUT/passkey
   rm -rf "$dir"
-  run --config passkey --seq_len "${WARM_LEN:-512}" --batch "${WARM_BATCH:-64}" --attn sdpa --steps "${WARM_STEPS:-3000}" \
+  attn=${PASSKEY_ATTN:-ringX2}
+  run --config passkey --seq_len "${WARM_LEN:-512}" --batch "${WARM_BATCH:-64}" --attn sdpa --steps "${WARM_STEPS:-2000}" \
       --lr 1e-3 --warmup 100 --passkey_loss answer --eval_every 500 --dtype bfloat16 --out "$dir" \
       > "$dir.warm.log" 2>&1 || { tail -20 "$dir.warm.log"; exit 1; }
-  echo "== passkey warm-up: ${WARM_LEN:-512} tokens, dp=$NGPU"; summary "$dir" | awk 'NR % 250 == 0 || /passkey/'
-  run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn "${PASSKEY_ATTN:-ringX2}" --resume --passkey_loss answer \
-      --batch "${LONG_BATCH:-4}" --steps $(( ${WARM_STEPS:-3000} + ${LONG_STEPS:-300} )) --lr 3e-4 --eval_every 100 --dtype bfloat16 \
-      --out "$dir" > "$dir.long.log" 2>&1 || { tail -20 "$dir.long.log"; exit 1; }
-  run --config passkey --seq_len 32768 --context_parallel "$NGPU" --attn "${PASSKEY_ATTN:-ringX2}" --eval_only --eval_prompts 64 \
+  echo "== passkey stage 1: ${WARM_LEN:-512} tokens, dp=$NGPU"; summary "$dir" | awk '/passkey/' | tail -3
+  total=${WARM_STEPS:-2000}
+  for stage in ${STAGES:-4096:16:600:3e-4 32768:4:900:3e-4}; do
+    IFS=: read -r len batch steps lr <<< "$stage"
+    total=$(( total + steps ))
+    run --config passkey --seq_len "$len" --context_parallel "$NGPU" --attn "$attn" --resume --passkey_loss answer \
+        --batch "$batch" --steps "$total" --lr "$lr" --eval_every "${EVAL_EVERY:-100}" --dtype bfloat16 \
+        --out "$dir" > "$dir.$len.log" 2>&1 || { tail -20 "$dir.$len.log"; exit 1; }
+    echo "== passkey stage: $len tokens, cp=$NGPU ($attn), batch $batch, lr $lr, steps to $total"
+    summary "$dir" | tail -n "$steps" | awk '/passkey/'
+  done
+  run --config passkey --seq_len "$len" --context_parallel "$NGPU" --attn "$attn" --eval_only --eval_prompts 64 \
       --dtype bfloat16 --out "$dir" > "$dir.eval.log" 2>&1 || { tail -20 "$dir.eval.log"; exit 1; }
-  echo "== passkey at 32K tokens, cp=$NGPU (${PASSKEY_ATTN:-ringX2}, contiguous: the key is on another rank than the question)"; summary "$dir" | tail -n "${LONG_STEPS:-300}" | awk 'NR % 50 == 0 || /passkey/'
-  echo "== final evaluation, 64 held-out prompts, key in the first quarter:"; cat "$dir/eval.json";;
-*) echo "usage: $0 8b|passkey" >&2; exit 2;;
+  echo "== final evaluation at $len tokens, cp=$NGPU ($attn), 64 held-out prompts, key in the first quarter:"
+  cat "$dir/eval.json";;
+*) echo "usage: $0 8b|1m|passkey" >&2; exit 2;;
 esac

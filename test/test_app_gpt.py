@@ -218,6 +218,16 @@ def test_resume_is_bit_exact_and_skips_broken_checkpoints(tmp_path):
     assert "resumed from" in _train.last_output and "step_00000006 at step 6" in _train.last_output
 
 
+def test_resume_with_another_lr_uses_it(tmp_path):
+    """A curriculum stage resumed with a new --lr trains at that rate, and says so."""
+    common = ["--steps", "2", "--warmup", "1", "--checkpoint_every", "2"]
+    first = _train(tmp_path, 1, *common, "--lr", "1e-3")
+    resumed = _train(tmp_path, 1, "--steps", "4", "--warmup", "1", "--lr", "2e-4", "--resume")
+    assert [r["lr"] for r in first] == [1e-3, 1e-3]
+    assert [r["lr"] for r in resumed[2:]] == [pytest.approx(2e-4)] * 2
+    assert "--lr 0.0002 replaces the checkpoint's base rate 0.001" in _train.last_output
+
+
 def _tiny_hf_llama(path, rope_scaling=None):
     """A tiny random Hugging Face Llama checkpoint (float32, untied, rope_theta 500000)."""
     from transformers import LlamaConfig, LlamaForCausalLM

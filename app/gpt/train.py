@@ -82,6 +82,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel_order", default="tp-cp-dp")
     p.add_argument("--attn", choices=ATTN_CHOICES, default="ringX3")
     p.add_argument("--seq_len", type=int, default=None, help="override the preset's seq_len")
+    p.add_argument("--n_layers", type=int, default=None,
+                   help="override the preset's depth (memory and time probes of a long sequence)")
     p.add_argument("--batch", type=int, default=1, help="sequences per dp rank per step")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -176,7 +178,7 @@ class Trainer:
         self.groups = groups = dims.build(names=("cp", "tp", "dp", "dp_cp"))
         if args.attn == "sdpa" and dims.cp > 1:
             raise ValueError("--attn sdpa computes on the local tokens only: use a ringX function with --context_parallel > 1")
-        cfg = load_preset(args.config, seq_len=args.seq_len)
+        cfg = load_preset(args.config, seq_len=args.seq_len, n_layers=args.n_layers)
         if args.hf_checkpoint:
             cfg = config_from_hf(args.hf_checkpoint, base=cfg)
         if args.data is None and cfg.vocab_size < BYTE_VOCAB:
@@ -216,12 +218,23 @@ class Trainer:
             raise FileNotFoundError(f"no complete checkpoint under {self.ckpt_root}")
         local = checkpoint.load(path, self.model, self.opt, **self._ckpt_kw())
         self.sched.load_state_dict(local["sched"])
+        self._apply_lr()
         self.gen.set_state(local["generator"])
         torch.set_rng_state(local["torch_rng"])
         if self.data is not None:
             self.data.load_state(local["data"])
         self.say(f"resumed from {path} at step {local['step']}")
         return local["step"]
+
+    def _apply_lr(self) -> None:
+        """A resumed run trains at this run's --lr: the checkpoint's base rate is replaced (and
+        said) when they differ, so a later stage of a curriculum can change the rate."""
+        old = self.sched.base_lrs[0]
+        if old != self.args.lr:
+            self.say(f"--lr {self.args.lr:g} replaces the checkpoint's base rate {old:g}")
+            self.sched.base_lrs = [self.args.lr for _ in self.sched.base_lrs]
+            for group, last in zip(self.opt.param_groups, self.sched.get_last_lr()):
+                group["lr"] = self.args.lr * last / old
 
     def batch(self, gen=None, data=None):
         """This rank's (tokens, labels, positions) of the next global batch."""
@@ -261,6 +274,7 @@ class Trainer:
             dist.all_reduce(mean_loss, group=self.groups.dp)
             mean_loss /= dims.dp
         loss_value, norm_value = mean_loss.item(), grad_norm.item()
+        lr = self.opt.param_groups[0]["lr"]
         bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, norm_value), stop.signum != 0], self.flag_device)
         if not bad:
             self.opt.step()
@@ -270,7 +284,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         tokens = self.cfg.seq_len * args.batch * dims.dp
-        row = {"step": step, "loss": loss_value, "grad_norm": norm_value,
+        row = {"step": step, "loss": loss_value, "grad_norm": norm_value, "lr": lr,
                "tokens_per_s": tokens / seconds,
                "tflops_per_gpu": step_flops(self.cfg, tokens) / seconds / self.info.world_size / 1e12,
                "max_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}
