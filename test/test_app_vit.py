@@ -87,7 +87,9 @@ def test_reader_reads_each_ranks_tokens_and_resumes(dataset):
         ClimateData(dataset, "train", 32, 64, 4, 20, 0, 3)
 
 
-def vit_cp_body(rank, world_size, device, root, attn):
+def _model_and_reference(device, root):
+    """The debug ViT (every parameter mattering), one training sample, and the whole-grid
+    single-rank reference model after backward of its step-0 loss."""
     cfg = load_preset("debug")
     model = ClimateViT(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
@@ -99,6 +101,28 @@ def vit_cp_body(rank, world_size, device, root, attn):
     ref = copy.deepcopy(model)
     ref_loss = torch.nn.functional.mse_loss(ref(x, torch.arange(cfg.tokens, device=device)), y)
     ref_loss.backward()
+    return cfg, model, ref, ref_loss
+
+
+def _check_step0(model, ref, ref_loss, global_loss, what, tp_rank=0, tp=1):
+    """Loss and every gradient (a tp shard against the same slice of the reference's) within
+    1e-5; wk.bias gets no gradient (softmax ignores a per-query constant), up to rounding."""
+    from app.common.weights import canonical_name
+    from app.vit.tensor_parallel import shard_of
+    assert _rel(global_loss, ref_loss.detach()) <= 1e-5, (global_loss.item(), ref_loss.item())
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    scale = max(g.norm().item() for g in ref_grads.values())
+    for name, p in model.named_parameters():
+        name = canonical_name(name)
+        if name.endswith("wk.bias"):
+            assert p.grad.norm().item() <= 1e-6 * scale and ref_grads[name].norm().item() <= 1e-6 * scale, name
+            continue
+        err = _rel(p.grad, shard_of(name, ref_grads[name], tp_rank, tp))
+        assert err <= 1e-5, f"{what}: gradient of {name} differs by {err:.2e}"
+
+
+def vit_cp_body(rank, world_size, device, root, attn):
+    cfg, model, ref, ref_loss = _model_and_reference(device, root)
     group = dist.group.WORLD
     pos = local_positions(cfg.tokens, group, device)
     local = ClimateData(root, "train", cfg.lat, cfg.lon, cfg.patch, cfg.channels, rank, world_size)
@@ -106,19 +130,35 @@ def vit_cp_body(rank, world_size, device, root, attn):
     loss, global_loss = cp_mse(model(xl, pos, cp_attention(attn, group)), yl, group)
     loss.backward()
     reduce_gradients(model, group)
-    assert _rel(global_loss, ref_loss.detach()) <= 1e-5, (global_loss.item(), ref_loss.item())
-    scale = max(p.grad.norm().item() for p in ref.parameters())
-    for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
-        if name.endswith("wk.bias"):   # softmax ignores a per-query constant: exactly zero, up to rounding
-            assert p.grad.norm().item() <= 1e-6 * scale and p_ref.grad.norm().item() <= 1e-6 * scale, name
-            continue
-        err = _rel(p.grad, p_ref.grad)
-        assert err <= 1e-5, f"{attn}: gradient of {name} differs by {err:.2e}"
+    _check_step0(model, ref, ref_loss, global_loss, attn)
+
+
+def vit_tp_cp_body(rank, world_size, device, root, order):
+    """tp=2 x cp=2 in ``order``: heads and MLP split over tp, tokens over cp."""
+    from app.vit.tensor_parallel import apply_tensor_parallel
+    from ringX.parallel import ParallelDims
+    cfg, model, ref, ref_loss = _model_and_reference(device, root)
+    dims = ParallelDims(dp=1, cp=2, tp=2, order=order)
+    groups = dims.build(names=("cp", "tp"))
+    coords = dims.coords(rank)
+    apply_tensor_parallel(model, groups.tp)
+    pos = local_positions(cfg.tokens, groups.cp, device)
+    local = ClimateData(root, "train", cfg.lat, cfg.lon, cfg.patch, cfg.channels, coords["cp"], 2)
+    xl, yl = (t.unsqueeze(0).to(device) for t in local.sample(3))
+    loss, global_loss = cp_mse(model(xl, pos, cp_attention("ringX1", groups.cp)), yl, groups.cp)
+    loss.backward()
+    reduce_gradients(model, groups.cp)
+    _check_step0(model, ref, ref_loss, global_loss, f"tp2 x cp2 {order}", coords["tp"], 2)
 
 
 @pytest.mark.parametrize("attn", ["ringX1", "ringX3", "allgather"])
 def test_cp4_step0_loss_and_gradients_equal_cp1(dataset, attn):
     spawn(4, vit_cp_body, str(dataset), attn, deadline_s=300)
+
+
+@pytest.mark.parametrize("order", ["cp-tp-dp", "tp-cp-dp"])
+def test_tp2_cp2_step0_loss_and_gradients_equal_cp1(dataset, order):
+    spawn(4, vit_tp_cp_body, str(dataset), order, deadline_s=300)
 
 
 def _run_app(tmp_path, nproc, script, *flags):
@@ -159,10 +199,21 @@ def test_resume_is_bit_exact_cp2_dp2_allgather(tmp_path, dataset):
     assert "resumed from" in _run_app.last_output
 
 
-def test_tensor_parallel_is_refused():
-    from app.vit.train import parse, train
-    with pytest.raises(NotImplementedError, match="not implemented in app/vit yet"):
-        train(parse(["--tensor_parallel", "2"]))
+def test_tp2_cp2_fsdp_full_ac_trains_like_one_rank_and_infers(tmp_path, dataset):
+    """tp=2 x cp=2 with FSDP2 and full activation checkpointing: the loss sequence of one rank
+    (float32, within 1e-5); inference reads its per-tp-rank checkpoint with the same tp."""
+    common = ["--data", str(dataset), "--steps", "4", "--decay_steps", "8"]
+    one = _run_app(tmp_path / "one", 1, "app/vit/train.py", *common, "--no_checkpoint", "--out", str(tmp_path / "one"))
+    run = tmp_path / "tp" / "run"
+    tp = _run_app(tmp_path / "tp", 4, "app/vit/train.py", *common, "--tensor_parallel", "2", "--context_parallel", "2",
+                  "--dp_engine", "fsdp", "--ac", "full", "--out", str(run))
+    for a, b in zip(one, tp):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000004").iterdir() if p.is_dir()) == ["tp00", "tp01"]
+    _run_app(tmp_path / "tp", 4, "app/vit/inference.py", "--tensor_parallel", "2", "--context_parallel", "2",
+             "--data", str(dataset), "--checkpoint", str(run), "--samples", "1")
+    assert (run / "inference" / "forecast.png").stat().st_size > 10_000
 
 
 def test_nan_policy_and_a_broken_checkpoint_is_skipped(tmp_path, dataset):

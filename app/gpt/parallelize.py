@@ -14,11 +14,12 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from ringX import ATTN_FUNCS, expected_layout
 from ringX.layout import global_positions, shard
 
+from app.common import sharding
+from app.common.sharding import Checkpointed
 from app.common.weights import canonical_name, copy_parameters
 
 from .model import Llama
@@ -64,17 +65,6 @@ AC_MODES = ("none", "selective", "full")
 DP_ENGINES = ("fsdp", "allreduce")
 
 
-class Checkpointed(nn.Module):
-    """Runs ``inner`` under non-reentrant activation checkpointing (recomputed in backward)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args):
-        return checkpoint(self.inner, *args, use_reentrant=False)
-
-
 def apply_activation_checkpointing(model: Llama, mode: str) -> Llama:
     """``full``: every block is recomputed in backward (only block inputs are kept);
     ``selective``: only the feed-forward is recomputed (attention activations, whose recompute
@@ -90,28 +80,8 @@ def apply_activation_checkpointing(model: Llama, mode: str) -> Llama:
 
 
 def apply_fsdp(model: Llama, mesh, bf16: bool) -> Llama:
-    """FSDP2 over ``mesh`` (the dp x cp ranks): each block and the root are sharded units.
-    Parameters and optimizer state stay float32 (sharded); with ``bf16`` blocks compute in
-    bfloat16 and gradients are reduced in float32. Gradients are summed over cp and averaged over
-    dp (divide factor dp, set by the caller through ``set_fsdp_divide_factor``)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
-                              reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    return model
-
-
-def set_fsdp_divide_factor(model: nn.Module, factor: float, sum_only: bool) -> None:
-    """Gradients reduced by FSDP are divided by ``factor``; ``sum_only`` for backends without
-    pre-scaled reductions (gloo): reduce with SUM, then divide."""
-    from torch.distributed.fsdp import FSDPModule
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(float(factor))
-            if sum_only:
-                m.set_force_sum_reduction_for_comms(True)
+    """FSDP2 of the Llama blocks and root over ``mesh`` (see app/common/sharding.apply_fsdp)."""
+    return sharding.apply_fsdp(model, model.layers, mesh, bf16)
 
 
 def materialize(model: Llama, tensors: Iterable[tuple[str, torch.Tensor]], device, tp_group) -> Llama:
@@ -146,27 +116,6 @@ def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group) -> torch.Tensor:
-    """Clip all gradients by their global 2-norm (returned, float64) over every parameter of the
-    whole model: FSDP shards summed over ``shard_group``, tensor-parallel slices over
-    ``tp_group``, replicated parameters counted once, so every rank scales by the same factor."""
-    from torch.distributed.tensor import DTensor
+    """Global gradient-norm clipping across tp slices and FSDP shards (app/common/sharding)."""
     from .tensor_parallel import is_tp_sharded
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    grads = [(canonical_name(n), p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    sharded = any(isinstance(g, DTensor) for _, g in grads)
-    locals_ = [(n, g.to_local() if isinstance(g, DTensor) else g) for n, g in grads]
-    sq = torch.zeros(2, dtype=torch.float64, device=locals_[0][1].device)
-    for name, g in locals_:
-        sq[0 if tp > 1 and is_tp_sharded(name) else 1] += torch.linalg.vector_norm(g, dtype=torch.float32).double() ** 2
-    if sharded and dist.get_world_size(shard_group) > 1:
-        dist.all_reduce(sq, group=shard_group)
-    if tp > 1:
-        dist.all_reduce(sq, group=tp_group)
-        sq[1] /= tp                                   # replicated: the same on every tp rank
-    total = sq.sum().sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for _, g in locals_:
-        g.mul_(coef.to(g.dtype))
-    return total
+    return sharding.clip_grad_norm(model, max_norm, tp_group, shard_group, is_tp_sharded)

@@ -76,7 +76,7 @@ def infer(args) -> None:
         path = checkpoint.latest(path / "checkpoints", log=lambda m: s.is_root and print(m, flush=True))
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint under {args.checkpoint}/checkpoints")
-    step = checkpoint.load_model(path, s.model, group=s.groups["dp_cp"])
+    step = checkpoint.load_model(path, s.model, tp_rank=s.tp_rank, group=s.groups["dp_cp"])
     out = Path(args.out) if args.out else Path(args.checkpoint) / "inference"
     valid = s.dataset("valid", 0)
     std, mean = valid.std.reshape(1, -1, 1, 1), valid.mean.reshape(1, -1, 1, 1)

@@ -7,8 +7,12 @@
 Ranks are laid out by ringX.parallel.ParallelDims (dp is the rest); each cp group splits the
 patch tokens of every sample into contiguous ranges, and each rank reads and embeds only its own
 (app/vit/data.py). Attention is the preset's (ringX1 by default, ringX2-4 with causal=False, or
-the all-gather baseline), --attn overrides it. Weights are replicated; gradients are summed over
-dp x cp and averaged over dp.
+the all-gather baseline), --attn overrides it. --tensor_parallel T splits heads and the MLP over
+tp groups (app/vit/tensor_parallel.py). Gradients are summed over cp and averaged over dp:
+--dp_engine allreduce (default) keeps the weights replicated and all-reduces the gradients after
+backward; --dp_engine fsdp shards weights, gradients and AdamW state over dp x cp with FSDP2.
+--ac full recomputes each block in backward (only block inputs are kept). The gradient norm is
+clipped to 1 globally (over tp slices and FSDP shards).
 
 Without --data a synthetic dataset for the preset's grid is made once under
 runs/vit_data/<lat>x<lon> (app/vit/make_data.py) and reused.
@@ -19,8 +23,6 @@ latitude-weighted, physical units; app/vit/metrics.py) over --eval_samples valid
 Checkpoints (app/common/checkpoint.py) every --checkpoint_every steps and at the end;
 --resume continues exactly. SIGTERM/SIGUSR1: finish the step, checkpoint, write OUT/preempted,
 exit 0. --nan_policy skip|stop as in the GPT app.
-
-Not implemented yet (refused): --tensor_parallel > 1.
 """
 from __future__ import annotations
 
@@ -39,20 +41,26 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
+from app.common.sharding import apply_fsdp, checkpoint_blocks, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
 from app.common.runtime import NonFiniteSteps, StopRequest, any_rank, progress_bar, run_and_shut_down  # noqa: E402
 from app.vit.config import load_preset, presets  # noqa: E402
 from app.vit.data import ClimateData  # noqa: E402
 from app.vit.metrics import ForecastScore, patch_weights  # noqa: E402
 from app.vit.model import ClimateViT  # noqa: E402
 from app.vit.parallelize import ATTN_CHOICES, cp_attention, cp_mse, local_positions  # noqa: E402
+from app.vit.tensor_parallel import apply_tensor_parallel, is_tp_sharded  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
 from ringX.launch import init_distributed  # noqa: E402
 from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
+
+DP_ENGINES = ("allreduce", "fsdp")
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    p.add_argument("--dp_engine", choices=DP_ENGINES, default="allreduce")
+    p.add_argument("--ac", choices=("none", "full"), default="none", help="activation checkpointing")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=1, help="samples per dp rank per step")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -88,8 +96,6 @@ class Setup:
     """Process groups, config, model, data and attention for one rank (train and inference)."""
 
     def __init__(self, args):
-        if args.tensor_parallel > 1:
-            raise NotImplementedError("--tensor_parallel > 1 is not implemented in app/vit yet")
         self.args = args
         self.info = info = init_distributed()
         self.dims = ParallelDims(dp=-1, cp=args.context_parallel, tp=args.tensor_parallel,
@@ -97,7 +103,7 @@ class Setup:
         self.groups = self.dims.build(names=("cp", "tp", "dp", "dp_cp"))
         self.cfg = cfg = load_preset(args.config, embed=args.embed, heads=args.heads, attn=args.attn)
         self.device, self.dp_rank = info.device, self.dims.coords(info.rank)["dp"]
-        self.cp_rank = self.dims.coords(info.rank)["cp"]
+        self.cp_rank, self.tp_rank = self.dims.coords(info.rank)["cp"], self.dims.coords(info.rank)["tp"]
         self.is_root = info.rank == 0
         self.data_root = Path(args.data) if args.data else self._synthetic_data()
         self.attn_fn = cp_attention(cfg.attn, self.groups.cp)
@@ -107,7 +113,16 @@ class Setup:
         self.model = ClimateViT(cfg)
         self.model.init_weights(torch.Generator().manual_seed(args.seed))
         self.model.to(self.device)
+        apply_tensor_parallel(self.model, self.groups.tp)
+        if getattr(args, "ac", "none") == "full":
+            checkpoint_blocks(self.model.blocks)
         bf16 = args.dtype == "bfloat16"
+        self.fsdp = getattr(args, "dp_engine", "allreduce") == "fsdp"
+        if self.fsdp:
+            from torch.distributed.device_mesh import DeviceMesh
+            dp_cp = self.groups["dp_cp"]
+            apply_fsdp(self.model, self.model.blocks, DeviceMesh.from_group(dp_cp, self.device.type), bf16)
+            set_fsdp_divide_factor(self.model, self.dims.dp, dist.get_backend(dp_cp) == "gloo")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def _synthetic_data(self) -> Path:
@@ -158,7 +173,7 @@ def train(args) -> list[dict]:
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
     flag_device = GroupComm(dist.group.WORLD).collective_device()
-    kw = dict(tp_rank=0, tp=1, group=groups["dp_cp"])
+    kw = dict(tp_rank=s.tp_rank, tp=dims.tp, group=groups["dp_cp"])
 
     def save(done: int) -> Path:
         return checkpoint.save(ckpt_root, done, model, opt, {
@@ -196,8 +211,9 @@ def train(args) -> list[dict]:
             if step == args.inject_nan_at:
                 loss, global_loss = loss * float("nan"), global_loss * float("nan")
             loss.backward()
-            reduce_gradients(model, groups["dp_cp"], divide_by=dims.dp)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if not s.fsdp:
+                reduce_gradients(model, groups["dp_cp"], divide_by=dims.dp)
+            grad_norm = clip_grad_norm(model, 1.0, groups.tp, groups["dp_cp"], is_tp_sharded)
             if dims.dp > 1:
                 dist.all_reduce(global_loss, group=groups.dp)
                 global_loss /= dims.dp

@@ -1,0 +1,86 @@
+"""Model-wrapping steps shared by the apps, applied from outside the models: activation
+checkpointing of blocks, FSDP2 over the ranks that share the weights (dp x cp), and gradient-norm
+clipping that is global across tensor-parallel slices and FSDP shards."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .weights import canonical_name
+
+
+class Checkpointed(nn.Module):
+    """Runs ``inner`` under non-reentrant activation checkpointing (recomputed in backward).
+    Checkpoint names drop the ``inner`` level, so runs resume across checkpointing modes."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return checkpoint(self.inner, *args, use_reentrant=False)
+
+
+def checkpoint_blocks(blocks: nn.ModuleList) -> None:
+    """Full activation checkpointing: only each block's input is kept for backward."""
+    for i, block in enumerate(blocks):
+        blocks[i] = Checkpointed(block)
+
+
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool) -> nn.Module:
+    """FSDP2 over ``mesh`` (the dp x cp ranks): each block and the root are sharded units.
+    Parameters and optimizer state stay float32 (sharded); with ``bf16`` blocks compute in
+    bfloat16 and gradients are reduced in float32. Set the divide factor with
+    ``set_fsdp_divide_factor`` (dp: gradients summed over cp, averaged over dp)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
+                              reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    root = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                cast_forward_inputs=False)     # float model inputs keep their dtype
+    fully_shard(model, mesh=mesh, mp_policy=root, reshard_after_forward=False)
+    return model
+
+
+def set_fsdp_divide_factor(model: nn.Module, factor: float, sum_only: bool) -> None:
+    """Gradients reduced by FSDP are divided by ``factor``; ``sum_only`` for backends without
+    pre-scaled reductions (gloo): reduce with SUM, then divide."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(float(factor))
+            if sum_only:
+                m.set_force_sum_reduction_for_comms(True)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group,
+                   is_tp_sharded: Callable[[str], bool]) -> torch.Tensor:
+    """Clip all gradients by their global 2-norm (returned, float64) over every parameter of the
+    whole model: FSDP shards summed over ``shard_group``, tensor-parallel slices (plain-model
+    names for which ``is_tp_sharded`` holds) over ``tp_group``, replicated parameters counted
+    once, so every rank scales by the same factor."""
+    from torch.distributed.tensor import DTensor
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    grads = [(canonical_name(n), p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    sharded = any(isinstance(g, DTensor) for _, g in grads)
+    locals_ = [(n, g.to_local() if isinstance(g, DTensor) else g) for n, g in grads]
+    sq = torch.zeros(2, dtype=torch.float64, device=locals_[0][1].device)
+    for name, g in locals_:
+        sq[0 if tp > 1 and is_tp_sharded(name) else 1] += torch.linalg.vector_norm(g, dtype=torch.float32).double() ** 2
+    if sharded and dist.get_world_size(shard_group) > 1:
+        dist.all_reduce(sq, group=shard_group)
+    if tp > 1:
+        dist.all_reduce(sq, group=tp_group)
+        sq[1] /= tp                                   # replicated: the same on every tp rank
+    total = sq.sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for _, g in locals_:
+        g.mul_(coef.to(g.dtype))
+    return total
