@@ -49,19 +49,22 @@ case "$what" in
   fi;;
 passkey)
   # Curriculum: stage 1 at ${WARM_LEN} tokens on dp=$NGPU ranks (sdpa), then each stage of
-  # STAGES ("tokens:batch:steps:lr ...") with cp=$NGPU, resumed from the previous stage.
+  # STAGES ("tokens:batch:steps:lr ...") with cp=$NGPU, resumed from the previous stage. Training
+  # keys sit anywhere (PASSKEY_DEPTH 0,1), so that retrieval cannot lean on position and carries
+  # to longer contexts; held-out prompts keep the key in the first quarter.
   dir=$OUT/passkey
   rm -rf "$dir"
   attn=${PASSKEY_ATTN:-ringX2}
   run --config passkey --seq_len "${WARM_LEN:-512}" --batch "${WARM_BATCH:-64}" --attn sdpa --steps "${WARM_STEPS:-2000}" \
-      --lr 1e-3 --warmup 100 --passkey_loss answer --eval_every 500 --dtype bfloat16 --out "$dir" \
+      --lr 1e-3 --warmup 100 --passkey_loss answer --passkey_depth "${PASSKEY_DEPTH:-0,1}" --eval_every 500 --dtype bfloat16 --out "$dir" \
       > "$dir.warm.log" 2>&1 || { tail -20 "$dir.warm.log"; exit 1; }
   echo "== passkey stage 1: ${WARM_LEN:-512} tokens, dp=$NGPU"; summary "$dir" | awk '/passkey/' | tail -3
   total=${WARM_STEPS:-2000}
-  for stage in ${STAGES:-4096:16:600:3e-4 32768:4:900:3e-4}; do
+  for stage in ${STAGES:-4096:16:500:3e-4 32768:4:1000:3e-4}; do
     IFS=: read -r len batch steps lr <<< "$stage"
     total=$(( total + steps ))
     run --config passkey --seq_len "$len" --context_parallel "$NGPU" --attn "$attn" --resume --passkey_loss answer \
+        --passkey_depth "${PASSKEY_DEPTH:-0,1}" \
         --batch "$batch" --steps "$total" --lr "$lr" --eval_every "${EVAL_EVERY:-100}" --dtype bfloat16 \
         --out "$dir" > "$dir.$len.log" 2>&1 || { tail -20 "$dir.$len.log"; exit 1; }
     echo "== passkey stage: $len tokens, cp=$NGPU ($attn), batch $batch, lr $lr, steps to $total"
