@@ -60,8 +60,9 @@ def tp_cp_equivalence_body(rank, world_size, device, order):
     from app.gpt.tensor_parallel import apply_tensor_parallel, shard_of
     from ringX.parallel import ParallelDims
     cfg, model, tokens, labels = _model_and_batch()
+    model, tokens, labels = model.to(device), tokens.to(device), labels.to(device)
     ref = copy.deepcopy(model)
-    logits = ref(tokens, torch.arange(tokens.shape[1]))
+    logits = ref(tokens, torch.arange(tokens.shape[1], device=device))
     ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     ref_loss.backward()
     dims = ParallelDims(dp=1, cp=2, tp=2, order=order)
