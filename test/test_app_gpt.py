@@ -192,13 +192,6 @@ def test_train_cp2_dp2(tmp_path):
     assert 0.0 <= rows[-1]["passkey_acc"] <= 1.0
 
 
-@pytest.mark.parametrize("flag", [["--tensor_parallel", "2", "--export_hf", "x"]])
-def test_unimplemented_flags_refuse(flag):
-    from app.gpt.train import parse, train
-    with pytest.raises(NotImplementedError, match="not implemented in app/gpt yet"):
-        train(parse(flag))
-
-
 def test_resume_is_bit_exact_and_skips_broken_checkpoints(tmp_path):
     """10 steps == 6 steps + checkpoint + resume + 4 steps, loss for loss (float32, CPU, cp=2);
     a later checkpoint without its manifest and a leftover .tmp directory are skipped."""
@@ -327,6 +320,20 @@ def test_train_from_hf_checkpoint_and_export(tmp_path):
                   "--data", str(_token_file(tmp_path)))
     assert len(rows) == 3
     assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_export_hf_gathers_tp_slices_and_fsdp_shards(tmp_path):
+    """tp = 2 x cp = 2 with FSDP2: loading a Hugging Face checkpoint and exporting it again
+    (no step taken) gives back every tensor exactly."""
+    from safetensors.torch import load_file
+    _tiny_hf_llama(tmp_path / "hf")
+    _train(tmp_path / "run", 4, "--tensor_parallel", "2", "--context_parallel", "2", "--attn", "ringX2",
+           "--steps", "0", "--hf_checkpoint", str(tmp_path / "hf"), "--export_hf", str(tmp_path / "export"),
+           "--data", str(_token_file(tmp_path)))
+    original, exported = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "export" / "model.safetensors")
+    assert set(original) == set(exported)
+    for name, t in original.items():
+        assert torch.equal(exported[name].to(t.dtype), t), name
 
 
 def _token_file(tmp_path):

@@ -137,3 +137,13 @@ class SplitRule:
             cols = full.shape[1] // parts
             return full[:, rank * cols:(rank + 1) * cols]
         return full
+
+    def gather(self, name: str, local: torch.Tensor, group) -> torch.Tensor:
+        """The full parameter from every tp rank's ``local`` part (a collective over ``group``;
+        unsplit parameters are returned as they are)."""
+        parts = dist.get_world_size(group) if group is not None else 1
+        if parts == 1 or not self.is_sharded(name):
+            return local
+        pieces = [torch.empty_like(local) for _ in range(parts)]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        return torch.cat(pieces, dim=0 if name.endswith(self.rows) else 1)

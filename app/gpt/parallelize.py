@@ -106,13 +106,15 @@ def materialize(model: Llama, tensors: Iterable[tuple[str, torch.Tensor]], devic
     return model
 
 
-def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(plain-model name, whole float32 CPU tensor) per parameter, gathering FSDP shards (a
-    collective: every rank of the FSDP mesh must iterate). Tensor-parallel slices are not joined."""
+def full_tensors(model: nn.Module, tp_group=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(plain-model name, whole float32 CPU tensor) per parameter, gathering FSDP shards and
+    tensor-parallel slices (collectives: every rank of the job must iterate)."""
     from torch.distributed.tensor import DTensor
+    from .tensor_parallel import SPLIT
     for name, p in model.named_parameters():
         t = p.full_tensor() if isinstance(p, DTensor) else p
-        yield canonical_name(name), t.detach().float().cpu()
+        name = canonical_name(name)
+        yield name, SPLIT.gather(name, t.detach().float(), tp_group).cpu()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group) -> torch.Tensor:

@@ -42,7 +42,7 @@ accuracy on the passkey task).
 
 --hf_checkpoint DIR starts from a local Hugging Face Llama checkpoint (its config.json sets the
 architecture; see app/gpt/hf.py); --export_hf DIR writes the trained weights back in that format
-(not with --tensor_parallel > 1, which refuses).
+(tensor-parallel slices and FSDP shards gathered).
 """
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activ
                                  apply_fsdp, clip_grad_norm, cp_attention, cp_loss, full_tensors,
                                  materialize, shard_batch)
 from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
+from ringX import ATTN_FUNCS, expected_layout  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
+from ringX.layout import shard  # noqa: E402
 from ringX.launch import init_distributed  # noqa: E402
 from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
 
@@ -109,6 +111,10 @@ def parse(argv=None) -> argparse.Namespace:
                    help="passkey task: training key depth range as fractions of the context (held-out "
                         "accuracy always uses 0,0.25); a wide range such as 0,1 makes a position "
                         "shortcut useless, so retrieval learnt at one length carries to longer ones")
+    p.add_argument("--random_positions", type=int, default=0, metavar="N",
+                   help="training batches take S sorted distinct positions drawn from [0, N) instead of "
+                        "0..S-1 (randomized positions: relative distances up to N seen at length S; "
+                        "evaluation keeps the true positions)")
     p.add_argument("--eval_batches", type=int, default=4)
     p.add_argument("--eval_prompts", type=int, default=16, help="held-out passkey prompts per evaluation")
     p.add_argument("--resume", action="store_true")
@@ -128,11 +134,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/gpt")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def _refuse_unimplemented(args) -> None:
-    if args.export_hf and args.tensor_parallel > 1:
-        raise NotImplementedError("--export_hf with --tensor_parallel > 1 is not implemented in app/gpt yet")
 
 
 def param_count(cfg: ModelConfig, embedding: bool = False) -> int:
@@ -198,6 +199,8 @@ class Trainer:
             cfg = config_from_hf(args.hf_checkpoint, base=cfg)
         if args.data is None and cfg.vocab_size < BYTE_VOCAB:
             raise ValueError(f"the passkey task needs vocab_size >= {BYTE_VOCAB}, preset has {cfg.vocab_size}")
+        if args.random_positions and args.random_positions < cfg.seq_len:
+            raise ValueError(f"--random_positions {args.random_positions} is shorter than seq_len {cfg.seq_len}")
         self.cfg, self.device = cfg, info.device
         self.dp_rank, self.tp_rank = dims.coords(info.rank)["dp"], dims.coords(info.rank)["tp"]
         torch.manual_seed(args.seed)
@@ -263,7 +266,20 @@ class Trainer:
             tokens, _, _ = passkey_batch(self.args.batch, self.cfg.seq_len + 1, gen or self.gen,
                                          depth=self.args.passkey_depth)
             tokens, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        return shard_batch(tokens.to(self.device), labels.to(self.device), self.args.attn, self.groups.cp)
+        tok, lab, pos = shard_batch(tokens.to(self.device), labels.to(self.device), self.args.attn, self.groups.cp)
+        if self.args.random_positions and gen is None:                # training batches only
+            pos = self._random_positions(pos.device)
+        return tok, lab, pos
+
+    def _random_positions(self, device) -> torch.Tensor:
+        """This rank's share, in the layout of --attn, of S sorted distinct positions drawn from
+        [0, --random_positions) (the same draw on every cp rank of a dp group)."""
+        n = self.args.random_positions
+        drawn = torch.randperm(n, generator=self.gen)[:self.cfg.seq_len].sort().values
+        layout = expected_layout(self.args.attn) if self.args.attn in ATTN_FUNCS else "contiguous"
+        cp = self.groups.cp
+        size, rank = (dist.get_world_size(cp), dist.get_rank(cp)) if cp is not None else (1, 0)
+        return shard(drawn[None], layout, rank, size)[0].to(device)
 
     def forward_loss(self, tok, lab, pos):
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
@@ -374,7 +390,7 @@ class Trainer:
             if first_step < args.steps and not args.no_checkpoint:
                 self.save(args.steps)
             if args.export_hf:
-                tensors = full_tensors(self.model)
+                tensors = full_tensors(self.model, self.groups.tp)
                 if self.is_root:
                     export_hf(self.cfg, tensors, args.export_hf)
                 else:
@@ -387,7 +403,6 @@ class Trainer:
 
 
 def train(args) -> list[dict]:
-    _refuse_unimplemented(args)
     trainer = Trainer(args)
     if args.eval_only:
         trainer.evaluate()
