@@ -212,6 +212,26 @@ def test_resume_is_bit_exact_and_skips_broken_checkpoints(tmp_path):
     assert "resumed from" in _train.last_output and "step_00000006 at step 6" in _train.last_output
 
 
+def test_random_positions_cp2_zigzag_equal_cp1(tmp_path):
+    """--random_positions: training batches use a sorted draw of positions, sharded in the
+    layout of the attention, so ringX4 at cp = 2 gives the losses of one rank; the draw changes
+    the losses; a range shorter than the sequence is refused."""
+    common = ["--steps", "3", "--random_positions", "4096"]
+    one = _train(tmp_path / "one", 1, *common, "--attn", "sdpa")
+    two = _train(tmp_path / "two", 2, *common, "--attn", "ringX4", "--context_parallel", "2")
+    plain = _train(tmp_path / "plain", 1, "--steps", "3", "--attn", "sdpa")
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
+    assert one[1]["loss"] != plain[1]["loss"]
+    from app.gpt.train import parse, train
+    try:
+        with pytest.raises(ValueError, match="shorter than seq_len"):
+            train(parse(["--random_positions", "8"]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_resume_with_another_lr_uses_it(tmp_path):
     """A curriculum stage resumed with a new --lr trains at that rate, and says so."""
     common = ["--steps", "2", "--warmup", "1", "--checkpoint_every", "2"]

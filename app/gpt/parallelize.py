@@ -46,6 +46,23 @@ def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, attn: str, cp_group)
     return shard(tokens, layout, r, n), shard(labels, layout, r, n), pos
 
 
+def draw_positions(seq_len: int, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """Randomized positions: ``seq_len`` sorted distinct int64 positions drawn uniformly from
+    [0, limit), so that a model trained at length ``seq_len`` sees relative distances up to
+    ``limit``. The same generator state gives the same draw on every rank."""
+    if limit < seq_len:
+        raise ValueError(f"cannot draw {seq_len} distinct positions below {limit}")
+    return torch.randperm(limit, generator=generator)[:seq_len].sort().values
+
+
+def shard_positions(positions: torch.Tensor, attn: str, cp_group) -> torch.Tensor:
+    """This cp rank's part of global (S,) ``positions``, in the layout ``attn`` expects."""
+    n = dist.get_world_size(cp_group) if cp_group is not None else 1
+    r = dist.get_rank(cp_group) if cp_group is not None else 0
+    layout = expected_layout(attn) if attn in ATTN_FUNCS else "contiguous"
+    return shard(positions[None], layout, r, n)[0]
+
+
 def cp_loss(local_sum: torch.Tensor, labels: torch.Tensor, cp_group, ignore_index: int = -100):
     """Mean cross-entropy over every token of the whole sequence (all cp ranks), from this rank's
     summed cross-entropy ``local_sum`` (float32 scalar, ``Llama(..., labels=...)``) and its

@@ -68,11 +68,9 @@ from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activation_checkpointing,  # noqa: E402
                                  apply_fsdp, clip_grad_norm, cp_attention, cp_loss, full_tensors,
-                                 materialize, shard_batch)
+                                 draw_positions, materialize, shard_batch, shard_positions)
 from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
-from ringX import ATTN_FUNCS, expected_layout  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
-from ringX.layout import shard  # noqa: E402
 from ringX.launch import init_distributed  # noqa: E402
 from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
 
@@ -272,14 +270,9 @@ class Trainer:
         return tok, lab, pos
 
     def _random_positions(self, device) -> torch.Tensor:
-        """This rank's share, in the layout of --attn, of S sorted distinct positions drawn from
-        [0, --random_positions) (the same draw on every cp rank of a dp group)."""
-        n = self.args.random_positions
-        drawn = torch.randperm(n, generator=self.gen)[:self.cfg.seq_len].sort().values
-        layout = expected_layout(self.args.attn) if self.args.attn in ATTN_FUNCS else "contiguous"
-        cp = self.groups.cp
-        size, rank = (dist.get_world_size(cp), dist.get_rank(cp)) if cp is not None else (1, 0)
-        return shard(drawn[None], layout, rank, size)[0].to(device)
+        """This rank's share of a draw of --random_positions positions (see parallelize)."""
+        drawn = draw_positions(self.cfg.seq_len, self.args.random_positions, self.gen)
+        return shard_positions(drawn, self.args.attn, self.groups.cp).to(device)
 
     def forward_loss(self, tok, lab, pos):
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
