@@ -20,6 +20,7 @@ setup(
         "test": ["pytest", "hypothesis", "pyyaml", "transformers", "safetensors", "h5py", "matplotlib"],
         "mpi": ["mpi4py"],
         "flash-attn": ["flash-attn"],
+        "deepspeed": ["deepspeed"],
         "apps": ["pyyaml", "tqdm", "safetensors", "matplotlib", "h5py"],
     },
     license="BSD-3-Clause",

@@ -232,6 +232,31 @@ def test_random_positions_cp2_zigzag_equal_cp1(tmp_path):
             dist.destroy_process_group()
 
 
+def test_deepspeed_zero2_equals_allreduce_and_resumes_exactly(tmp_path):
+    """--dp_engine deepspeed (ZeRO-2 over cp = 2 x dp = 2, float32) gives the losses of the
+    replicated engine (relative 1e-5); 4 steps equal 2 steps + checkpoint + --resume + 2 steps,
+    loss for loss; a checkpoint of another engine is refused with a reason."""
+    pytest.importorskip("deepspeed")
+    common = ["--context_parallel", "2", "--attn", "ringX3", "--parallel_order", "cp-tp-dp"]
+    ref = _train(tmp_path / "ref", 4, *common, "--steps", "4", "--dp_engine", "allreduce", "--no_checkpoint")
+    ds = ["--dp_engine", "deepspeed", "--zero_stage", "2"]
+    straight = _train(tmp_path / "a", 4, *common, *ds, "--steps", "4", "--no_checkpoint")
+    for a, b in zip(ref, straight):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (a["grad_norm"], b["grad_norm"])
+    _train(tmp_path / "b", 4, *common, *ds, "--steps", "2")
+    resumed = _train(tmp_path / "b", 4, *common, *ds, "--steps", "4", "--resume")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    with pytest.raises(AssertionError, match="resume with the engine that wrote it"):
+        _train(tmp_path / "b", 4, *common, "--steps", "6", "--resume")
+
+
+def test_deepspeed_with_tensor_parallel_refuses():
+    from app.gpt.train import parse, train
+    with pytest.raises(NotImplementedError, match="--dp_engine deepspeed with --tensor_parallel > 1"):
+        train(parse(["--dp_engine", "deepspeed", "--tensor_parallel", "2"]))
+
+
 def test_resume_with_another_lr_uses_it(tmp_path):
     """A curriculum stage resumed with a new --lr trains at that rate, and says so."""
     common = ["--steps", "2", "--warmup", "1", "--checkpoint_every", "2"]

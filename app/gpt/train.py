@@ -7,8 +7,10 @@
 Ranks are laid out by ringX.parallel.ParallelDims (dp is the rest); each cp group splits every
 sequence in the layout of --attn. Weights are sharded with FSDP2 over the dp x cp ranks
 (--dp_engine fsdp, the default; float32 master weights and optimizer state, bf16 compute with
---dtype bfloat16) or replicated with summed gradients (--dp_engine allreduce, autocast for bf16);
-either way gradients are summed over cp and averaged over dp. --tensor_parallel T splits heads,
+--dtype bfloat16), replicated with summed gradients (--dp_engine allreduce, autocast for bf16), or
+DeepSpeed ZeRO stage 1/2 over the whole job when deepspeed is installed (--dp_engine deepspeed
+--zero_stage N; not with tp; app/gpt/deepspeed_engine.py); in every case gradients are summed
+over cp and averaged over dp. --tensor_parallel T splits heads,
 kv heads and the MLP over tp groups (app/gpt/tensor_parallel.py). The model is built on the meta
 device and each rank fills only its own shards (from --hf_checkpoint or the seeded init).
 
@@ -69,6 +71,7 @@ from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activation_checkpointing,  # noqa: E402
                                  apply_fsdp, clip_grad_norm, cp_attention, cp_loss, full_tensors,
                                  draw_positions, materialize, shard_batch, shard_positions)
+from app.gpt import deepspeed_engine  # noqa: E402
 from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
 from ringX.launch import init_distributed  # noqa: E402
@@ -120,7 +123,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no_checkpoint", action="store_true", help="write no checkpoints (benchmark runs)")
     p.add_argument("--eval_every", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--dp_engine", choices=DP_ENGINES, default="fsdp")
+    p.add_argument("--dp_engine", choices=DP_ENGINES + ("deepspeed",), default="fsdp")
+    p.add_argument("--zero_stage", type=int, choices=deepspeed_engine.ZERO_STAGES, default=2,
+                   help="--dp_engine deepspeed: ZeRO stage")
     p.add_argument("--ac", choices=AC_MODES, default="none", help="activation checkpointing")
     p.add_argument("--loss_chunk", type=int, default=0, help="tokens per logits chunk in the loss (0: all)")
     p.add_argument("--mlp_chunk", type=int, default=0, help="tokens per feed-forward chunk (0: all)")
@@ -204,7 +209,12 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.model = build_model(args, cfg, dims, groups, self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+        schedule = lambda s: min(1.0, (s + 1) / max(1, args.warmup))  # noqa: E731
+        self.engine = None                        # DeepSpeed: runs forward, backward and the update
+        if args.dp_engine == "deepspeed":
+            self.engine, self.opt, self.sched = deepspeed_engine.initialize(self.model, self.opt, schedule, args)
+        else:
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(args.attn, groups.cp)
         self.data = TokenFile(args.data, cfg.seq_len, seed=args.seed + self.dp_rank) if args.data else None
         self.gen = torch.Generator().manual_seed(args.seed * 1000 + self.dp_rank)
@@ -222,17 +232,25 @@ class Trainer:
     def _ckpt_kw(self) -> dict:
         return dict(tp_rank=self.tp_rank, tp=self.dims.tp, group=self.groups["dp_cp"])
 
+    def _ckpt_io(self) -> dict:
+        """DeepSpeed writes and reads its own (partitioned) files inside the atomic checkpoint."""
+        if self.engine is None:
+            return {}
+        return dict(writer=lambda d: self.engine.save_checkpoint(str(d), tag=deepspeed_engine.TAG),
+                    reader=lambda d: self.engine.load_checkpoint(str(d), tag=deepspeed_engine.TAG),
+                    fmt="deepspeed")
+
     def save(self, done: int) -> Path:
         return checkpoint.save(self.ckpt_root, done, self.model, self.opt, {
             "step": done, "sched": self.sched.state_dict(), "generator": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(), "data": self.data.state() if self.data is not None else None,
-        }, **self._ckpt_kw())
+        }, **self._ckpt_kw(), **self._ckpt_io())
 
     def restore(self) -> int:
         path = checkpoint.latest(self.ckpt_root, log=self.say)
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.ckpt_root}")
-        local = checkpoint.load(path, self.model, self.opt, **self._ckpt_kw())
+        local = checkpoint.load(path, self.model, self.opt, **self._ckpt_kw(), **self._ckpt_io())
         self.sched.load_state_dict(local["sched"])
         self._apply_lr()
         self.gen.set_state(local["generator"])
@@ -278,7 +296,7 @@ class Trainer:
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
                    if self.args.offload_activations and torch.is_grad_enabled() else nullcontext())
         with self.autocast, offload:
-            local_sum = self.model(tok, pos, self.attn_fn, labels=lab)
+            local_sum = (self.engine or self.model)(tok, pos, self.attn_fn, labels=lab)
         return cp_loss(local_sum, lab, self.groups.cp)
 
     def step(self, step: int, stop: StopRequest) -> tuple[dict, bool, bool]:
@@ -291,21 +309,23 @@ class Trainer:
         loss, global_loss = self.forward_loss(tok, lab, pos)
         if step == args.inject_nan_at:
             loss, global_loss = loss * float("nan"), global_loss * float("nan")
-        loss.backward()
-        if args.dp_engine == "allreduce":
-            reduce_gradients(self.model, self.groups["dp_cp"], divide_by=dims.dp)
-        grad_norm = clip_grad_norm(self.model, 1.0, self.groups.tp, self.groups["dp_cp"])
         mean_loss = global_loss.clone()
         if dims.dp > 1:
             dist.all_reduce(mean_loss, group=self.groups.dp)
             mean_loss /= dims.dp
-        loss_value, norm_value = mean_loss.item(), grad_norm.item()
-        lr = self.opt.param_groups[0]["lr"]
-        bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, norm_value), stop.signum != 0], self.flag_device)
-        if not bad:
-            self.opt.step()
-            self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        loss_value, lr = mean_loss.item(), self.opt.param_groups[0]["lr"]
+        if self.engine is not None:
+            bad, norm_value, stop_now = self._deepspeed_update(loss, loss_value, stop)
+        else:
+            loss.backward()
+            if args.dp_engine == "allreduce":
+                reduce_gradients(self.model, self.groups["dp_cp"], divide_by=dims.dp)
+            norm_value = clip_grad_norm(self.model, 1.0, self.groups.tp, self.groups["dp_cp"]).item()
+            bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, norm_value), stop.signum != 0], self.flag_device)
+            if not bad:
+                self.opt.step()
+                self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -316,6 +336,16 @@ class Trainer:
                "max_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}
         row["mfu"] = row["tflops_per_gpu"] / args.peak_tflops
         return row, bad, stop_now
+
+    def _deepspeed_update(self, loss, loss_value: float, stop: StopRequest) -> tuple[bool, float, bool]:
+        """Backward and update through DeepSpeed -> (skipped, gradient norm, stop requested). A
+        non-finite loss on any rank skips the whole step (DeepSpeed's update cannot be undone)."""
+        bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, 0.0), stop.signum != 0], self.flag_device)
+        if bad:
+            return True, float("nan"), stop_now
+        self.engine.backward(loss * self.dims.cp)      # DeepSpeed averages over dp x cp
+        self.engine.step()
+        return False, float(self.engine.get_global_grad_norm()), stop_now
 
     def evaluate(self) -> dict:
         """Mean loss over --eval_batches held-out batches (and passkey accuracy) -> OUT/eval.json."""
@@ -396,6 +426,8 @@ class Trainer:
 
 
 def train(args) -> list[dict]:
+    if args.dp_engine == "deepspeed":
+        deepspeed_engine.check(args)
     trainer = Trainer(args)
     if args.eval_only:
         trainer.evaluate()
