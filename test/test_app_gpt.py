@@ -235,7 +235,8 @@ def test_random_positions_cp2_zigzag_equal_cp1(tmp_path):
 def test_deepspeed_zero2_equals_allreduce_and_resumes_exactly(tmp_path):
     """--dp_engine deepspeed (ZeRO-2 over cp = 2 x dp = 2, float32) gives the losses of the
     replicated engine (relative 1e-5); 4 steps equal 2 steps + checkpoint + --resume + 2 steps,
-    loss for loss; a checkpoint of another engine is refused with a reason."""
+    loss for loss; a checkpoint of another engine is refused with a reason; a NaN loss skips
+    the step as the replicated engine does."""
     pytest.importorskip("deepspeed")
     common = ["--context_parallel", "2", "--attn", "ringX3", "--parallel_order", "cp-tp-dp"]
     ref = _train(tmp_path / "ref", 4, *common, "--steps", "4", "--dp_engine", "allreduce", "--no_checkpoint")
@@ -249,6 +250,11 @@ def test_deepspeed_zero2_equals_allreduce_and_resumes_exactly(tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     with pytest.raises(AssertionError, match="resume with the engine that wrote it"):
         _train(tmp_path / "b", 4, *common, "--steps", "6", "--resume")
+    nan = ["--steps", "3", "--no_checkpoint", "--inject_nan_at", "1"]
+    poisoned = _train(tmp_path / "nan", 4, *common, *ds, *nan)
+    skipped = _train(tmp_path / "nan_ref", 4, *common, *nan, "--dp_engine", "allreduce")
+    assert [r["skipped"] for r in poisoned] == [0, 1, 1] and poisoned[1]["loss"] != poisoned[1]["loss"]
+    assert abs(poisoned[2]["loss"] - skipped[2]["loss"]) <= 1e-5 * skipped[2]["loss"]   # no trace left
 
 
 def test_deepspeed_with_tensor_parallel_refuses():
