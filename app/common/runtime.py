@@ -1,7 +1,8 @@
 """What the training apps share at run time: the entry-point wrapper, the stop-request signal
-flag, the all-rank flag check, the non-finite-step policy and the progress bar."""
+flag, the all-rank flag check, the non-finite-step policy, the progress bar and the run log."""
 from __future__ import annotations
 
+import json
 import math
 import signal
 from pathlib import Path
@@ -91,3 +92,35 @@ def progress_bar(total: int, enabled: bool, desc: str = "train"):
     except ImportError:
         return lambda row: (row["step"] % 10 == 0 or row["step"] + 1 == total) and print(
             f"step {row['step']:5d}  loss {row['loss']:.4f}  rate {rate(row):.1f}/s", flush=True)
+
+
+class RunLog:
+    """One run's step rows: kept in ``rows``, and on rank 0 appended to OUT/metrics.jsonl (a new
+    file unless resuming) and shown on the progress bar. ``preempted(done)`` writes OUT/preempted
+    for the job script. Use as a context manager (closes the file)."""
+
+    def __init__(self, out: Path, steps_left: int, is_root: bool, resume: bool):
+        self.out, self.is_root, self.rows, self._file = Path(out), is_root, [], None
+        if is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "preempted").unlink(missing_ok=True)
+            self._file = open(self.out / "metrics.jsonl", "a" if resume else "w")
+        self._bar = progress_bar(steps_left, is_root)
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        self._bar(row)
+
+    def preempted(self, done: int) -> None:
+        if self.is_root:
+            (self.out / "preempted").write_text(f"{done}\n")
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()

@@ -63,7 +63,7 @@ if __package__ in (None, ""):
 
 from app.common import checkpoint  # noqa: E402
 from app.common.sharding import set_fsdp_divide_factor  # noqa: E402
-from app.common.runtime import NonFiniteSteps, StopRequest, any_rank, progress_bar, run_and_shut_down  # noqa: E402
+from app.common.runtime import NonFiniteSteps, RunLog, StopRequest, any_rank, run_and_shut_down  # noqa: E402
 from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
@@ -380,14 +380,8 @@ class Trainer:
         args = self.args
         stop = StopRequest()
         first_step = self.restore() if args.resume else 0
-        metrics, log = [], None
-        if self.is_root:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "preempted").unlink(missing_ok=True)
-            log = open(self.out / "metrics.jsonl", "a" if args.resume else "w")
-        bar = progress_bar(args.steps - first_step, self.is_root)
         nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, self.ckpt_root, self.say)
-        try:
+        with RunLog(self.out, args.steps - first_step, self.is_root, args.resume) as log:
             for step in range(first_step, args.steps):
                 row, bad, stop_now = self.step(step, stop)
                 nonfinite.count(bad, row)
@@ -395,18 +389,13 @@ class Trainer:
                     with self.autocast:
                         row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
                                                               self.device, self.cfg.seq_len, args.eval_prompts)
-                metrics.append(row)
-                if log is not None:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                bar(row)
+                log.record(row)
                 nonfinite.enforce(step, bad, row)
                 if stop_now:
                     path = self.save(step + 1)
-                    if self.is_root:
-                        (self.out / "preempted").write_text(f"{step + 1}\n")
+                    log.preempted(step + 1)
                     self.say(f"stop requested by signal: checkpoint {path} written after step {step}; exiting")
-                    return metrics
+                    return log.rows
                 if (args.checkpoint_every and not args.no_checkpoint and (step + 1) % args.checkpoint_every == 0
                         and step + 1 < args.steps):
                     self.save(step + 1)
@@ -419,10 +408,7 @@ class Trainer:
                 else:
                     for _ in tensors:
                         pass
-        finally:
-            if log is not None:
-                log.close()
-        return metrics
+        return log.rows
 
 
 def train(args) -> list[dict]:

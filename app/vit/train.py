@@ -27,7 +27,6 @@ exit 0. --nan_policy skip|stop as in the GPT app.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -42,7 +41,7 @@ if __package__ in (None, ""):
 
 from app.common import checkpoint  # noqa: E402
 from app.common.sharding import apply_fsdp, checkpoint_blocks, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
-from app.common.runtime import NonFiniteSteps, StopRequest, any_rank, progress_bar, run_and_shut_down  # noqa: E402
+from app.common.runtime import NonFiniteSteps, RunLog, StopRequest, any_rank, run_and_shut_down  # noqa: E402
 from app.vit.config import load_preset, presets  # noqa: E402
 from app.vit.data import ClimateData  # noqa: E402
 from app.vit.metrics import ForecastScore, patch_weights  # noqa: E402
@@ -191,15 +190,10 @@ def train(args) -> list[dict]:
         first = local["step"]
         if s.is_root:
             print(f"resumed from {path} at step {first}", flush=True)
-    stop, log, metrics = StopRequest(), None, []
-    if s.is_root:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "preempted").unlink(missing_ok=True)
-        log = open(out / "metrics.jsonl", "a" if args.resume else "w")
-    bar = progress_bar(args.steps - first, s.is_root)
+    stop = StopRequest()
     nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, ckpt_root,
                                lambda m: s.is_root and print(m, flush=True))
-    try:
+    with RunLog(out, args.steps - first, s.is_root, args.resume) as log:
         for step in range(first, args.steps):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -232,27 +226,20 @@ def train(args) -> list[dict]:
             nonfinite.count(bad, row)
             if args.eval_every and (step + 1) % args.eval_every == 0:
                 row.update(s.evaluate(args.eval_samples))
-            metrics.append(row)
-            if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            bar(row)
+            log.record(row)
             nonfinite.enforce(step, bad, row)
             if stop_now:
                 save(step + 1)
+                log.preempted(step + 1)
                 if s.is_root:
-                    (out / "preempted").write_text(f"{step + 1}\n")
                     print(f"stop requested by signal: checkpoint written after step {step}; exiting", flush=True)
-                return metrics
+                return log.rows
             if args.checkpoint_every and not args.no_checkpoint and (step + 1) % args.checkpoint_every == 0 \
                     and step + 1 < args.steps:
                 save(step + 1)
         if first < args.steps and not args.no_checkpoint:
             save(args.steps)
-    finally:
-        if log is not None:
-            log.close()
-    return metrics
+    return log.rows
 
 
 def main(argv=None) -> int:
