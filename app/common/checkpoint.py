@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -59,20 +61,31 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+@dataclass(frozen=True)
+class EngineFiles:
+    """An engine that writes and reads model and optimizer in its own files, instead of DCP:
+    ``write(directory)`` / ``read(directory)``; ``fmt`` names the format in the manifest."""
+    fmt: str
+    write: Callable[[Path], object]
+    read: Callable[[Path], object]
+
+
+def _format(engine_files: EngineFiles | None) -> str:
+    return engine_files.fmt if engine_files is not None else "dcp"
+
+
 def save(root: Path, step: int, model, optimizer, local_state: dict, keep: int = 2,
-         tp_rank: int = 0, tp: int = 1, group=None, writer=None, reader=None, fmt: str = "dcp") -> Path:
+         tp_rank: int = 0, tp: int = 1, group=None, engine_files: EngineFiles | None = None) -> Path:
     """Write checkpoint ``step`` (a collective over all ranks). ``local_state`` is this rank's
-    own picklable state; ``group`` the ranks holding the same tensor-parallel slice (dp x cp).
-    ``writer(directory)``, if given, writes model and optimizer instead of DCP (an engine with
-    its own format, named ``fmt`` in the manifest; ``reader`` is load's counterpart)."""
+    own picklable state; ``group`` the ranks holding the same tensor-parallel slice (dp x cp)."""
     final = Path(root) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    if writer is not None:
-        writer(tmp)
+    if engine_files is not None:
+        engine_files.write(tmp)
     else:
         model_sd, optim_sd = _renamed(*get_state_dict(model, optimizer), canonical_name)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / f"tp{tp_rank:02d}"),
@@ -82,7 +95,7 @@ def save(root: Path, step: int, model, optimizer, local_state: dict, keep: int =
     if _rank() == 0:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         with open(tmp / MANIFEST, "w") as f:
-            json.dump({"step": step, "world_size": _world(), "tp": tp, "format": fmt, "files": files}, f, indent=1)
+            json.dump({"step": step, "world_size": _world(), "tp": tp, "format": _format(engine_files), "files": files}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
@@ -128,18 +141,17 @@ def latest(root: Path, log=print) -> Path | None:
 
 
 def load(path: Path, model, optimizer, tp_rank: int = 0, tp: int = 1, group=None,
-         writer=None, reader=None, fmt: str = "dcp") -> dict:
-    """Load model and optimizer in place (a collective); returns this rank's local state.
-    ``reader(directory)`` loads a checkpoint that ``save`` wrote with a ``writer`` of format ``fmt``."""
+         engine_files: EngineFiles | None = None) -> dict:
+    """Load model and optimizer in place (a collective); returns this rank's local state."""
     manifest = json.loads((Path(path) / MANIFEST).read_text())
     if (manifest["world_size"], manifest.get("tp", 1)) != (_world(), tp):
         raise ValueError(f"{path} was written by {manifest['world_size']} ranks with tensor parallel "
                          f"{manifest.get('tp', 1)}; this run has {_world()} ranks and {tp}: resume with the same layout")
-    if manifest.get("format", "dcp") != fmt:
-        raise ValueError(f"{path} is a {manifest.get('format', 'dcp')} checkpoint; this run writes {fmt}: "
-                         "resume with the engine that wrote it")
-    if reader is not None:
-        reader(path)
+    if manifest.get("format", "dcp") != _format(engine_files):
+        raise ValueError(f"{path} is a {manifest.get('format', 'dcp')} checkpoint; this run writes "
+                         f"{_format(engine_files)}: resume with the engine that wrote it")
+    if engine_files is not None:
+        engine_files.read(path)
         return torch.load(Path(path) / f"rank{_rank():05d}.pt", weights_only=False)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     wrapped = {canonical_name(k): k for k in model_sd}

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from app.common.checkpoint import EngineFiles
+
 ZERO_STAGES = (1, 2)
 TAG = "deepspeed"
 
@@ -47,3 +49,9 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         model=model, optimizer=optimizer, config=config,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
     return engine, opt, sched
+
+
+def checkpoint_files(engine) -> EngineFiles:
+    """DeepSpeed writes and reads its own (partitioned) files inside the atomic checkpoint."""
+    return EngineFiles(fmt="deepspeed", write=lambda d: engine.save_checkpoint(str(d), tag=TAG),
+                       read=lambda d: engine.load_checkpoint(str(d), tag=TAG))

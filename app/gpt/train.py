@@ -230,27 +230,20 @@ class Trainer:
             print(msg, flush=True)
 
     def _ckpt_kw(self) -> dict:
-        return dict(tp_rank=self.tp_rank, tp=self.dims.tp, group=self.groups["dp_cp"])
-
-    def _ckpt_io(self) -> dict:
-        """DeepSpeed writes and reads its own (partitioned) files inside the atomic checkpoint."""
-        if self.engine is None:
-            return {}
-        return dict(writer=lambda d: self.engine.save_checkpoint(str(d), tag=deepspeed_engine.TAG),
-                    reader=lambda d: self.engine.load_checkpoint(str(d), tag=deepspeed_engine.TAG),
-                    fmt="deepspeed")
+        files = deepspeed_engine.checkpoint_files(self.engine) if self.engine is not None else None
+        return dict(tp_rank=self.tp_rank, tp=self.dims.tp, group=self.groups["dp_cp"], engine_files=files)
 
     def save(self, done: int) -> Path:
         return checkpoint.save(self.ckpt_root, done, self.model, self.opt, {
             "step": done, "sched": self.sched.state_dict(), "generator": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(), "data": self.data.state() if self.data is not None else None,
-        }, **self._ckpt_kw(), **self._ckpt_io())
+        }, **self._ckpt_kw())
 
     def restore(self) -> int:
         path = checkpoint.latest(self.ckpt_root, log=self.say)
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.ckpt_root}")
-        local = checkpoint.load(path, self.model, self.opt, **self._ckpt_kw(), **self._ckpt_io())
+        local = checkpoint.load(path, self.model, self.opt, **self._ckpt_kw())
         self.sched.load_state_dict(local["sched"])
         self._apply_lr()
         self.gen.set_state(local["generator"])
