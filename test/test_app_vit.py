@@ -216,6 +216,20 @@ def test_tp2_cp2_fsdp_full_ac_trains_like_one_rank_and_infers(tmp_path, dataset)
     assert (run / "inference" / "forecast.png").stat().st_size > 10_000
 
 
+def test_resume_with_another_lr_uses_it(tmp_path, dataset):
+    """A run resumed with a new --lr follows that rate's schedule from where it was, and says so."""
+    common = ["--data", str(dataset), "--warmup", "1", "--decay_steps", "8"]
+    straight = _run_app(tmp_path / "a", 1, "app/vit/train.py", *common, "--steps", "4", "--lr", "2e-4",
+                        "--no_checkpoint", "--out", str(tmp_path / "a" / "run"))
+    _run_app(tmp_path / "b", 1, "app/vit/train.py", *common, "--steps", "2", "--lr", "1e-3",
+             "--out", str(tmp_path / "b" / "run"))
+    resumed = _run_app(tmp_path / "b", 1, "app/vit/train.py", *common, "--steps", "4", "--lr", "2e-4", "--resume",
+                       "--out", str(tmp_path / "b" / "run"))
+    assert resumed[0]["lr"] == 1e-3
+    assert [r["lr"] for r in resumed[2:]] == [pytest.approx(r["lr"]) for r in straight[2:]]
+    assert "--lr 0.0002 replaces the checkpoint's base rate 0.001" in _run_app.last_output
+
+
 def test_nan_policy_and_a_broken_checkpoint_is_skipped(tmp_path, dataset):
     """--nan_policy skip drops the poisoned update and counts it; stop exits non-zero and keeps
     the last good checkpoint; a later checkpoint without a manifest is skipped on resume."""

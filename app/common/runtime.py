@@ -73,6 +73,18 @@ class NonFiniteSteps:
         self.say(f"step {step}: non-finite loss or gradient, update skipped ({self.skipped} so far)")
 
 
+def resume_lr(sched, opt, lr: float, say) -> None:
+    """After loading a checkpoint's scheduler state: train at this run's ``lr``. The checkpoint's
+    base rate is replaced (and said) when they differ, so a later stage of a curriculum can
+    change the rate; the schedule's position and factor are kept."""
+    old = sched.base_lrs[0]
+    if old != lr:
+        say(f"--lr {lr:g} replaces the checkpoint's base rate {old:g}")
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        for group, last in zip(opt.param_groups, sched.get_last_lr()):
+            group["lr"] = lr * last / old
+
+
 def progress_bar(total: int, enabled: bool, desc: str = "train"):
     """An update(row) callable: a progress bar on rank 0 (tqdm when installed, else a line every
     10 steps); rows carry step and loss, and tokens_per_s or samples_per_s."""

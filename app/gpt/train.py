@@ -63,7 +63,7 @@ if __package__ in (None, ""):
 
 from app.common import checkpoint  # noqa: E402
 from app.common.sharding import set_fsdp_divide_factor  # noqa: E402
-from app.common.runtime import NonFiniteSteps, RunLog, StopRequest, any_rank, run_and_shut_down  # noqa: E402
+from app.common.runtime import NonFiniteSteps, RunLog, StopRequest, any_rank, resume_lr, run_and_shut_down  # noqa: E402
 from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
@@ -245,23 +245,13 @@ class Trainer:
             raise FileNotFoundError(f"no complete checkpoint under {self.ckpt_root}")
         local = checkpoint.load(path, self.model, self.opt, **self._ckpt_kw())
         self.sched.load_state_dict(local["sched"])
-        self._apply_lr()
+        resume_lr(self.sched, self.opt, self.args.lr, self.say)
         self.gen.set_state(local["generator"])
         torch.set_rng_state(local["torch_rng"])
         if self.data is not None:
             self.data.load_state(local["data"])
         self.say(f"resumed from {path} at step {local['step']}")
         return local["step"]
-
-    def _apply_lr(self) -> None:
-        """A resumed run trains at this run's --lr: the checkpoint's base rate is replaced (and
-        said) when they differ, so a later stage of a curriculum can change the rate."""
-        old = self.sched.base_lrs[0]
-        if old != self.args.lr:
-            self.say(f"--lr {self.args.lr:g} replaces the checkpoint's base rate {old:g}")
-            self.sched.base_lrs = [self.args.lr for _ in self.sched.base_lrs]
-            for group, last in zip(self.opt.param_groups, self.sched.get_last_lr()):
-                group["lr"] = self.args.lr * last / old
 
     def batch(self, gen=None, data=None):
         """This rank's (tokens, labels, positions) of the next global batch."""

@@ -41,7 +41,7 @@ if __package__ in (None, ""):
 
 from app.common import checkpoint  # noqa: E402
 from app.common.sharding import apply_fsdp, checkpoint_blocks, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
-from app.common.runtime import NonFiniteSteps, RunLog, StopRequest, any_rank, run_and_shut_down  # noqa: E402
+from app.common.runtime import NonFiniteSteps, RunLog, StopRequest, any_rank, resume_lr, run_and_shut_down  # noqa: E402
 from app.vit.config import load_preset, presets  # noqa: E402
 from app.vit.data import ClimateData  # noqa: E402
 from app.vit.metrics import ForecastScore, patch_weights  # noqa: E402
@@ -101,8 +101,8 @@ class Setup:
                                  order=args.parallel_order, world_size=info.world_size)
         self.groups = self.dims.build(names=("cp", "tp", "dp", "dp_cp"))
         self.cfg = cfg = load_preset(args.config, embed=args.embed, heads=args.heads, attn=args.attn)
-        self.device, self.dp_rank = info.device, self.dims.coords(info.rank)["dp"]
-        self.cp_rank, self.tp_rank = self.dims.coords(info.rank)["cp"], self.dims.coords(info.rank)["tp"]
+        coords = self.dims.coords(info.rank)
+        self.device, self.dp_rank, self.cp_rank, self.tp_rank = info.device, coords["dp"], coords["cp"], coords["tp"]
         self.is_root = info.rank == 0
         self.data_root = Path(args.data) if args.data else self._synthetic_data()
         self.attn_fn = cp_attention(cfg.attn, self.groups.cp)
@@ -185,6 +185,7 @@ def train(args) -> list[dict]:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
         local = checkpoint.load(path, model, opt, **kw)
         sched.load_state_dict(local["sched"])
+        resume_lr(sched, opt, args.lr, lambda m: s.is_root and print(m, flush=True))
         torch.set_rng_state(local["torch_rng"])
         data.load_state(local["data"])
         first = local["step"]
@@ -212,6 +213,7 @@ def train(args) -> list[dict]:
                 dist.all_reduce(global_loss, group=groups.dp)
                 global_loss /= dims.dp
             loss_value, norm_value = global_loss.item(), grad_norm.item()
+            lr = opt.param_groups[0]["lr"]
             bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, norm_value), stop.signum != 0], flag_device)
             if not bad:
                 opt.step()
@@ -220,7 +222,7 @@ def train(args) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
-            row = {"step": step, "loss": loss_value, "grad_norm": norm_value,
+            row = {"step": step, "loss": loss_value, "grad_norm": norm_value, "lr": lr,
                    "samples_per_s": args.batch * dims.dp / seconds,
                    "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
             nonfinite.count(bad, row)
