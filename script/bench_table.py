@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Collect benchmark runs (results.csv from `python -m ringX.bench`, e.g. the run directories
-that submit_frontier.sh / submit_cuda.sh write) into one table and a plot of TFLOP/s per GPU
-against the number of GPUs, one line per algorithm.
+that submit_frontier.sh / submit_cuda.sh write) into tables and a plot of TFLOP/s per GPU
+and efficiency against the number of GPUs, one line per algorithm. The single-device kernel on the
+whole sequence (the "single" rows) is the 1-GPU point.
 
     python script/bench_table.py runs/bench/*/results.csv --seqlen 131072 --mode fwd_bwd --causal true
 """
@@ -23,6 +24,13 @@ def load(paths: list[str]) -> list[dict]:
     return rows
 
 
+def _table(title: str, table: dict[str, dict[int, float]], gpus: list[int], spec: str) -> None:
+    print(title)
+    print(f"{'method':18}" + "".join(f"{n:>9}" for n in gpus))
+    for method, by_n in table.items():
+        print(f"{method:18}" + "".join(format(by_n[n], f"9{spec}") if n in by_n else f"{'-':>9}" for n in gpus))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("csv", nargs="+", help="results.csv files or glob patterns")
@@ -38,14 +46,20 @@ def main(argv=None) -> int:
         return 1
     seqlen = args.seqlen or max(int(r["seqlen"]) for r in rows)
     rows = [r for r in rows if int(r["seqlen"]) == seqlen]
-    table: dict[str, dict[int, float]] = {}
+    # the single-device kernel on the whole sequence is the 1-GPU point of every scaling line
+    tflops: dict[str, dict[int, float]] = {}
+    eff: dict[str, dict[int, float]] = {}
     for r in rows:
-        table.setdefault(r["method"], {})[int(r["world_size"])] = float(r["tflops_per_gpu"])
-    gpus = sorted({n for v in table.values() for n in v})
-    print(f"TFLOP/s per GPU, S={seqlen}, {args.mode}, causal={args.causal}")
-    print(f"{'method':18}" + "".join(f"{n:>9}" for n in gpus))
-    for method, by_n in table.items():
-        print(f"{method:18}" + "".join(f"{by_n[n]:9.1f}" if n in by_n else f"{'-':>9}" for n in gpus))
+        n = 1 if r["method"] == "single" else int(r["world_size"])
+        tflops.setdefault(r["method"], {})[n] = float(r["tflops_per_gpu"])
+        if r["method"] == "single":
+            eff.setdefault("single", {})[1] = 1.0
+        elif r.get("efficiency"):
+            eff.setdefault(r["method"], {})[n] = float(r["efficiency"])
+    gpus = sorted({n for v in tflops.values() for n in v})
+    _table(f"TFLOP/s per GPU, S={seqlen}, {args.mode}, causal={args.causal}", tflops, gpus, ".1f")
+    if len(eff) > 1 or any(m != "single" for m in eff):
+        _table("efficiency (single-GPU time / N / measured)", eff, gpus, ".2f")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -53,15 +67,19 @@ def main(argv=None) -> int:
     except ImportError:
         print("(matplotlib not installed: no plot)")
         return 0
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, by_n in table.items():
-        ns = sorted(by_n)
-        ax.plot(ns, [by_n[n] for n in ns], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("GPUs")
-    ax.set_ylabel("TFLOP/s per GPU")
-    ax.set_title(f"S={seqlen} {args.mode} causal={args.causal}")
-    ax.legend(fontsize=8)
+    panels = [(tflops, "TFLOP/s per GPU")] + ([(eff, "efficiency (ideal / measured)")] if eff else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (table, label) in zip(axes[0], panels):
+        for method, by_n in table.items():
+            ns = sorted(by_n)
+            if method == "single" and table is eff:
+                continue
+            ax.plot(ns, [by_n[n] for n in ns], marker="o" if method != "single" else "s", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel(label)
+        ax.set_title(f"S={seqlen} {args.mode} causal={args.causal}")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
     print(f"wrote {os.path.abspath(args.plot)}")

@@ -105,3 +105,20 @@ def test_bench_table_script(tmp_path):
     assert lines[1].split() == ["method", "4", "8"]
     assert lines[2].split() == ["ringX4", "100.0", "90.0"]
     assert lines[3].split() == ["ringX3", "95.0", "-"]
+
+
+def test_bench_table_scaling_includes_single_gpu_point(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text(
+        "method,world_size,seqlen,mode,causal,time_ms,tflops_per_gpu,efficiency\n"
+        "single,2,1024,fwd_bwd,False,4.0,100.0,\nringX1,2,1024,fwd_bwd,False,2.5,80.0,0.8\n"
+        "ringX1,4,1024,fwd_bwd,False,1.25,80.0,0.8\n")
+    res = subprocess.run([sys.executable, "script/bench_table.py", str(csv_path), "--causal", "false",
+                          "--plot", str(tmp_path / "p.png")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[1].split() == ["method", "1", "2", "4"]
+    assert lines[2].split() == ["single", "100.0", "-", "-"]
+    assert lines[3].split() == ["ringX1", "-", "80.0", "80.0"]
+    assert lines[5].split() == ["method", "1", "2", "4"]
+    assert lines[7].split() == ["ringX1", "-", "0.80", "0.80"]
