@@ -68,13 +68,16 @@ def main(argv=None) -> int:
         print("(matplotlib not installed: no plot)")
         return 0
     panels = [(tflops, "TFLOP/s per GPU")] + ([(eff, "efficiency (ideal / measured)")] if eff else [])
+    colors = {m: f"C{i}" for i, m in enumerate(tflops)}
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (table, label) in zip(axes[0], panels):
         for method, by_n in table.items():
-            ns = sorted(by_n)
             if method == "single" and table is eff:
                 continue
-            ax.plot(ns, [by_n[n] for n in ns], marker="o" if method != "single" else "s", label=method)
+            # every efficiency line starts at the single-GPU kernel (1 GPU, efficiency 1)
+            pts = sorted(by_n.items()) if table is tflops or "single" not in eff else [(1, 1.0)] + sorted(by_n.items())
+            ax.plot([n for n, _ in pts], [v for _, v in pts], marker="s" if method == "single" else "o",
+                    color=colors[method], label=method)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("GPUs")
         ax.set_ylabel(label)

@@ -49,7 +49,9 @@ def run_app(script: str, nproc: int, *args: str, timeout: float = 600):
     import subprocess
     argv, env = torchrun_command(nproc, script, *args)
     res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # the raised errors first (torchrun's own report can push them out of a tail), then the tails
+    errors = [line for line in (res.stdout + res.stderr).splitlines() if "Error: " in line]
+    assert res.returncode == 0, "\n".join(dict.fromkeys(errors)) + "\n" + res.stdout[-3000:] + res.stderr[-3000:]
     metrics = Path(args[list(args).index("--out") + 1]) / "metrics.jsonl" if "--out" in args else None
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics and metrics.exists() else []
     return res.stdout + res.stderr, rows
