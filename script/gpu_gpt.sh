@@ -55,6 +55,8 @@ passkey)
   dir=$OUT/passkey
   rm -rf "$dir"
   attn=${PASSKEY_ATTN:-ringX2}
+  # EXTEND_ROPE=1: the longer stages scale RoPE from the first stage's length (--rope_scale_from)
+  rope=(); [ "${EXTEND_ROPE:-0}" = 1 ] && rope=(--rope_scale_from "${WARM_LEN:-512}")
   run --config passkey --seq_len "${WARM_LEN:-512}" --batch "${WARM_BATCH:-64}" --attn sdpa --steps "${WARM_STEPS:-2000}" \
       --lr 1e-3 --warmup 100 --passkey_loss answer --passkey_depth "${PASSKEY_DEPTH:-0,1}" --eval_every 500 --dtype bfloat16 --out "$dir" \
       > "$dir.warm.log" 2>&1 || { tail -20 "$dir.warm.log"; exit 1; }
@@ -64,13 +66,13 @@ passkey)
     IFS=: read -r len batch steps lr <<< "$stage"
     total=$(( total + steps ))
     run --config passkey --seq_len "$len" --context_parallel "$NGPU" --attn "$attn" --resume --passkey_loss answer \
-        --passkey_depth "${PASSKEY_DEPTH:-0,1}" \
+        --passkey_depth "${PASSKEY_DEPTH:-0,1}" "${rope[@]}" \
         --batch "$batch" --steps "$total" --lr "$lr" --eval_every "${EVAL_EVERY:-100}" --dtype bfloat16 \
         --out "$dir" > "$dir.$len.log" 2>&1 || { tail -20 "$dir.$len.log"; exit 1; }
     echo "== passkey stage: $len tokens, cp=$NGPU ($attn), batch $batch, lr $lr, steps to $total"
     summary "$dir" | tail -n "$steps" | awk '/passkey/'
   done
-  run --config passkey --seq_len "$len" --context_parallel "$NGPU" --attn "$attn" --eval_only --eval_prompts 64 \
+  run --config passkey --seq_len "$len" --context_parallel "$NGPU" --attn "$attn" --eval_only --eval_prompts 64 "${rope[@]}" \
       --dtype bfloat16 --out "$dir" > "$dir.eval.log" 2>&1 || { tail -20 "$dir.eval.log"; exit 1; }
   echo "== final evaluation at $len tokens, cp=$NGPU ($attn), 64 held-out prompts, key in the first quarter:"
   cat "$dir/eval.json";;

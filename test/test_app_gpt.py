@@ -104,6 +104,23 @@ def test_presets_and_overrides():
     assert n_params == 8_030_261_248  # Llama 3 8B
 
 
+def test_rope_scale_from_extends_the_trained_frequencies():
+    """--rope_scale_from N: frequencies of wavelength above N divided by seq_len / N, those below
+    N / 4 kept; positions 0..N-1 of the short model keep their high-frequency angles."""
+    from app.gpt.model import rope_inv_freq
+    from app.gpt.train import extend_rope
+    short = load_preset("passkey", seq_len=256)
+    long = extend_rope(load_preset("passkey", seq_len=2048), 256)
+    assert (long.rope_scaling, long.rope_factor, long.rope_original_max_pos) == ("llama3", 8.0, 256)
+    old, new = rope_inv_freq(short.head_dim, short.rope_theta), rope_inv_freq(long.head_dim, long.rope_theta, long)
+    wavelen = 2 * torch.pi / old
+    assert torch.equal(new[wavelen < 64], old[wavelen < 64])
+    torch.testing.assert_close(new[wavelen > 256], old[wavelen > 256] / 8)
+    for bad in (0, 2048, 4096):
+        with pytest.raises(ValueError, match="rope_scale_from"):
+            extend_rope(load_preset("passkey", seq_len=2048), bad)
+
+
 def test_rope_depends_on_global_positions_only():
     """A token's rotation is a function of its global position, not of its index in a shard."""
     x = torch.randn(1, 8, 2, 16)

@@ -49,6 +49,7 @@ architecture; see app/gpt/hf.py); --export_hf DIR writes the trained weights bac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -88,6 +89,18 @@ def _depth(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def extend_rope(cfg: ModelConfig, trained_len: int) -> ModelConfig:
+    """``cfg`` with RoPE frequencies scaled from ``trained_len`` to ``cfg.seq_len`` tokens (Llama 3.1
+    rule: wavelengths above trained_len divided by the factor, below trained_len / 4 kept)."""
+    if not 0 < trained_len < cfg.seq_len:
+        raise ValueError(f"--rope_scale_from {trained_len} must be positive and below seq_len {cfg.seq_len}")
+    if cfg.rope_scaling != "none":
+        raise ValueError(f"--rope_scale_from: the preset already scales RoPE ({cfg.rope_scaling})")
+    return dataclasses.replace(cfg, rope_scaling="llama3", rope_factor=cfg.seq_len / trained_len,
+                               rope_original_max_pos=trained_len, rope_low_freq_factor=1.0,
+                               rope_high_freq_factor=4.0)
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="debug", help=f"preset: {', '.join(presets())}")
@@ -116,6 +129,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="training batches take S sorted distinct positions drawn from [0, N) instead of "
                         "0..S-1 (randomized positions: relative distances up to N seen at length S; "
                         "evaluation keeps the true positions)")
+    p.add_argument("--rope_scale_from", type=int, default=0, metavar="N",
+                   help="context extension: the model was trained at N tokens; scale its RoPE frequencies "
+                        "for --seq_len by the Llama 3.1 rule (factor seq_len / N)")
     p.add_argument("--eval_batches", type=int, default=4)
     p.add_argument("--eval_prompts", type=int, default=16, help="held-out passkey prompts per evaluation")
     p.add_argument("--resume", action="store_true")
@@ -198,6 +214,8 @@ class Trainer:
         if args.attn == "sdpa" and dims.cp > 1:
             raise ValueError("--attn sdpa computes on the local tokens only: use a ringX function with --context_parallel > 1")
         cfg = load_preset(args.config, seq_len=args.seq_len, n_layers=args.n_layers)
+        if args.rope_scale_from:
+            cfg = extend_rope(cfg, args.rope_scale_from)
         if args.hf_checkpoint:
             cfg = config_from_hf(args.hf_checkpoint, base=cfg)
         if args.data is None and cfg.vocab_size < BYTE_VOCAB:
