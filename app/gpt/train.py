@@ -26,7 +26,7 @@ Metrics go to OUT/metrics.jsonl, one object per step: step, loss, tokens_per_s (
 tflops_per_gpu and mfu (model FLOPs per step = 6 * non-embedding params * tokens + 6 * layers *
 dim * seq_len * tokens for causal attention, recomputation not counted, over --peak_tflops),
 max_mem_gb, skipped (steps skipped so far for a non-finite loss or gradient); every --eval_every
-steps also passkey_acc (all five digits right, greedy) on held-out prompts.
+steps and at the last step also passkey_acc (all five digits right, greedy) on held-out prompts.
 
 Checkpoints (torch.distributed.checkpoint, atomic, see app/common/checkpoint.py) are written every
 --checkpoint_every steps and at the end under OUT/checkpoints; --resume continues from the newest
@@ -386,7 +386,7 @@ class Trainer:
             for step in range(first_step, args.steps):
                 row, bad, stop_now = self.step(step, stop)
                 nonfinite.count(bad, row)
-                if args.eval_every and self.data is None and (step + 1) % args.eval_every == 0:
+                if args.eval_every and self.data is None and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                     with self.autocast:
                         row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
                                                               self.device, self.cfg.seq_len, args.eval_prompts)
