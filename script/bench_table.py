@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             eff.setdefault(r["method"], {})[n] = float(r["efficiency"])
     gpus = sorted({n for v in tflops.values() for n in v})
     _table(f"TFLOP/s per GPU, S={seqlen}, {args.mode}, causal={args.causal}", tflops, gpus, ".1f")
-    if len(eff) > 1 or any(m != "single" for m in eff):
+    if any(m != "single" for m in eff):
         _table("efficiency (single-GPU time / N / measured)", eff, gpus, ".2f")
     try:
         import matplotlib

@@ -337,6 +337,20 @@ def test_hf_checkpoint_loss_equals_transformers_cp1_and_cp4(tmp_path):
     spawn(4, hf_cp_body, str(tmp_path / "hf"), hf_loss, deadline_s=300)
 
 
+def test_rope_scale_from_extends_an_hf_checkpoints_rope(tmp_path):
+    """--rope_scale_from applies to the architecture read from --hf_checkpoint (not to the preset
+    it replaces), and refuses a checkpoint whose RoPE is already scaled."""
+    from app.gpt.train import model_config, parse
+    _tiny_hf_llama(tmp_path / "hf")
+    cfg = model_config(parse(["--hf_checkpoint", str(tmp_path / "hf"), "--seq_len", "256", "--rope_scale_from", "64"]))
+    assert (cfg.dim, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_pos) == (64, "llama3", 4.0, 64)
+    scaled = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    _tiny_hf_llama(tmp_path / "hf31", scaled)
+    with pytest.raises(ValueError, match="already scales RoPE"):
+        model_config(parse(["--hf_checkpoint", str(tmp_path / "hf31"), "--seq_len", "256", "--rope_scale_from", "64"]))
+
+
 def test_hf_llama3_rope_scaling_matches_transformers(tmp_path):
     """Llama 3.1's "llama3" rope scaling (original length 16 so that it acts at 64 tokens)."""
     from app.gpt.hf import config_from_hf, load_hf

@@ -101,6 +101,15 @@ def extend_rope(cfg: ModelConfig, trained_len: int) -> ModelConfig:
                                rope_high_freq_factor=4.0)
 
 
+def model_config(args) -> ModelConfig:
+    """The preset with its overrides, then the architecture of --hf_checkpoint, then the RoPE
+    extension of --rope_scale_from (last, so that a checkpoint's own RoPE is what gets extended)."""
+    cfg = load_preset(args.config, seq_len=args.seq_len, n_layers=args.n_layers)
+    if args.hf_checkpoint:
+        cfg = config_from_hf(args.hf_checkpoint, base=cfg)
+    return extend_rope(cfg, args.rope_scale_from) if args.rope_scale_from else cfg
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="debug", help=f"preset: {', '.join(presets())}")
@@ -213,17 +222,14 @@ class Trainer:
         self.groups = groups = dims.build(names=("cp", "tp", "dp", "dp_cp"))
         if args.attn == "sdpa" and dims.cp > 1:
             raise ValueError("--attn sdpa computes on the local tokens only: use a ringX function with --context_parallel > 1")
-        cfg = load_preset(args.config, seq_len=args.seq_len, n_layers=args.n_layers)
-        if args.rope_scale_from:
-            cfg = extend_rope(cfg, args.rope_scale_from)
-        if args.hf_checkpoint:
-            cfg = config_from_hf(args.hf_checkpoint, base=cfg)
+        cfg = model_config(args)
         if args.data is None and cfg.vocab_size < BYTE_VOCAB:
             raise ValueError(f"the passkey task needs vocab_size >= {BYTE_VOCAB}, preset has {cfg.vocab_size}")
         if args.random_positions and args.random_positions < cfg.seq_len:
             raise ValueError(f"--random_positions {args.random_positions} is shorter than seq_len {cfg.seq_len}")
         self.cfg, self.device = cfg, info.device
-        self.dp_rank, self.tp_rank = dims.coords(info.rank)["dp"], dims.coords(info.rank)["tp"]
+        coords = dims.coords(info.rank)
+        self.dp_rank, self.tp_rank = coords["dp"], coords["tp"]
         torch.manual_seed(args.seed)
         self.model = build_model(args, cfg, dims, groups, self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
