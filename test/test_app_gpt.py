@@ -291,6 +291,14 @@ def test_resume_with_another_lr_uses_it(tmp_path):
     assert "--lr 0.0002 replaces the checkpoint's base rate 0.001" in _train.last_output
 
 
+def test_resumed_stage_warms_up_again_from_warmup_start(tmp_path):
+    """--warmup_start: a stage resumed at step 2 ramps its rate over --warmup steps from there."""
+    _train(tmp_path, 1, "--steps", "2", "--warmup", "1", "--lr", "1e-3", "--checkpoint_every", "2")
+    resumed = _train(tmp_path, 1, "--steps", "6", "--warmup", "4", "--warmup_start", "2", "--lr", "4e-4",
+                     "--resume")
+    assert [r["lr"] for r in resumed[2:]] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
+
+
 def _tiny_hf_llama(path, rope_scaling=None):
     """A tiny random Hugging Face Llama checkpoint (float32, untied, rope_theta 500000)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -74,15 +74,18 @@ class NonFiniteSteps:
 
 
 def resume_lr(sched, opt, lr: float, say) -> None:
-    """After loading a checkpoint's scheduler state: train at this run's ``lr``. The checkpoint's
-    base rate is replaced (and said) when they differ, so a later stage of a curriculum can
-    change the rate; the schedule's position and factor are kept."""
+    """After loading a checkpoint's LambdaLR state: train at this run's ``lr`` and this run's
+    schedule. The checkpoint's base rate is replaced (and said) when they differ, so a later stage
+    of a curriculum can change the rate; each group's rate is set to base x schedule(step), what
+    LambdaLR itself computes, so an unchanged run resumes bit for bit."""
     old = sched.base_lrs[0]
     if old != lr:
         say(f"--lr {lr:g} replaces the checkpoint's base rate {old:g}")
-        sched.base_lrs = [lr for _ in sched.base_lrs]
-        for group, last in zip(opt.param_groups, sched.get_last_lr()):
-            group["lr"] = lr * last / old
+    sched.base_lrs = [lr for _ in sched.base_lrs]
+    rates = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, rate in zip(opt.param_groups, rates):
+        group["lr"] = rate
+    sched._last_lr = rates
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "train"):

@@ -124,6 +124,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--warmup_start", type=int, default=0, metavar="STEP",
+                   help="the linear warm-up of --warmup steps begins at STEP (a curriculum stage resumed "
+                        "from a checkpoint warms its rate up again; steps before STEP run at the full rate)")
     p.add_argument("--data", default=None, help=".npy/.bin token file (default: passkey task)")
     p.add_argument("--hf_checkpoint", default=None, help="local Hugging Face Llama checkpoint to start from")
     p.add_argument("--export_hf", default=None, help="write the final weights as a Hugging Face checkpoint")
@@ -233,7 +236,10 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.model = build_model(args, cfg, dims, groups, self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-        schedule = lambda s: min(1.0, (s + 1) / max(1, args.warmup))  # noqa: E731
+
+        def schedule(s: int) -> float:           # linear warm-up from --warmup_start, then constant
+            return 1.0 if s < args.warmup_start else min(1.0, (s - args.warmup_start + 1) / max(1, args.warmup))
+
         self.engine = None                        # DeepSpeed: runs forward, backward and the update
         if args.dp_engine == "deepspeed":
             self.engine, self.opt, self.sched = deepspeed_engine.initialize(self.model, self.opt, schedule, args)
