@@ -299,6 +299,19 @@ def test_resumed_stage_warms_up_again_from_warmup_start(tmp_path):
     assert [r["lr"] for r in resumed[2:]] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
 
 
+@pytest.mark.parametrize("data", ["passkey", "token_file"])
+def test_resume_under_another_layout_keeps_each_sequence_whole(tmp_path, data):
+    """A stage written on tp=2 x dp=2 and resumed as tp=2 x cp=2: the ranks that split one sequence
+    continue from one data state (each rank's own saved state differs, having drawn for another
+    dp rank), for the passkey generator and for a token file's position."""
+    flags = ["--data", str(_token_file(tmp_path))] if data == "token_file" else []
+    _train(tmp_path, 4, "--steps", "2", "--tensor_parallel", "2", *flags)
+    out, _ = run_app("test/resume_layout_worker.py", 4, "--config", "debug", "--dtype", "float32",
+                     "--out", str(tmp_path / "run"), "--tensor_parallel", "2", "--context_parallel", "2",
+                     "--attn", "ringX2", "--resume", *flags)
+    assert "data states agree across cp and tp" in out
+
+
 def _tiny_hf_llama(path, rope_scaling=None):
     """A tiny random Hugging Face Llama checkpoint (float32, untied, rope_theta 500000)."""
     from transformers import LlamaConfig, LlamaForCausalLM

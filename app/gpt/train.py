@@ -276,12 +276,26 @@ class Trainer:
         local = checkpoint.load(path, self.model, self.opt, **self._ckpt_kw())
         self.sched.load_state_dict(local["sched"])
         resume_lr(self.sched, self.opt, self.args.lr, self.say)
-        self.gen.set_state(local["generator"])
         torch.set_rng_state(local["torch_rng"])
+        gen_state, data_state = self._shared_data_state(local["generator"], local["data"])
+        self.gen.set_state(gen_state)
         if self.data is not None:
-            self.data.load_state(local["data"])
+            self.data.load_state(data_state)
         self.say(f"resumed from {path} at step {local['step']}")
         return local["step"]
+
+    def _shared_data_state(self, gen_state: torch.Tensor, data_state):
+        """The data position this rank resumes from: that of the first rank of its cp group, then
+        of its tp group. The ranks that split one sequence must draw the same batch; each rank's
+        own saved state only agrees with theirs when the checkpoint was written under the same
+        dp x cp x tp layout (a 512-token stage on dp=4 resumed as cp=4 would otherwise glue the
+        shards of four different sequences into one)."""
+        state = [gen_state, data_state]
+        for name in ("cp", "tp"):
+            group = self.groups[name]
+            if dist.get_world_size(group) > 1:
+                dist.broadcast_object_list(state, group=group, group_src=0)
+        return state[0], state[1]
 
     def batch(self, gen=None, data=None):
         """This rank's (tokens, labels, positions) of the next global batch."""
