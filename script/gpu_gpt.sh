@@ -75,7 +75,7 @@ passkey)
     echo "== passkey stage: $len tokens, cp=$NGPU ($attn), batch $batch, lr $lr, steps to $total (${SECONDS} s so far)"
     summary "$dir" | tail -n "$steps" | awk 'NR == 1 || /passkey/'
   done
-  run --config passkey --seq_len "$len" --context_parallel "$NGPU" --attn "$attn" --eval_only --eval_prompts 64 "${rope[@]}" \
+  run --config passkey --seq_len "$len" --context_parallel "$NGPU" --attn "$attn" --eval_only --eval_prompts 64 --passkey_loss answer "${rope[@]}" \
       --dtype "${PASSKEY_DTYPE:-bfloat16}" --out "$dir" > "$dir.eval.log" 2>&1 || { tail -20 "$dir.eval.log"; exit 1; }
   echo "== final evaluation at $len tokens, cp=$NGPU ($attn), 64 held-out prompts, key in the first quarter:"
   cat "$dir/eval.json";;
