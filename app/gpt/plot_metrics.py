@@ -1,6 +1,7 @@
 """Plot loss (and passkey accuracy where present) against step from one or more metrics.jsonl files.
 
     python app/gpt/plot_metrics.py OUT.png runs/a/metrics.jsonl:label-a runs/b/metrics.jsonl:label-b
+    python app/gpt/plot_metrics.py OUT.png run/metrics.jsonl --mark 1000:2K --mark 1150:16K   (stage starts)
 """
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ def main(argv: list[str]) -> int:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    marks = [argv[i + 1] for i, a in enumerate(argv) if a == "--mark"]
+    specs = [a for i, a in enumerate(argv[1:], 1) if a != "--mark" and argv[i - 1] != "--mark"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for spec in argv[1:]:
+    for mark in marks:                     # STEP:LABEL, e.g. where a curriculum stage begins
+        step, _, label = mark.partition(":")
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(int(step), color="grey", lw=0.8, ls="--")
+            ax.annotate(label, (int(step), 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="grey")
+    for spec in specs:
         path, _, label = spec.partition(":")
         rows = [json.loads(line) for line in open(path)]
         ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.6, label=label or path)
