@@ -171,8 +171,9 @@ def _run_app(tmp_path, nproc, script, *flags):
 def test_train_30_steps_cp4_learns_then_inference_writes_its_png(tmp_path, dataset):
     import json
     rows = _run_app(tmp_path, 4, "app/vit/train.py", "--context_parallel", "4", "--steps", "30", "--data", str(dataset),
-                    "--out", str(tmp_path / "run"), "--eval_every", "30", "--eval_samples", "2")
+                    "--out", str(tmp_path / "run"), "--eval_every", "20", "--eval_samples", "2")
     assert [r["step"] for r in rows] == list(range(30))
+    assert [r["step"] for r in rows if "val_rmse" in r] == [19, 29]       # every 20 steps and the last
     assert {"step", "loss", "samples_per_s", "max_mem_gb", "val_rmse", "val_acc"} <= set(rows[-1])
     # 10 training samples, one per step: steps 0-9 and 20-29 are epochs over the same samples
     first, last = sum(r["loss"] for r in rows[:10]) / 10, sum(r["loss"] for r in rows[20:]) / 10

@@ -18,7 +18,7 @@ Without --data a synthetic dataset for the preset's grid is made once under
 runs/vit_data/<lat>x<lon> (app/vit/make_data.py) and reused.
 
 OUT/metrics.jsonl, one object per step: step, loss (normalised MSE), grad_norm, samples_per_s (whole job),
-max_mem_gb, skipped; every --eval_every steps also val_loss, val_rmse and val_acc (per channel,
+max_mem_gb, skipped; every --eval_every steps and at the last step also val_loss, val_rmse and val_acc (per channel,
 latitude-weighted, physical units; app/vit/metrics.py) over --eval_samples validation samples.
 Checkpoints (app/common/checkpoint.py) every --checkpoint_every steps and at the end;
 --resume continues exactly. SIGTERM/SIGUSR1: finish the step, checkpoint, write OUT/preempted,
@@ -226,7 +226,7 @@ def train(args) -> list[dict]:
                    "samples_per_s": args.batch * dims.dp / seconds,
                    "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
             nonfinite.count(bad, row)
-            if args.eval_every and (step + 1) % args.eval_every == 0:
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 row.update(s.evaluate(args.eval_samples))
             log.record(row)
             nonfinite.enforce(step, bad, row)
