@@ -7,7 +7,8 @@ import os
 
 COLUMNS = ("method", "world_size", "batch", "seqlen", "heads", "kv_heads", "headdim", "dtype",
            "causal", "mode", "time_ms", "tflops_per_gpu", "efficiency", "speedup_vs_native",
-           "peak_mem_gb", "single_mem_gb", "check_err", "ideal_ms", "ideal_source", "note")
+           "peak_mem_gb", "single_mem_gb", "check_err", "ideal_ms", "ideal_source", "note",
+           "prof_span_ms", "prof_compute_ms", "prof_comm_ms", "prof_exposed_comm_ms", "prof_idle_ms")
 
 
 def write(rows: list[dict], out_dir: str) -> list[str]:
@@ -67,4 +68,20 @@ def table(rows: list[dict]) -> str:
             f"{_fmt(r.get('efficiency'), '5.2f')} {_fmt(r.get('speedup_vs_native'), '8.2f')} "
             f"{_fmt(r.get('peak_mem_gb'), '7.2f')} {_fmt(r.get('single_mem_gb'), '8.2f')} "
             f"{_fmt(r.get('check_err'), '8.1e')}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict]) -> str:
+    """The --profile columns (ms on the device time line of one call, max over ranks)."""
+    head = (f"{'method':18} {'S':>8} {'causal':>6} {'mode':>7} {'call ms':>9} {'span':>9} {'compute':>9} "
+            f"{'comm':>9} {'exposed':>9} {'idle':>9}")
+    lines = ["profile of one call (device kernels; exposed = communication with no compute beside it)",
+             head, "-" * len(head)]
+    for r in rows:
+        if "prof_span_ms" not in r:
+            continue
+        lines.append(f"{r['method']:18} {r['seqlen']:>8} {str(r['causal']):>6} {r['mode']:>7} "
+                     f"{_fmt(r.get('time_ms'), '9.2f')} " + " ".join(
+                         _fmt(r.get(f"prof_{k}"), '9.2f') for k in ("span_ms", "compute_ms", "comm_ms",
+                                                                     "exposed_comm_ms", "idle_ms")))
     return "\n".join(lines)

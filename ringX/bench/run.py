@@ -20,6 +20,7 @@ from ..comm import GroupComm
 from ..testing import global_rel_err
 from ..layout import shard
 from . import methods as M
+from . import profile as P
 from . import report
 
 SEED_SWEEP = [(16, 8192), (8, 16384), (4, 32768), (2, 65536), (1, 131072), (1, 262144),
@@ -142,6 +143,10 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
                 row["note"] = f"WRONG: rel err {err:.2e} vs single device"
             if method in M.NATIVE:
                 native_best = min(native_best or m["seconds"], m["seconds"])
+            if args.profile:
+                name = f"{method}_S{seqlen}_{'causal' if causal else 'full'}_{mode}_rank{r}.json"
+                prof = P.profile_call(prep.step, fwd_only, device, os.path.join(args.out, "traces", name))
+                row.update({f"prof_{k}": v if v is None else _max_over(v, group) for k, v in prof.items()})
             if hasattr(prep, "close"):
                 prep.close()
             del prep, m
@@ -192,6 +197,9 @@ def parse(argv=None):
     p.add_argument("--check-tol", type=float, default=2e-2, help="max rel L2 error vs single device")
     p.add_argument("--backend", default=None, help="local kernel backend (default: registry choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="one more call per method under torch.profiler: compute, communication, exposed "
+                        "communication and idle time on the device (max over ranks), Chrome traces under OUT/traces")
     p.add_argument("--out", default=None, help="run directory (default runs/bench/<time>)")
     p.add_argument("--nproc", type=int, default=4, help="ranks to spawn when no launcher started us")
     args = p.parse_args(argv)
@@ -213,6 +221,8 @@ def _entry(args, rank: int, world_size: int, device) -> None:
     if rank == 0:
         paths = report.write(rows, args.out)
         print("wrote " + ", ".join(paths))
+        if args.profile:
+            print(report.profile_table(rows))
         print(report.table(rows))
 
 

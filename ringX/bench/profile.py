@@ -1,0 +1,78 @@
+"""Where one call's time goes on the GPU: ``python -m ringX.bench --profile``.
+
+After a method is timed, one more call runs under ``torch.profiler``. Its device kernels are split
+into communication (NCCL / RCCL kernels, whatever stream they run on) and compute (every other
+kernel: attention, merges, casts, copies). On the device time line of that call:
+
+- ``span_ms``: first kernel start to last kernel end;
+- ``compute_ms`` / ``comm_ms``: time during which at least one compute / communication kernel runs;
+- ``exposed_comm_ms``: communication with no compute kernel beside it (what overlap did not hide);
+- ``idle_ms``: no kernel at all (launch gaps, a stream waiting on an event or on the host).
+
+Each rank writes its Chrome trace (``chrome://tracing`` or Perfetto) under ``OUT/traces/``, to see
+which stream waits on what. On a CPU run no device kernels are recorded and the fields are empty.
+"""
+from __future__ import annotations
+
+import os
+
+COMM_MARKERS = ("nccl", "rccl")
+FIELDS = ("span_ms", "compute_ms", "comm_ms", "exposed_comm_ms", "idle_ms")
+
+
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, non-overlapping union of (start, end) intervals."""
+    out: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def length(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``intervals``."""
+    return sum(b - a for a, b in merged(intervals))
+
+
+def length_outside(intervals, cover) -> float:
+    """Length of the union of ``intervals`` not covered by the union of ``cover``."""
+    total, cov = 0.0, merged(cover)
+    for a, b in merged(intervals):
+        inside = sum(max(0.0, min(b, d) - max(a, c)) for c, d in cov)
+        total += (b - a) - inside
+    return total
+
+
+def summarize(kernels: list[tuple[float, float, str]]) -> dict:
+    """kernels: (start_us, end_us, name) of one call's device kernels -> the FIELDS in ms
+    (None each when no kernel was recorded)."""
+    if not kernels:
+        return dict.fromkeys(FIELDS)
+    comm = [(s, e) for s, e, name in kernels if any(m in name.lower() for m in COMM_MARKERS)]
+    compute = [(s, e) for s, e, name in kernels if not any(m in name.lower() for m in COMM_MARKERS)]
+    span = max(e for _, e, _ in kernels) - min(s for s, _, _ in kernels)
+    busy = length([(s, e) for s, e, _ in kernels])
+    return {"span_ms": span / 1e3, "compute_ms": length(compute) / 1e3, "comm_ms": length(comm) / 1e3,
+            "exposed_comm_ms": length_outside(comm, compute) / 1e3, "idle_ms": (span - busy) / 1e3}
+
+
+def profile_call(step, fwd_only: bool, device, trace_path: str) -> dict:
+    """Run ``step(fwd_only)`` once under torch.profiler, write its Chrome trace to ``trace_path``
+    and return ``summarize`` of its device kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        step(fwd_only)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    os.makedirs(os.path.dirname(trace_path) or ".", exist_ok=True)
+    prof.export_chrome_trace(trace_path)
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type.name in ("CUDA", "PrivateUse1") and e.time_range.end > e.time_range.start]
+    return summarize(kernels)

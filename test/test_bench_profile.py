@@ -1,0 +1,47 @@
+"""ringX.bench --profile: the time-line accounting, and a tiny CPU run that writes traces."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ringX.bench.profile import length, length_outside, merged, summarize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_union_and_uncovered_lengths():
+    assert merged([(5, 7), (0, 2), (1, 3), (3, 4)]) == [(0, 4), (5, 7)]
+    assert length([(0, 2), (1, 3), (10, 11)]) == 4
+    assert length_outside([(0, 10)], [(2, 3), (2.5, 4), (8, 12)]) == pytest.approx(10 - 2 - 2)
+    assert length_outside([(0, 1)], []) == 1
+
+
+def test_summary_splits_compute_communication_exposure_and_idle():
+    # us: attention 0-100 on one stream, an NCCL kernel 80-130 on another (30 us exposed),
+    # nothing 130-150, a merge kernel 150-160
+    kernels = [(0, 100, "cudnn_flash_fprop"), (80, 130, "ncclDevKernel_Broadcast_RING_LL"),
+               (150, 160, "elementwise_kernel")]
+    s = summarize(kernels)
+    assert s == pytest.approx({"span_ms": 0.160, "compute_ms": 0.110, "comm_ms": 0.050,
+                               "exposed_comm_ms": 0.030, "idle_ms": 0.020})
+    assert summarize([]) == dict.fromkeys(s)
+
+
+def test_tiny_cpu_benchmark_with_profile_writes_traces(tmp_path):
+    out = tmp_path / "bench"
+    res = subprocess.run([sys.executable, "-m", "ringX.bench", "--nproc", "2", "--sweep", "none", "--seqlens", "64",
+                          "--heads", "2", "--kv-heads", "1", "--headdim", "16", "--dtype", "float32",
+                          "--causal", "true", "--modes", "fwd_bwd", "--methods", "ringX1", "ringX4",
+                          "--warmup", "0", "--repeats", "1", "--profile", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "profile of one call" in res.stdout
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert float(rows["ringX1"]["time_ms"]) > 0 and float(rows["ringX4"]["check_err"]) < 1e-5
+    assert rows["ringX4"]["prof_span_ms"] == ""          # no device kernels on a CPU run
+    traces = sorted(p.name for p in (out / "traces").iterdir())
+    assert traces == [f"{m}_S64_causal_fwd_bwd_rank{r}.json" for m in ("ringX1", "ringX4") for r in (0, 1)]
