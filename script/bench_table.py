@@ -74,8 +74,8 @@ def main(argv=None) -> int:
         for method, by_n in table.items():
             if method == "single" and table is eff:
                 continue
-            # every efficiency line starts at the single-GPU kernel (1 GPU, efficiency 1)
-            pts = sorted(by_n.items()) if table is tflops or "single" not in eff else [(1, 1.0)] + sorted(by_n.items())
+            # every efficiency line starts at the single-GPU kernel's point (1 GPU, efficiency 1)
+            pts = (list(eff.get("single", {}).items()) if table is eff else []) + sorted(by_n.items())
             ax.plot([n for n, _ in pts], [v for _, v in pts], marker="s" if method == "single" else "o",
                     color=colors[method], label=method)
         ax.set_xscale("log", base=2)

@@ -73,6 +73,12 @@ class NonFiniteSteps:
         self.say(f"step {step}: non-finite loss or gradient, update skipped ({self.skipped} so far)")
 
 
+def every_and_last(step: int, every: int, steps: int) -> bool:
+    """True after every ``every``-th step (0: never) and after the last of ``steps``: when a run
+    that evaluates periodically evaluates, so that each run or curriculum stage ends with one."""
+    return bool(every) and ((step + 1) % every == 0 or step + 1 == steps)
+
+
 def resume_lr(sched, opt, lr: float, say) -> None:
     """After loading a checkpoint's LambdaLR state: train at this run's ``lr`` and this run's
     schedule. The checkpoint's base rate is replaced (and said) when they differ, so a later stage

@@ -5,27 +5,29 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2:
-        print(__doc__, file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="the PNG to write")
+    p.add_argument("runs", nargs="+", metavar="METRICS[:LABEL]", help="metrics.jsonl files")
+    p.add_argument("--mark", action="append", default=[], metavar="STEP:LABEL",
+                   help="a dashed line at STEP, e.g. where a curriculum stage begins (repeatable)")
+    args = p.parse_intermixed_args(argv)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    marks = [argv[i + 1] for i, a in enumerate(argv) if a == "--mark"]
-    specs = [a for i, a in enumerate(argv[1:], 1) if a != "--mark" and argv[i - 1] != "--mark"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for mark in marks:                     # STEP:LABEL, e.g. where a curriculum stage begins
+    for mark in args.mark:
         step, _, label = mark.partition(":")
         for ax in (ax_loss, ax_acc):
             ax.axvline(int(step), color="grey", lw=0.8, ls="--")
             ax.annotate(label, (int(step), 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
                         textcoords="offset points", fontsize=7, color="grey")
-    for spec in specs:
+    for spec in args.runs:
         path, _, label = spec.partition(":")
         rows = [json.loads(line) for line in open(path)]
         ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.6, label=label or path)
@@ -38,7 +40,7 @@ def main(argv: list[str]) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(argv[0], dpi=120)
+    fig.savefig(args.out, dpi=120)
     return 0
 
 

@@ -64,7 +64,8 @@ if __package__ in (None, ""):
 
 from app.common import checkpoint  # noqa: E402
 from app.common.sharding import set_fsdp_divide_factor  # noqa: E402
-from app.common.runtime import NonFiniteSteps, RunLog, StopRequest, any_rank, resume_lr, run_and_shut_down  # noqa: E402
+from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
+                                run_and_shut_down)
 from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
@@ -412,7 +413,7 @@ class Trainer:
             for step in range(first_step, args.steps):
                 row, bad, stop_now = self.step(step, stop)
                 nonfinite.count(bad, row)
-                if args.eval_every and self.data is None and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                if self.data is None and every_and_last(step, args.eval_every, args.steps):
                     with self.autocast:
                         row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
                                                               self.device, self.cfg.seq_len, args.eval_prompts)

@@ -41,7 +41,8 @@ if __package__ in (None, ""):
 
 from app.common import checkpoint  # noqa: E402
 from app.common.sharding import apply_fsdp, checkpoint_blocks, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
-from app.common.runtime import NonFiniteSteps, RunLog, StopRequest, any_rank, resume_lr, run_and_shut_down  # noqa: E402
+from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
+                                run_and_shut_down)
 from app.vit.config import load_preset, presets  # noqa: E402
 from app.vit.data import ClimateData  # noqa: E402
 from app.vit.metrics import ForecastScore, patch_weights  # noqa: E402
@@ -226,7 +227,7 @@ def train(args) -> list[dict]:
                    "samples_per_s": args.batch * dims.dp / seconds,
                    "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
             nonfinite.count(bad, row)
-            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            if every_and_last(step, args.eval_every, args.steps):
                 row.update(s.evaluate(args.eval_samples))
             log.record(row)
             nonfinite.enforce(step, bad, row)

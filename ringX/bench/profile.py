@@ -50,8 +50,9 @@ def summarize(kernels: list[tuple[float, float, str]]) -> dict:
     (None each when no kernel was recorded)."""
     if not kernels:
         return dict.fromkeys(FIELDS)
-    comm = [(s, e) for s, e, name in kernels if any(m in name.lower() for m in COMM_MARKERS)]
-    compute = [(s, e) for s, e, name in kernels if not any(m in name.lower() for m in COMM_MARKERS)]
+    comm, compute = [], []
+    for s, e, name in kernels:
+        (comm if any(m in name.lower() for m in COMM_MARKERS) else compute).append((s, e))
     span = max(e for _, e, _ in kernels) - min(s for s, _, _ in kernels)
     busy = length([(s, e) for s, e, _ in kernels])
     return {"span_ms": span / 1e3, "compute_ms": length(compute) / 1e3, "comm_ms": length(comm) / 1e3,
