@@ -5,8 +5,9 @@
 #   bash script/gpu_bench.sh long    S = 256K all methods; S = 1M for ringX3/ringX4 (causal)
 #   NPROCS="2 4 8" bash script/gpu_bench.sh scaling   S = 128K, 256K, all methods, at each N
 #   NPROC=8 bash script/gpu_bench.sh long8   S = 512K all methods; 1M, 2M ringX4 causal; 1M ringX1 full
-#   bash script/gpu_bench.sh profile  S = 32K causal and 128K full, every method timed and then profiled
-#                                     (--profile: compute / communication / exposed / idle ms, traces)
+#   bash script/gpu_bench.sh profile  8K tokens per GPU causal and 32K per GPU full (S = 32K and 128K on 4
+#                                     GPUs), every method timed and then profiled (--profile: compute /
+#                                     communication / exposed / idle ms, traces, largest kernels)
 # Then: python script/bench_table.py $OUT/*/results.csv --seqlen 262144 (scaling table and plot).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,10 +37,12 @@ case "${1:-short}" in
          timeout 100 "$py" -m ringX.bench "${common[@]}" --seqlens 262144 1048576 --causal false \
            --methods ringX1 --single-max-seqlen 262144 --check-max-seqlen 262144 \
            --warmup 1 --repeats 1 --out "$out/long_N${n}_1m_full" ;;
-  profile) # the two shapes of the missed targets: causal at 8K tokens per GPU, ringX1 full attention
-         timeout 280 "$py" -m ringX.bench "${common[@]}" --seqlens 32768 --causal true --warmup 2 --repeats 5 \
-           --profile --out "$out/profile_32k_causal"
-         timeout 280 "$py" -m ringX.bench "${common[@]}" --seqlens 131072 --causal false --warmup 2 --repeats 5 \
-           --profile --out "$out/profile_128k_full" ;;
+  profile) # the two shapes of the missed targets, per GPU: causal at 8K tokens per GPU (S = 32K on 4),
+           # full attention at 32K tokens per GPU (S = 128K on 4); then each rank-0 trace's largest kernels
+         timeout 280 "$py" -m ringX.bench "${common[@]}" --seqlens $((8192 * n)) --causal true --warmup 2 \
+           --repeats 5 --profile --out "$out/profile_causal"
+         timeout 280 "$py" -m ringX.bench "${common[@]}" --seqlens $((32768 * n)) --causal false --warmup 2 \
+           --repeats 5 --profile --out "$out/profile_full"
+         "$py" -m ringX.bench.profile "$out"/profile_*/traces/*_rank0.json ;;
   *) echo "usage: $0 short|long|scaling|long8|profile" >&2; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
 """ringX.bench --profile: the time-line accounting, and a tiny CPU run that writes traces."""
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringX.bench.profile import length, length_outside, merged, summarize  # noqa: E402
+from ringX.bench.profile import kernel_breakdown, length, length_outside, merged, short_name, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +46,16 @@ def test_tiny_cpu_benchmark_with_profile_writes_traces(tmp_path):
     assert rows["ringX4"]["prof_span_ms"] == ""          # no device kernels on a CPU run
     traces = sorted(p.name for p in (out / "traces").iterdir())
     assert traces == [f"{m}_S64_causal_fwd_bwd_rank{r}.json" for m in ("ringX1", "ringX4") for r in (0, 1)]
+
+
+def test_kernel_breakdown_sums_by_short_name(tmp_path):
+    trace = tmp_path / "t.json"
+    kernels = [("void cudnn::fmha_fwd<128, true>(Params)", 1000.0), ("void cudnn::fmha_fwd<128, false>(Params)", 500.0),
+               ("ncclDevKernel_Reduce_Sum_f32_RING_LL(ncclDevKernelArgs)", 250.0),
+               ("void at::native::elementwise_kernel<4>(int)", 10.0)]
+    events = [{"cat": "kernel", "name": n, "ts": 0, "dur": d} for n, d in kernels]
+    events.append({"cat": "cpu_op", "name": "aten::mul", "ts": 0, "dur": 9999.0})   # not a kernel
+    trace.write_text(json.dumps({"traceEvents": events}))
+    assert kernel_breakdown(str(trace), top=2) == [("void cudnn::fmha_fwd", 2, 1.5),
+                                                   ("ncclDevKernel_Reduce_Sum_f32_RING_LL", 1, 0.25)]
+    assert short_name("x" * 80) == "x" * 60

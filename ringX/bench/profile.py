@@ -77,3 +77,46 @@ def profile_call(step, fwd_only: bool, device, trace_path: str) -> dict:
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type.name in ("CUDA", "PrivateUse1") and e.time_range.end > e.time_range.start]
     return summarize(kernels)
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without template arguments and parameter lists, at most 60 characters."""
+    for cut in ("<", "("):
+        name = name.split(cut, 1)[0]
+    return name.strip()[:60]
+
+
+def kernel_breakdown(trace_path: str, top: int = 12) -> list[tuple[str, int, float]]:
+    """The ``top`` kernels of a Chrome trace written by ``profile_call``: (short name, calls,
+    total ms), largest total first. Kernels of one short name are summed."""
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    totals: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "kernel" and e.get("dur"):
+            t = totals.setdefault(short_name(e["name"]), [0, 0.0])
+            t[0] += 1
+            t[1] += e["dur"] / 1e3
+    return sorted(((k, c, ms) for k, (c, ms) in totals.items()), key=lambda x: -x[2])[:top]
+
+
+def main(argv=None) -> int:
+    """``python -m ringX.bench.profile TRACE.json ...``: each trace's largest kernels."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ringX.bench.profile", description=main.__doc__)
+    p.add_argument("traces", nargs="+")
+    p.add_argument("--top", type=int, default=12)
+    args = p.parse_args(argv)
+    for path in args.traces:
+        print(f"== {os.path.basename(path)}")
+        print(f"{'calls':>6} {'total ms':>9}  kernel")
+        for name, calls, ms in kernel_breakdown(path, args.top):
+            print(f"{calls:6d} {ms:9.2f}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
