@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
+
 
 def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
            lse_blk: torch.Tensor) -> None:
@@ -23,7 +25,17 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
     lse_acc: (batch, heads, rows) same dtype as out_acc, possibly a view.
     out_blk: (batch, rows, heads, headdim) any float dtype.
     lse_blk: (batch, heads, rows) float32.
+
+    On GPUs with float32 accumulators this runs as one fused kernel (ringX.fused).
     """
+    if out_acc.dtype == torch.float32 and fused.usable(out_acc, out_blk):
+        fused.merge(out_acc, lse_acc, out_blk, lse_blk)
+    else:
+        merge_formula_(out_acc, lse_acc, out_blk, lse_blk)
+
+
+def merge_formula_(out_acc, lse_acc, out_blk, lse_blk) -> None:
+    """merge_ in plain PyTorch operations (any device and dtype); the fused kernel's reference."""
     lse_blk = lse_blk.to(lse_acc.dtype)
     new_lse = torch.logaddexp(lse_acc, lse_blk)
     empty = new_lse == float("-inf")
@@ -34,6 +46,28 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
     out_acc.mul_(w_acc.transpose(1, 2).unsqueeze(-1))
     out_acc.addcmul_(out_blk, w_blk.transpose(1, 2).unsqueeze(-1))
     lse_acc.copy_(new_lse)
+
+
+def weigh_(pack: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor, m: torch.Tensor) -> None:
+    """The reduce message of the broadcast-q schedule (ringX1/ringX2), in place.
+
+    pack: (batch, rows, heads, headdim + 1) float32 (or float64) <- [out_blk * w | w] with
+    w = exp(lse_blk - m); out_blk: (batch, rows, heads, headdim) any float dtype; lse_blk and
+    m: (batch, heads, rows), m the maximum of lse over the ranks. Summing the packs of all ranks
+    gives sum(o w) and sum(w), whose ratio is the merged output. One fused kernel on GPUs.
+    """
+    if pack.dtype == torch.float32 and fused.usable(pack, out_blk):
+        fused.weigh(pack, out_blk, lse_blk, m)
+    else:
+        weigh_formula_(pack, out_blk, lse_blk, m)
+
+
+def weigh_formula_(pack, out_blk, lse_blk, m) -> None:
+    """weigh_ in plain PyTorch operations; the fused kernel's reference."""
+    d = out_blk.shape[-1]
+    w = torch.exp(lse_blk.to(pack.dtype) - m).transpose(1, 2)          # (batch, rows, heads)
+    torch.mul(out_blk, w.unsqueeze(-1), out=pack[..., :d])
+    pack[..., d].copy_(w)
 
 
 def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .api import Algorithm, RunContext, ring_attention
 from .comm import broadcast_rounds, wait
 from .layout import block_plan
+from .merge import weigh_
 
 
 def _run_block(run: RunContext, q_i, k, v, q_rank: int, kv_rank: int):
@@ -54,7 +55,7 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
         pending_reduce[slot] = None
         if owner == r:
             den = packs[slot][..., d]                              # (b, s, h)
-            out.copy_(packs[slot][..., :d] / den.unsqueeze(-1))
+            torch.div(packs[slot][..., :d], den.unsqueeze(-1), out=out)
             lse.copy_(maxes[slot] + torch.log(den).transpose(1, 2))
 
     def post_reduce(owner: int, slot: int, o_blk, lse_blk) -> None:
@@ -63,9 +64,7 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
         if o_blk is None:
             pack.zero_()
         else:
-            w = torch.exp(lse_blk.to(acc) - maxes[slot]).transpose(1, 2)   # (b, s, h)
-            torch.mul(o_blk, w.unsqueeze(-1), out=pack[..., :d])
-            pack[..., d].copy_(w)
+            weigh_(pack, o_blk, lse_blk, maxes[slot])
         pending_reduce[slot] = comm.reduce(pack, dst=owner)
 
     owners_in_slot = [None, None]

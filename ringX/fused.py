@@ -1,0 +1,113 @@
+"""Fused float32 elementwise steps of the schedules, as Triton kernels on GPUs.
+
+Two steps run once per block and touch the whole float32 accumulator, so on short sequences
+their plain PyTorch form (several strided passes each) costs as much as a large part of the
+attention kernels themselves:
+
+- ``merge``: the log-sum-exp merge of a partial (out_blk, lse_blk) into (out_acc, lse_acc)
+  (ringX3, ringX4 and the apps' merges; formula in ringX.merge), one pass instead of about ten;
+- ``weigh``: ringX1/ringX2's reduce message [o * w | w] with w = exp(lse_blk - m), one pass.
+
+Each kernel reads and writes exactly the values of the PyTorch formula (float32 arithmetic;
+-inf rows give weight 0, NaN propagates). ``usable`` says when a kernel takes the call: NVIDIA
+CUDA tensors (ROCm runs the PyTorch formula: these kernels were not run there), float32 accumulators, last dim contiguous, Triton importable and ``RINGX_FUSED``
+not set to 0. Otherwise the callers run the PyTorch formula, which is also the reference the
+GPU tests compare against.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch formulas run instead
+    triton = None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take tensors like these (see the module docstring)."""
+    if triton is None or torch.version.hip is not None or os.environ.get("RINGX_FUSED", "1") == "0":
+        return False
+    return all(t.is_cuda and t.stride(-1) == 1 for t in tensors if t.dim() == 4)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _merge_kernel(acc, lacc, blk, lblk, n, rows, heads, d,
+                      a_b, a_s, a_h, la_b, la_h, la_s, b_b, b_s, b_h, lb_b, lb_h, lb_s,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # 64-bit offsets
+        live = m < n
+        hi = m % heads
+        si = (m // heads) % rows
+        bi = m // (heads * rows)
+        la = tl.load(lacc + bi * la_b + hi * la_h + si * la_s, mask=live, other=0.0)
+        lb = tl.load(lblk + bi * lb_b + hi * lb_h + si * lb_s, mask=live, other=0.0).to(tl.float32)
+        mx = tl.where(la > lb, la, lb)
+        empty = mx == float("-inf")
+        safe = tl.where(empty, 0.0, mx)
+        ea = tl.exp(la - safe)
+        eb = tl.exp(lb - safe)
+        total = ea + eb
+        new = tl.where(empty, float("-inf"), safe + tl.log(total))
+        wa = tl.where(empty, 0.0, ea / total)
+        wb = tl.where(empty, 0.0, eb / total)
+        dd = tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (dd[None, :] < d)
+        pa = acc + (bi * a_b + si * a_s + hi * a_h)[:, None] + dd[None, :]
+        pb = blk + (bi * b_b + si * b_s + hi * b_h)[:, None] + dd[None, :]
+        xa = tl.load(pa, mask=mask, other=0.0)
+        xb = tl.load(pb, mask=mask, other=0.0).to(tl.float32)
+        tl.store(pa, xa * wa[:, None] + xb * wb[:, None], mask=mask)
+        tl.store(lacc + bi * la_b + hi * la_h + si * la_s, new, mask=live)
+
+    @triton.jit
+    def _weigh_kernel(pack, o, lblk, mx, n, rows, heads, d,
+                      p_b, p_s, p_h, o_b, o_s, o_h, l_b, l_h, l_s, m_b, m_h, m_s,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # 64-bit offsets
+        live = m < n
+        hi = m % heads
+        si = (m // heads) % rows
+        bi = m // (heads * rows)
+        lb = tl.load(lblk + bi * l_b + hi * l_h + si * l_s, mask=live, other=0.0).to(tl.float32)
+        mm = tl.load(mx + bi * m_b + hi * m_h + si * m_s, mask=live, other=0.0)
+        w = tl.exp(lb - mm)
+        dd = tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (dd[None, :] < d)
+        row = bi * p_b + si * p_s + hi * p_h
+        x = tl.load(o + (bi * o_b + si * o_s + hi * o_h)[:, None] + dd[None, :], mask=mask, other=0.0)
+        tl.store(pack + row[:, None] + dd[None, :], x.to(tl.float32) * w[:, None], mask=mask)
+        tl.store(pack + row + d, w, mask=live)
+
+
+def _launch(kernel, first: torch.Tensor, rows_shape, d: int, *args) -> None:
+    b, rows, heads = rows_shape
+    n = b * rows * heads
+    if n == 0:
+        return
+    block_d = triton.next_power_of_2(d)
+    block_m = max(1, 4096 // block_d)
+    with torch.cuda.device(first.device):
+        kernel[(triton.cdiv(n, block_m),)](*args[:4], n, rows, heads, d, *args[4:],
+                                          BLOCK_M=block_m, BLOCK_D=block_d)
+
+
+def merge(out_acc, lse_acc, out_blk, lse_blk) -> None:
+    """ringX.merge.merge_ in one kernel. out_acc (b, rows, h, d) float32 and lse_acc (b, h, rows)
+    float32, views allowed; out_blk (b, rows, h, d) any float dtype; lse_blk (b, h, rows)."""
+    b, rows, h, d = out_acc.shape
+    _launch(_merge_kernel, out_acc, (b, rows, h), d, out_acc, lse_acc, out_blk, lse_blk,
+            *out_acc.stride()[:3], *lse_acc.stride(), *out_blk.stride()[:3], *lse_blk.stride())
+
+
+def weigh(pack, out_blk, lse_blk, m) -> None:
+    """pack (b, s, h, d + 1) float32 <- [out_blk * w | w] with w = exp(lse_blk - m): out_blk
+    (b, s, h, d) any float dtype, lse_blk and m (b, h, s)."""
+    b, s, h, d = out_blk.shape
+    _launch(_weigh_kernel, pack, (b, s, h), d, pack, out_blk, lse_blk, m,
+            *pack.stride()[:3], *out_blk.stride()[:3], *lse_blk.stride(), *m.stride())

@@ -1,0 +1,72 @@
+"""The fused GPU kernels of ringX.fused against their PyTorch formulas (ringX.merge), on strided
+views like the schedules pass, with rows that saw no keys (-inf) and NaN. On machines without
+CUDA and Triton only the dispatch is checked: the formulas run there."""
+import pytest
+import torch
+
+import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
+from ringX import fused
+from ringX.merge import merge_, merge_formula_, weigh_, weigh_formula_
+
+GPU = torch.cuda.is_available() and fused.triton is not None and torch.version.hip is None
+needs_gpu = pytest.mark.skipif(not GPU, reason="the fused kernels need an NVIDIA GPU and Triton")
+
+
+def test_cpu_tensors_take_the_formula():
+    x = torch.zeros(1, 4, 2, 8)
+    assert not fused.usable(x)
+
+
+def test_environment_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("RINGX_FUSED", "0")
+    assert not fused.usable(torch.zeros(1, 4, 2, 8, device="cuda" if GPU else "cpu"))
+
+
+def _partials(b, s, h, d, device, dtype, seed):
+    """An accumulator with some empty rows and a block in cuDNN's (b, h, s, d) storage order."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    acc = torch.randn(b, s, h, d, generator=g).to(device)
+    lacc = (torch.randn(b, h, s, generator=g) * 3).to(device)
+    lacc[:, :, : s // 4] = float("-inf")
+    acc[:, : s // 4] = 0
+    blk = torch.randn(b, h, s, d, generator=g).to(device, dtype).transpose(1, 2)   # strided view
+    lblk = (torch.randn(b, h, s, generator=g) * 3).to(device)
+    lblk[:, :, : s // 8] = float("-inf")          # rows empty in both: must stay exactly 0
+    return acc, lacc, blk, lblk
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [128, 80])
+def test_fused_merge_equals_formula_on_row_slices(dtype, d):
+    acc, lacc, blk, lblk = _partials(2, 64, 4, d, "cuda", dtype, seed=1)
+    rows = slice(16, 48)                                   # views into the whole accumulators
+    mine_acc, mine_lse = acc.clone(), lacc.clone()
+    assert fused.usable(mine_acc[:, rows], blk[:, rows])
+    merge_(mine_acc[:, rows], mine_lse[:, :, rows], blk[:, rows], lblk[:, :, rows])
+    merge_formula_(acc[:, rows], lacc[:, :, rows], blk[:, rows], lblk[:, :, rows])
+    torch.testing.assert_close(mine_acc, acc, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(mine_lse, lacc, rtol=2e-6, atol=2e-6)
+    assert mine_acc[:, : 16].abs().sum() == 0 and torch.isfinite(mine_acc).all()
+
+
+@needs_gpu
+def test_fused_merge_propagates_nan():
+    acc, lacc, blk, lblk = _partials(1, 32, 2, 64, "cuda", torch.bfloat16, seed=2)
+    lblk[0, 1, 20] = float("nan")
+    blk[0, 21, 0, 3] = float("nan")
+    merge_(acc, lacc, blk, lblk)
+    assert torch.isnan(lacc[0, 1, 20]) and torch.isnan(acc[0, 20, 1]).all()
+    assert torch.isnan(acc[0, 21, 0, 3]) and torch.isfinite(acc[0, 22]).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", [128, 80])
+def test_fused_weigh_equals_formula(d):
+    _, _, blk, lblk = _partials(2, 64, 4, d, "cuda", torch.bfloat16, seed=3)
+    m = torch.maximum(lblk, torch.randn_like(lblk))
+    mine = torch.full((2, 64, 4, d + 1), float("nan"), device="cuda")
+    ref = mine.clone()
+    weigh_(mine, blk, lblk, m)
+    weigh_formula_(ref, blk, lblk, m)
+    torch.testing.assert_close(mine, ref, rtol=2e-6, atol=0)
