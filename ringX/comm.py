@@ -105,56 +105,27 @@ class GroupComm:
         return out.cpu()
 
 
-class BroadcastPipeline:
-    """Every owner's ``local`` tensor, broadcast in owner order (0 .. size-1) into two reusable
-    receive buffers, so that one message is in flight while the caller computes with another.
-
-    ``post(i)`` posts the broadcasts of owners up to i not yet posted; ``get(i)`` returns owner
-    i's tensor (this rank's own ``local`` for i == rank, which needs no wait: the source only
-    reads it) after waiting for its broadcast; ``close()`` posts the rest and waits for all.
-
-    Buffers: the k-th owner other than this rank receives into buffer k % 2. The caller posts
-    owner j only after queuing its work on the other owner that used that buffer before (two
-    others earlier) -- stream order on GPUs, program order on CPUs -- so a buffer is never
-    overwritten while in use. Every rank must post the broadcasts at the same points relative to
-    its other collectives (NCCL matches collectives by order).
-    """
-
-    def __init__(self, comm: GroupComm, local: torch.Tensor):
-        self.comm, self.n, self.r = comm, comm.size, comm.rank
-        others = [i for i in range(self.n) if i != self.r]
-        bufs = [torch.empty_like(local) for _ in range(min(self.n - 1, 2))]
-        self.slot = {i: bufs[k % 2] for k, i in enumerate(others)}
-        self.slot[self.r] = local
-        self.work: list = []
-
-    def post(self, upto: int) -> None:
-        while len(self.work) <= min(upto, self.n - 1):
-            i = len(self.work)
-            self.work.append(self.comm.broadcast(self.slot[i], src=i))
-
-    def get(self, i: int) -> torch.Tensor:
-        self.post(i)
-        if i != self.r:
-            wait(self.work[i])
-        return self.slot[i]
-
-    def close(self) -> None:
-        self.post(self.n - 1)
-        for work in self.work:
-            wait(work)
-
-
 def broadcast_rounds(comm: GroupComm, local: torch.Tensor):
-    """Yield (owner, tensor) for owner = 0 .. size-1, where tensor is ``local`` of that group
-    rank. The next owner's broadcast is posted before the current tensor is yielded, so it is in
-    flight while the caller computes with the current one (see BroadcastPipeline)."""
-    pipe = BroadcastPipeline(comm, local)
-    for i in range(comm.size):
-        current = pipe.get(i)
-        pipe.post(i + 1)
+    """Yield (owner, tensor) for owner = 0 .. size-1, where tensor is ``local`` of that group rank.
+
+    Double-buffered: the next owner's broadcast is posted before the current tensor is yielded,
+    so it is in flight while the caller computes with the current one. A receive buffer is reused
+    two rounds later, after the caller's work on it was queued (stream order on GPUs, program
+    order on CPUs), so it is never overwritten while in use.
+    """
+    n, r = comm.size, comm.rank
+    bufs = [torch.empty_like(local) for _ in range(min(n - 1, 2))]
+
+    def slot(i: int) -> torch.Tensor:
+        return local if i == r else bufs[i % len(bufs)]
+
+    work = comm.broadcast(slot(0), src=0)
+    for i in range(n):
+        wait(work)
+        current = slot(i)
+        if i + 1 < n:
+            work = comm.broadcast(slot(i + 1), src=i + 1)
         yield i, current
-    pipe.close()
 
 
 class CheckedSignatures:

@@ -9,8 +9,7 @@ Forward, for each owner rank i in turn (i = 0 .. N-1)::
     reduce SUM of the packs to owner i          (async, double-buffered)
     owner i: out_i = sum(o w) / sum(w), lse_i = m_i + log(sum(w))
 
-Backward, for each owner rank i in turn (each rank computes its own round first, while the first
-broadcast is in flight): owner i broadcasts its fused [k_i; v_i] (one message,
+Backward, for each owner rank i in turn: owner i broadcasts its fused [k_i; v_i] (one message,
 kv heads unexpanded); every rank accumulates its own dq locally and its partial [dk_i; dv_i]
 (float32), which is reduced to owner i. The same backward serves ringX2 and ringX4.
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .api import Algorithm, RunContext, ring_attention
-from .comm import BroadcastPipeline, broadcast_rounds, wait
+from .comm import broadcast_rounds, wait
 from .layout import block_plan
 from .merge import weigh_
 
@@ -92,21 +91,28 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     """Broadcast-kv backward. dout/q/out: (b, s, h, d), k/v: (b, s, hk, d), lse: (b, h, s) ->
-    (dq, dk, dv) in run.acc_dtype. Works for any layout that has a block plan.
-
-    Each rank computes its own round first (its partial [dk; dv] for its own k/v goes straight
-    into the buffer the reduce to it sums into), while the first broadcast is in flight; the
-    reduces are posted in owner order on every rank."""
+    (dq, dk, dv) in run.acc_dtype. Works for any layout that has a block plan."""
     comm, acc = run.comm, run.acc_dtype
-    n, r = comm.size, comm.rank
+    r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
-    dkv_own = torch.zeros(kv.shape, dtype=acc, device=q.device)       # own partial, then the sum
-    dkv_bufs = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(min(n - 1, 2))]
+    dkv_bufs = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
+    dkv_own = torch.empty(kv.shape, dtype=acc, device=q.device)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    pending: list = [None, None]          # the reduce in flight from each of dkv_bufs
-    own = None                            # the reduce into dkv_own
+    pending: list = [None, None]
+    owners_in_slot = [None, None]
 
-    def accumulate(i: int, kv_i, dkv) -> None:
+    def finish(slot: int) -> None:
+        wait(pending[slot])
+        pending[slot] = None
+        if owners_in_slot[slot] == r:
+            dkv_own.copy_(dkv_bufs[slot])
+
+    for i, kv_i in broadcast_rounds(comm, kv):
+        slot = i % 2
+        if owners_in_slot[slot] is not None:
+            finish(slot)
+        dkv = dkv_bufs[slot]
+        dkv.zero_()
         for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
             qs, ks = blk.q_rows, blk.kv_rows
             dq_b, dk_b, dv_b = run.kernel.backward(
@@ -115,24 +121,11 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
             dq[:, qs] += dq_b
             dkv[0][:, ks] += dk_b
             dkv[1][:, ks] += dv_b
-
-    pipe = BroadcastPipeline(comm, kv)
-    pipe.post(0)
-    accumulate(r, kv, dkv_own)            # own round first, while owner 0's k/v is in flight
-    for i in range(n):
-        pipe.post(i + 1)                  # same order on every rank: B(i+1), then R(i)
-        if i == r:
-            own = comm.reduce(dkv_own, dst=r)
-            continue
-        slot = (i - (i > r)) % 2          # the k-th other owner uses buffer k % 2
-        wait(pending[slot])
-        dkv = dkv_bufs[slot]
-        dkv.zero_()
-        accumulate(i, pipe.get(i), dkv)
         pending[slot] = comm.reduce(dkv, dst=i)
-    pipe.close()
-    for work in pending + [own]:
-        wait(work)
+        owners_in_slot[slot] = i
+    for slot in range(2):
+        if owners_in_slot[slot] is not None:
+            finish(slot)
     return dq, dkv_own[0], dkv_own[1]
 
 

@@ -1,8 +1,7 @@
 """ringX4: causal context-parallel attention, zigzag layout, balanced, broadcast-reduce.
 
 Forward: each owner rank s in turn broadcasts its fused [k_s; v_s] (unexpanded; the next owner's
-broadcast is posted before the current blocks compute, into a second buffer; each rank computes
-its own k/v first, while the first broadcast is in flight); every rank attends
+broadcast is posted before the current blocks compute, into a second buffer); every rank attends
 its local q to it with the zigzag block plan of ringX3 and merges the partials in float32.
 Backward: the broadcast-kv / reduce-dkv schedule of ringX1 with the zigzag block plan.
 
@@ -13,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .api import Algorithm, RunContext, ring_attention
-from .comm import BroadcastPipeline
+from .comm import broadcast_rounds
 from .layout import block_plan
 from .merge import merge_, new_accumulators
 from .ringX1 import bcast_kv_backward
@@ -25,21 +24,11 @@ def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch
     r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
     out, lse = new_accumulators(q, run.acc_dtype)
-
-    def attend(i: int, kv_i) -> None:
+    for i, kv_i in broadcast_rounds(comm, kv):
         for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
             qs, ks = blk.q_rows, blk.kv_rows
             o, l = run.kernel.forward(q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], blk.causal, run.scale)
             merge_(out[:, qs], lse[:, :, qs], o, l)
-
-    pipe = BroadcastPipeline(comm, kv)
-    pipe.post(0)
-    attend(r, kv)                         # own k/v first, while owner 0's is in flight
-    for i in range(comm.size):
-        pipe.post(i + 1)
-        if i != r:
-            attend(i, pipe.get(i))
-    pipe.close()
     return out, lse
 
 
