@@ -70,9 +70,9 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
     owners_in_slot = [None, None]
     for i, q_i in broadcast_rounds(comm, q):
         slot = i % 2
-        o_blk, lse_blk = _run_block(run, q_i, k, v, q_rank=i, kv_rank=r)
-        if prev is not None:
+        if prev is not None:              # the previous owner's reduce runs beside this block
             post_reduce(*prev)
+        o_blk, lse_blk = _run_block(run, q_i, k, v, q_rank=i, kv_rank=r)
         if owners_in_slot[slot] is not None:
             finish_reduce(slot, owners_in_slot[slot])
         m = maxes[slot]
