@@ -37,14 +37,20 @@ def usable(*tensors: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _tile(n, rows, heads, d, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's BLOCK_M (batch, row, head) items of n (64-bit offsets) and its
+        BLOCK_D head-dim lanes: (live, b, s, h, lanes, mask)."""
+        m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = m < n
+        dd = tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (dd[None, :] < d)
+        return live, m // (heads * rows), (m // heads) % rows, m % heads, dd, mask
+
+    @triton.jit
     def _merge_kernel(acc, lacc, blk, lblk, n, rows, heads, d,
                       a_b, a_s, a_h, la_b, la_h, la_s, b_b, b_s, b_h, lb_b, lb_h, lb_s,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # 64-bit offsets
-        live = m < n
-        hi = m % heads
-        si = (m // heads) % rows
-        bi = m // (heads * rows)
+        live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
         la = tl.load(lacc + bi * la_b + hi * la_h + si * la_s, mask=live, other=0.0)
         lb = tl.load(lblk + bi * lb_b + hi * lb_h + si * lb_s, mask=live, other=0.0).to(tl.float32)
         mx = tl.where(la > lb, la, lb)
@@ -56,8 +62,6 @@ if triton is not None:
         new = tl.where(empty, float("-inf"), safe + tl.log(total))
         wa = tl.where(empty, 0.0, ea / total)
         wb = tl.where(empty, 0.0, eb / total)
-        dd = tl.arange(0, BLOCK_D)
-        mask = live[:, None] & (dd[None, :] < d)
         pa = acc + (bi * a_b + si * a_s + hi * a_h)[:, None] + dd[None, :]
         pb = blk + (bi * b_b + si * b_s + hi * b_h)[:, None] + dd[None, :]
         xa = tl.load(pa, mask=mask, other=0.0)
@@ -69,16 +73,10 @@ if triton is not None:
     def _weigh_kernel(pack, o, lblk, mx, n, rows, heads, d,
                       p_b, p_s, p_h, o_b, o_s, o_h, l_b, l_h, l_s, m_b, m_h, m_s,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # 64-bit offsets
-        live = m < n
-        hi = m % heads
-        si = (m // heads) % rows
-        bi = m // (heads * rows)
+        live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
         lb = tl.load(lblk + bi * l_b + hi * l_h + si * l_s, mask=live, other=0.0).to(tl.float32)
         mm = tl.load(mx + bi * m_b + hi * m_h + si * m_s, mask=live, other=0.0)
         w = tl.exp(lb - mm)
-        dd = tl.arange(0, BLOCK_D)
-        mask = live[:, None] & (dd[None, :] < d)
         row = bi * p_b + si * p_s + hi * p_h
         x = tl.load(o + (bi * o_b + si * o_s + hi * o_h)[:, None] + dd[None, :], mask=mask, other=0.0)
         tl.store(pack + row[:, None] + dd[None, :], x.to(tl.float32) * w[:, None], mask=mask)
