@@ -105,27 +105,56 @@ class GroupComm:
         return out.cpu()
 
 
-def broadcast_rounds(comm: GroupComm, local: torch.Tensor):
-    """Yield (owner, tensor) for owner = 0 .. size-1, where tensor is ``local`` of that group rank.
+def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = False):
+    """Yield (owner, tensor) once for every owner group rank, where tensor is that rank's ``local``.
 
-    Double-buffered: the next owner's broadcast is posted before the current tensor is yielded,
-    so it is in flight while the caller computes with the current one. A receive buffer is reused
-    two rounds later, after the caller's work on it was queued (stream order on GPUs, program
-    order on CPUs), so it is never overwritten while in use.
+    Broadcasts are posted in owner order 0 .. size-1 and received into two buffers (the k-th
+    foreign owner's into buffer k % 2). A buffer is reused only after the caller's work on it was
+    queued (stream order on GPUs, program order on CPUs), so it is never overwritten while in
+    use. This rank's own tensor needs no wait.
+
+    own_first=False: owners in order 0 .. size-1; owner i+1's broadcast is posted just before
+    owner i is yielded, at the same point on every rank, so the caller may post its own
+    collectives on the group inside the loop (ringX1's reduces).
+
+    own_first=True: this rank's own tensor first, its work running while the first two
+    broadcasts travel, then the other owners in order; each broadcast is posted as soon as its
+    buffer is free. Those points differ between ranks, so the caller must post no other
+    collective on the group inside the loop. (Schedules that reduce a result per owner keep the
+    plain order anyway: with their own round first, the ranks would finish the last two
+    owners' rounds together at the end.)
     """
     n, r = comm.size, comm.rank
     bufs = [torch.empty_like(local) for _ in range(min(n - 1, 2))]
+    others = [i for i in range(n) if i != r]
+    into = {i: bufs[k % 2] for k, i in enumerate(others)}
+    into[r] = local
+    works: dict = {}
 
-    def slot(i: int) -> torch.Tensor:
-        return local if i == r else bufs[i % len(bufs)]
+    def post(i: int) -> None:
+        works[i] = comm.broadcast(into[i], src=i)
 
-    work = comm.broadcast(slot(0), src=0)
-    for i in range(n):
+    if not own_first:
+        post(0)
+        for i in range(n):
+            if i != r:
+                wait(works.pop(i))
+            if i + 1 < n:
+                post(i + 1)
+            yield i, into[i]
+    else:
+        nxt, used = 0, 0              # next owner to post; foreign owners already used
+        for i in [r] + others:
+            # post in owner order while the next owner is this rank or its buffer is free
+            while nxt < n and (nxt == r or others.index(nxt) < used + 2):
+                post(nxt)
+                nxt += 1
+            if i != r:
+                wait(works.pop(i))
+            yield i, into[i]
+            used += i != r
+    for work in works.values():     # this rank's own send, if still in flight
         wait(work)
-        current = slot(i)
-        if i + 1 < n:
-            work = comm.broadcast(slot(i + 1), src=i + 1)
-        yield i, current
 
 
 class CheckedSignatures:

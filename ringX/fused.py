@@ -6,7 +6,10 @@ attention kernels themselves:
 
 - ``merge``: the log-sum-exp merge of a partial (out_blk, lse_blk) into (out_acc, lse_acc)
   (ringX3, ringX4 and the apps' merges; formula in ringX.merge), one pass instead of about ten;
-- ``weigh``: ringX1/ringX2's reduce message [o * w | w] with w = exp(lse_blk - m), one pass.
+- ``weigh``: ringX1/ringX2's reduce message (o * w, w) with w = exp(lse_blk - m), one pass.
+
+Programs walk the (batch, head, row) items with rows fastest, so the per-row lse loads are
+contiguous; every item is one contiguous head-dim row of the 4-D tensors.
 
 Each kernel reads and writes exactly the values of the PyTorch formula (float32 arithmetic;
 -inf rows give weight 0, NaN propagates). ``usable`` says when a kernel takes the call: NVIDIA
@@ -38,13 +41,13 @@ if triton is not None:
 
     @triton.jit
     def _tile(n, rows, heads, d, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's BLOCK_M (batch, row, head) items of n (64-bit offsets) and its
-        BLOCK_D head-dim lanes: (live, b, s, h, lanes, mask)."""
+        """This program's BLOCK_M (batch, head, row) items of n, rows fastest (64-bit offsets),
+        and its BLOCK_D head-dim lanes: (live, b, s, h, lanes, mask)."""
         m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         live = m < n
         dd = tl.arange(0, BLOCK_D)
         mask = live[:, None] & (dd[None, :] < d)
-        return live, m // (heads * rows), (m // heads) % rows, m % heads, dd, mask
+        return live, m // (heads * rows), m % rows, (m // rows) % heads, dd, mask
 
     @triton.jit
     def _merge_kernel(acc, lacc, blk, lblk, n, rows, heads, d,
@@ -70,28 +73,28 @@ if triton is not None:
         tl.store(lacc + bi * la_b + hi * la_h + si * la_s, new, mask=live)
 
     @triton.jit
-    def _weigh_kernel(pack, o, lblk, mx, n, rows, heads, d,
-                      p_b, p_s, p_h, o_b, o_s, o_h, l_b, l_h, l_s, m_b, m_h, m_s,
+    def _weigh_kernel(ow, wt, o, lblk, mx, n, rows, heads, d,
+                      p_b, p_s, p_h, w_b, w_s, w_h, o_b, o_s, o_h, l_b, l_h, l_s, m_b, m_h, m_s,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
         lb = tl.load(lblk + bi * l_b + hi * l_h + si * l_s, mask=live, other=0.0).to(tl.float32)
         mm = tl.load(mx + bi * m_b + hi * m_h + si * m_s, mask=live, other=0.0)
         w = tl.exp(lb - mm)
-        row = bi * p_b + si * p_s + hi * p_h
         x = tl.load(o + (bi * o_b + si * o_s + hi * o_h)[:, None] + dd[None, :], mask=mask, other=0.0)
-        tl.store(pack + row[:, None] + dd[None, :], x.to(tl.float32) * w[:, None], mask=mask)
-        tl.store(pack + row + d, w, mask=live)
+        tl.store(ow + (bi * p_b + si * p_s + hi * p_h)[:, None] + dd[None, :], x.to(tl.float32) * w[:, None],
+                 mask=mask)
+        tl.store(wt + bi * w_b + si * w_s + hi * w_h, w, mask=live)
 
 
-def _launch(kernel, first: torch.Tensor, rows_shape, d: int, *args) -> None:
+def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple) -> None:
     b, rows, heads = rows_shape
     n = b * rows * heads
     if n == 0:
         return
     block_d = triton.next_power_of_2(d)
     block_m = max(1, 4096 // block_d)
-    with torch.cuda.device(first.device):
-        kernel[(triton.cdiv(n, block_m),)](*args[:4], n, rows, heads, d, *args[4:],
+    with torch.cuda.device(tensors[0].device):
+        kernel[(triton.cdiv(n, block_m),)](*tensors, n, rows, heads, d, *strides,
                                           BLOCK_M=block_m, BLOCK_D=block_d)
 
 
@@ -99,13 +102,13 @@ def merge(out_acc, lse_acc, out_blk, lse_blk) -> None:
     """ringX.merge.merge_ in one kernel. out_acc (b, rows, h, d) float32 and lse_acc (b, h, rows)
     float32, views allowed; out_blk (b, rows, h, d) any float dtype; lse_blk (b, h, rows)."""
     b, rows, h, d = out_acc.shape
-    _launch(_merge_kernel, out_acc, (b, rows, h), d, out_acc, lse_acc, out_blk, lse_blk,
-            *out_acc.stride()[:3], *lse_acc.stride(), *out_blk.stride()[:3], *lse_blk.stride())
+    _launch(_merge_kernel, (b, rows, h), d, (out_acc, lse_acc, out_blk, lse_blk),
+            (*out_acc.stride()[:3], *lse_acc.stride(), *out_blk.stride()[:3], *lse_blk.stride()))
 
 
-def weigh(pack, out_blk, lse_blk, m) -> None:
-    """pack (b, s, h, d + 1) float32 <- [out_blk * w | w] with w = exp(lse_blk - m): out_blk
-    (b, s, h, d) any float dtype, lse_blk and m (b, h, s)."""
+def weigh(ow, w, out_blk, lse_blk, m) -> None:
+    """ow (b, s, h, d) float32 <- out_blk * w and w (b, s, h) float32 <- exp(lse_blk - m):
+    out_blk (b, s, h, d) any float dtype, lse_blk and m (b, h, s); views allowed."""
     b, s, h, d = out_blk.shape
-    _launch(_weigh_kernel, pack, (b, s, h), d, pack, out_blk, lse_blk, m,
-            *pack.stride()[:3], *out_blk.stride()[:3], *lse_blk.stride(), *m.stride())
+    _launch(_weigh_kernel, (b, s, h), d, (ow, w, out_blk, lse_blk, m),
+            (*ow.stride()[:3], *w.stride(), *out_blk.stride()[:3], *lse_blk.stride(), *m.stride()))

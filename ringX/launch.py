@@ -178,6 +178,16 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def nccl_env_defaults() -> None:
+    """PyTorch NCCL/RCCL settings ringX relies on, unless the user set them: a failed or timed-out
+    collective raises instead of hanging (TORCH_NCCL_ASYNC_ERROR_HANDLING=1), and the
+    communication stream runs at high priority (TORCH_NCCL_HIGH_PRIORITY=1), so that a broadcast
+    or reduce posted beside a long attention kernel gets SMs as soon as some free up instead of
+    waiting for the kernel's last wave."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")
+
+
 def init_distributed(backend: str | None = None,
                      timeout: float | datetime.timedelta | None = None) -> DistInfo:
     """Initialise torch.distributed from the launcher's environment; returns rank, world size,
@@ -189,7 +199,7 @@ def init_distributed(backend: str | None = None,
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        nccl_env_defaults()
     if not dist.is_initialized():
         addr = denv.master_addr or "127.0.0.1"
         port = denv.master_port or DEFAULT_PORT
@@ -207,6 +217,7 @@ def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        nccl_env_defaults()
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world_size, timeout=resolve_timeout(pg_timeout_s),
                             **({"device_id": device} if use_cuda else {}))

@@ -48,26 +48,26 @@ def merge_formula_(out_acc, lse_acc, out_blk, lse_blk) -> None:
     lse_acc.copy_(new_lse)
 
 
-def weigh_(pack: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor, m: torch.Tensor) -> None:
+def weigh_(ow: torch.Tensor, w: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor,
+           m: torch.Tensor) -> None:
     """The reduce message of the broadcast-q schedule (ringX1/ringX2), in place.
 
-    pack: (batch, rows, heads, headdim + 1) float32 (or float64) <- [out_blk * w | w] with
-    w = exp(lse_blk - m); out_blk: (batch, rows, heads, headdim) any float dtype; lse_blk and
-    m: (batch, heads, rows), m the maximum of lse over the ranks. Summing the packs of all ranks
-    gives sum(o w) and sum(w), whose ratio is the merged output. One fused kernel on GPUs.
+    ow: (batch, rows, heads, headdim) float32 (or float64) <- out_blk * w and w: (batch, rows,
+    heads) same dtype <- exp(lse_blk - m); out_blk: (batch, rows, heads, headdim) any float
+    dtype; lse_blk and m: (batch, heads, rows), m the maximum of lse over the ranks. Summing
+    (ow, w) over the ranks gives sum(o w) and sum(w), whose ratio is the merged output. ow and w
+    are usually two views of one flat buffer, reduced as one message. One fused kernel on GPUs.
     """
-    if pack.dtype == torch.float32 and fused.usable(pack, out_blk):
-        fused.weigh(pack, out_blk, lse_blk, m)
+    if ow.dtype == torch.float32 and fused.usable(ow, out_blk):
+        fused.weigh(ow, w, out_blk, lse_blk, m)
     else:
-        weigh_formula_(pack, out_blk, lse_blk, m)
+        weigh_formula_(ow, w, out_blk, lse_blk, m)
 
 
-def weigh_formula_(pack, out_blk, lse_blk, m) -> None:
+def weigh_formula_(ow, w, out_blk, lse_blk, m) -> None:
     """weigh_ in plain PyTorch operations; the fused kernel's reference."""
-    d = out_blk.shape[-1]
-    w = torch.exp(lse_blk.to(pack.dtype) - m).transpose(1, 2)          # (batch, rows, heads)
-    torch.mul(out_blk, w.unsqueeze(-1), out=pack[..., :d])
-    pack[..., d].copy_(w)
+    torch.exp(lse_blk.to(ow.dtype) - m, out=w.transpose(1, 2))           # (batch, rows, heads)
+    torch.mul(out_blk, w.unsqueeze(-1), out=ow)
 
 
 def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

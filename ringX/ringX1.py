@@ -5,7 +5,7 @@ Forward, for each owner rank i in turn (i = 0 .. N-1)::
     owner i broadcasts q_i                      (posted one step ahead: overlaps step i-1)
     every rank j: (o_ij, lse_ij) = attn(q_i, k_j, v_j)
     m_i = all-reduce MAX over j of lse_ij       (posted async; waited one step later)
-    every rank j: w_ij = exp(lse_ij - m_i); packs [o_ij * w_ij | w_ij]  (float32)
+    every rank j: w_ij = exp(lse_ij - m_i); packs (o_ij * w_ij, w_ij)  (float32, one message)
     reduce SUM of the packs to owner i          (async, double-buffered)
     owner i: out_i = sum(o w) / sum(w), lse_i = m_i + log(sum(w))
 
@@ -36,13 +36,24 @@ def _run_block(run: RunContext, q_i, k, v, q_rank: int, kv_rank: int):
     return run.kernel.forward(q_i, k, v, blocks[0].causal, run.scale)
 
 
+class _Pack:
+    """One reduce message of the broadcast-q forward: a flat float buffer viewed as ``ow``
+    (b, s, h, d) and ``w`` (b, s, h), so both parts keep aligned rows and travel together."""
+
+    def __init__(self, b: int, s: int, h: int, d: int, dtype: torch.dtype, device):
+        n = b * s * h
+        self.flat = torch.empty(n * (d + 1), dtype=dtype, device=device)
+        self.ow = self.flat[: n * d].view(b, s, h, d)
+        self.w = self.flat[n * d:].view(b, s, h)
+
+
 def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Broadcast-q forward. q: (b, s, h, d), k/v: (b, s, hk, d) local shards ->
     (out (b, s, h, d), lse (b, h, s)) in run.acc_dtype for this rank's queries."""
     comm, acc = run.comm, run.acc_dtype
     r = comm.rank
     b, s, h, d = q.shape
-    packs = [torch.empty((b, s, h, d + 1), dtype=acc, device=q.device) for _ in range(2)]
+    packs = [_Pack(b, s, h, d, acc, q.device) for _ in range(2)]
     maxes = [torch.empty((b, h, s), dtype=acc, device=q.device) for _ in range(2)]
     out = torch.empty((b, s, h, d), dtype=acc, device=q.device)
     lse = torch.empty((b, h, s), dtype=acc, device=q.device)
@@ -54,18 +65,18 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
         wait(pending_reduce[slot])
         pending_reduce[slot] = None
         if owner == r:
-            den = packs[slot][..., d]                              # (b, s, h)
-            torch.div(packs[slot][..., :d], den.unsqueeze(-1), out=out)
+            den = packs[slot].w                                    # (b, s, h)
+            torch.div(packs[slot].ow, den.unsqueeze(-1), out=out)
             lse.copy_(maxes[slot] + torch.log(den).transpose(1, 2))
 
     def post_reduce(owner: int, slot: int, o_blk, lse_blk) -> None:
         wait(pending_max)
         pack = packs[slot]
         if o_blk is None:
-            pack.zero_()
+            pack.flat.zero_()
         else:
-            weigh_(pack, o_blk, lse_blk, maxes[slot])
-        pending_reduce[slot] = comm.reduce(pack, dst=owner)
+            weigh_(pack.ow, pack.w, o_blk, lse_blk, maxes[slot])
+        pending_reduce[slot] = comm.reduce(pack.flat, dst=owner)
 
     owners_in_slot = [None, None]
     for i, q_i in broadcast_rounds(comm, q):

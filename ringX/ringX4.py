@@ -1,8 +1,9 @@
 """ringX4: causal context-parallel attention, zigzag layout, balanced, broadcast-reduce.
 
-Forward: each owner rank s in turn broadcasts its fused [k_s; v_s] (unexpanded; the next owner's
-broadcast is posted before the current blocks compute, into a second buffer); every rank attends
-its local q to it with the zigzag block plan of ringX3 and merges the partials in float32.
+Forward: each owner rank s in turn broadcasts its fused [k_s; v_s] (unexpanded, received into two
+buffers, each posted as soon as its buffer is free); every rank first attends its local q to its
+own k/v (the diagonal block, while the first two broadcasts travel), then to each other owner's
+with the zigzag block plan of ringX3, merging the partials in float32.
 Backward: the broadcast-kv / reduce-dkv schedule of ringX1 with the zigzag block plan.
 
 Every rank does the same work and per-rank memory stays O(S/N).
@@ -14,7 +15,7 @@ import torch
 from .api import Algorithm, RunContext, ring_attention
 from .comm import broadcast_rounds
 from .layout import block_plan
-from .merge import merge_, new_accumulators
+from .merge import merge_
 from .ringX1 import bcast_kv_backward
 
 
@@ -23,12 +24,16 @@ def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch
     comm = run.comm
     r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
-    out, lse = new_accumulators(q, run.acc_dtype)
-    for i, kv_i in broadcast_rounds(comm, kv):
+    out = lse = None
+    for i, kv_i in broadcast_rounds(comm, kv, own_first=True):
         for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
             qs, ks = blk.q_rows, blk.kv_rows
             o, l = run.kernel.forward(q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], blk.causal, run.scale)
-            merge_(out[:, qs], lse[:, :, qs], o, l)
+            if out is None:               # the own (diagonal) block comes first and covers every row
+                out = torch.empty(o.shape, dtype=run.acc_dtype, device=o.device).copy_(o)
+                lse = torch.empty(l.shape, dtype=run.acc_dtype, device=l.device).copy_(l)
+            else:
+                merge_(out[:, qs], lse[:, :, qs], o, l)
     return out, lse
 
 

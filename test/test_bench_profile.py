@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringX.bench.profile import kernel_breakdown, length, length_outside, merged, short_name, summarize  # noqa: E402
+from ringX.bench.profile import (kernel_breakdown, length, length_outside, merged, short_name, summarize,  # noqa: E402
+                                 timeline)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +60,15 @@ def test_kernel_breakdown_sums_by_short_name(tmp_path):
     assert kernel_breakdown(str(trace), top=2) == [("void cudnn::fmha_fwd", 2, 1.5),
                                                    ("ncclDevKernel_Reduce_Sum_f32_RING_LL", 1, 0.25)]
     assert short_name("x" * 80) == "x" * 60
+
+
+def test_timeline_merges_runs_per_stream_in_time_order(tmp_path):
+    trace = tmp_path / "t.json"
+    k = [("void cudnn::fmha_fwd<1>(P)", 7, 1000.0, 500.0), ("void cudnn::fmha_fwd<1>(P)", 7, 1600.0, 400.0),
+         ("ncclDevKernel_Broadcast_RING_LL(A)", 20, 1100.0, 300.0), ("merge_kernel", 7, 2100.0, 50.0)]
+    events = [{"cat": "kernel", "name": n, "ts": ts, "dur": d, "args": {"stream": s}} for n, s, ts, d in k]
+    trace.write_text(json.dumps({"traceEvents": events}))
+    assert timeline(str(trace)) == [("7", 0.0, 0.5, "void cudnn::fmha_fwd", 1),
+                                    ("20", 0.1, 0.4, "ncclDevKernel_Broadcast_RING_LL", 1),
+                                    ("7", 0.6, 1.0, "void cudnn::fmha_fwd", 1),
+                                    ("7", 1.1, 1.15, "merge_kernel", 1)]

@@ -65,8 +65,9 @@ def test_fused_merge_propagates_nan():
 def test_fused_weigh_equals_formula(d):
     _, _, blk, lblk = _partials(2, 64, 4, d, "cuda", torch.bfloat16, seed=3)
     m = torch.maximum(lblk, torch.randn_like(lblk))
-    mine = torch.full((2, 64, 4, d + 1), float("nan"), device="cuda")
+    mine = torch.full((2 * 64 * 4 * (d + 1),), float("nan"), device="cuda")
     ref = mine.clone()
-    weigh_(mine, blk, lblk, m)
-    weigh_formula_(ref, blk, lblk, m)
+    n = 2 * 64 * 4 * d
+    for flat, fn in ((mine, weigh_), (ref, weigh_formula_)):
+        fn(flat[:n].view(2, 64, 4, d), flat[n:].view(2, 64, 4), blk, lblk, m)
     torch.testing.assert_close(mine, ref, rtol=2e-6, atol=0)

@@ -102,19 +102,54 @@ def kernel_breakdown(trace_path: str, top: int = 12) -> list[tuple[str, int, flo
     return sorted(((k, c, ms) for k, (c, ms) in totals.items()), key=lambda x: -x[2])[:top]
 
 
+def timeline(trace_path: str) -> list[tuple[str, float, float, str, int]]:
+    """The device kernels of a Chrome trace in time order, runs of one kernel name on one stream
+    merged: (stream, start ms from the first kernel, end ms, short name, kernels in the run).
+    Reading the streams side by side shows which one waits on what."""
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], str(e.get("args", {}).get("stream", e.get("tid"))),
+                      short_name(e["name"])) for e in events if e.get("cat") == "kernel" and e.get("dur"))
+    if not kernels:
+        return []
+    t0 = kernels[0][0]
+    runs: list[list] = []
+    last: dict[str, list] = {}
+    for s, e, stream, name in kernels:
+        run = last.get(stream)
+        if run is not None and run[3] == name and run is runs[-1]:
+            run[2], run[4] = (e - t0) / 1e3, run[4] + 1
+        else:
+            run = [stream, (s - t0) / 1e3, (e - t0) / 1e3, name, 1]
+            runs.append(run)
+            last[stream] = run
+    return [tuple(r) for r in runs]
+
+
 def main(argv=None) -> int:
-    """``python -m ringX.bench.profile TRACE.json ...``: each trace's largest kernels."""
+    """``python -m ringX.bench.profile TRACE.json ...``: each trace's largest kernels
+    (``--timeline``: also its kernels in time order, one column per stream)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m ringX.bench.profile", description=main.__doc__)
     p.add_argument("traces", nargs="+")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--timeline", action="store_true", help="also print the kernels in time order")
     args = p.parse_args(argv)
     for path in args.traces:
         print(f"== {os.path.basename(path)}")
         print(f"{'calls':>6} {'total ms':>9}  kernel")
         for name, calls, ms in kernel_breakdown(path, args.top):
             print(f"{calls:6d} {ms:9.2f}  {name}")
+        if args.timeline:
+            runs = timeline(path)
+            streams = sorted({r[0] for r in runs})
+            print("stream  " + "  ".join(f"{i}={s}" for i, s in enumerate(streams)))
+            for stream, start, end, name, n in runs:
+                print(f"{start:9.3f} {end:9.3f}  s{streams.index(stream)}  "
+                      f"{'    ' * streams.index(stream)}{name[:48]}{f' x{n}' if n > 1 else ''}")
     return 0
 
 
