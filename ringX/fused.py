@@ -6,7 +6,9 @@ attention kernels themselves:
 
 - ``merge``: the log-sum-exp merge of a partial (out_blk, lse_blk) into (out_acc, lse_acc)
   (ringX3, ringX4 and the apps' merges; formula in ringX.merge), one pass instead of about ten;
-- ``weigh``: ringX1/ringX2's reduce message (o * w, w) with w = exp(lse_blk - m), one pass.
+- ``weigh``: ringX1/ringX2's reduce message (o * w, w) with w = exp(lse_blk - m), one pass;
+- ``accumulate``: a block's bf16/fp16 gradient added into a float32 accumulator (the mixed-dtype
+  ``+=`` of PyTorch takes a slower, unvectorized path).
 
 Programs walk the (batch, head, row) items with rows fastest, so the per-row lse loads are
 contiguous; every item is one contiguous head-dim row of the 4-D tensors.
@@ -86,6 +88,15 @@ if triton is not None:
         tl.store(wt + bi * w_b + si * w_s + hi * w_h, w, mask=live)
 
 
+    @triton.jit
+    def _accumulate_kernel(dst, src, n, rows, heads, d, d_b, d_s, d_h, s_b, s_s, s_h,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
+        pd = dst + (bi * d_b + si * d_s + hi * d_h)[:, None] + dd[None, :]
+        x = tl.load(src + (bi * s_b + si * s_s + hi * s_h)[:, None] + dd[None, :], mask=mask, other=0.0)
+        tl.store(pd, tl.load(pd, mask=mask, other=0.0) + x.to(tl.float32), mask=mask)
+
+
 def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple) -> None:
     b, rows, heads = rows_shape
     n = b * rows * heads
@@ -112,3 +123,9 @@ def weigh(ow, w, out_blk, lse_blk, m) -> None:
     b, s, h, d = out_blk.shape
     _launch(_weigh_kernel, (b, s, h), d, (ow, w, out_blk, lse_blk, m),
             (*ow.stride()[:3], *w.stride(), *out_blk.stride()[:3], *lse_blk.stride(), *m.stride()))
+
+
+def accumulate(dst, src) -> None:
+    """dst (b, rows, h, d) float32 += src (b, rows, h, d) any float dtype; views allowed."""
+    b, rows, h, d = dst.shape
+    _launch(_accumulate_kernel, (b, rows, h), d, (dst, src), (*dst.stride()[:3], *src.stride()[:3]))

@@ -70,6 +70,16 @@ def weigh_formula_(ow, w, out_blk, lse_blk, m) -> None:
     torch.mul(out_blk, w.unsqueeze(-1), out=ow)
 
 
+def accumulate_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst += src for a block's gradient: dst (batch, rows, heads, headdim) float32 or float64
+    (a row-slice view allowed), src the same shape in any float dtype. One fused kernel on GPUs
+    for float32 accumulators; PyTorch's add elsewhere (the same float32 sums)."""
+    if dst.dtype == torch.float32 and fused.usable(dst, src):
+        fused.accumulate(dst, src)
+    else:
+        dst.add_(src)
+
+
 def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty accumulators for queries q (batch, seqlen, heads, headdim):
     out (batch, seqlen, heads, headdim) zeros and lse (batch, heads, seqlen) = -inf."""

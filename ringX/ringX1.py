@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .api import Algorithm, RunContext, ring_attention
 from .comm import broadcast_rounds, wait
 from .layout import block_plan
-from .merge import weigh_
+from .merge import accumulate_, weigh_
 
 
 def _run_block(run: RunContext, q_i, k, v, q_rank: int, kv_rank: int):
@@ -129,9 +129,9 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
             dq_b, dk_b, dv_b = run.kernel.backward(
                 dout[:, qs], q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], out[:, qs], lse[:, :, qs],
                 blk.causal, run.scale)
-            dq[:, qs] += dq_b
-            dkv[0][:, ks] += dk_b
-            dkv[1][:, ks] += dv_b
+            accumulate_(dq[:, qs], dq_b)
+            accumulate_(dkv[0][:, ks], dk_b)
+            accumulate_(dkv[1][:, ks], dv_b)
         pending[slot] = comm.reduce(dkv, dst=i)
         owners_in_slot[slot] = i
     for slot in range(2):

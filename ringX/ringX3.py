@@ -24,7 +24,7 @@ import torch
 from .api import Algorithm, RunContext, ring_attention
 from .comm import wait
 from .layout import block_plan
-from .merge import merge_, new_accumulators
+from .merge import accumulate_, merge_, new_accumulators
 
 
 def _keys(gathered: torch.Tensor, ranks: slice, rows: slice) -> torch.Tensor:
@@ -100,7 +100,7 @@ def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
 
     for blk in _diagonal(run, r, s):
         dq_b, dk_b, dv_b = block_backward(blk.q_rows, k[:, blk.kv_rows], v[:, blk.kv_rows], blk.causal)
-        dq[:, blk.q_rows] += dq_b
+        accumulate_(dq[:, blk.q_rows], dq_b)
         add_dkv(slice(r, r + 1), blk.kv_rows, dk_b, dv_b)
     wait(work)
     dkv = torch.empty((pieces, 2, b, half, hk, d), dtype=acc, device=q.device)
@@ -109,7 +109,7 @@ def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
         if ranks.stop > ranks.start:
             keys = _keys(gathered, ranks, kv_rows)
             dq_b, dk_b, dv_b = block_backward(q_rows, keys[0], keys[1], False)
-            dq[:, q_rows] += dq_b
+            accumulate_(dq[:, q_rows], dq_b)
             add_dkv(ranks, kv_rows, dk_b, dv_b)
         if run.causal and name == "late" and pieces == 2:
             # second halves are final now (earlier-rank calls touch first halves only)

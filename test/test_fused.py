@@ -6,7 +6,7 @@ import torch
 
 import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
 from ringX import fused
-from ringX.merge import merge_, merge_formula_, weigh_, weigh_formula_
+from ringX.merge import accumulate_, merge_, merge_formula_, weigh_, weigh_formula_
 
 GPU = torch.cuda.is_available() and fused.triton is not None and torch.version.hip is None
 needs_gpu = pytest.mark.skipif(not GPU, reason="the fused kernels need an NVIDIA GPU and Triton")
@@ -71,3 +71,16 @@ def test_fused_weigh_equals_formula(d):
     for flat, fn in ((mine, weigh_), (ref, weigh_formula_)):
         fn(flat[:n].view(2, 64, 4, d), flat[n:].view(2, 64, 4), blk, lblk, m)
     torch.testing.assert_close(mine, ref, rtol=2e-6, atol=0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", [128, 80])
+def test_fused_accumulate_equals_add_on_row_slices(d):
+    g = torch.Generator(device="cuda").manual_seed(4)
+    acc = torch.randn(2, 96, 4, d, device="cuda", generator=g)
+    ref = acc.clone()
+    blk = torch.randn(2, 40, 4, d, device="cuda", generator=g).to(torch.bfloat16)
+    blk[0, 3, 1, 5] = float("nan")
+    accumulate_(acc[:, 30:70], blk)            # a strided row-slice view over batch
+    ref[:, 30:70] += blk
+    torch.testing.assert_close(acc, ref, rtol=0, atol=0, equal_nan=True)
