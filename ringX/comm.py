@@ -108,26 +108,32 @@ class GroupComm:
 def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = False):
     """Yield (owner, tensor) once for every owner group rank, where tensor is that rank's ``local``.
 
-    Broadcasts are posted in owner order 0 .. size-1 and received into two buffers (the k-th
-    foreign owner's into buffer k % 2). A buffer is reused only after the caller's work on it was
+    Broadcasts are posted in owner order 0 .. size-1 and received into B buffers (the k-th
+    foreign owner's into buffer k % B). A buffer is reused only after the caller's work on it was
     queued (stream order on GPUs, program order on CPUs), so it is never overwritten while in
-    use. This rank's own tensor needs no wait.
+    use.
 
-    own_first=False: owners in order 0 .. size-1; owner i+1's broadcast is posted just before
-    owner i is yielded, at the same point on every rank, so the caller may post its own
-    collectives on the group inside the loop (ringX1's reduces).
+    own_first=False (B = 2): owners in order 0 .. size-1; owner i+1's broadcast is posted just
+    before owner i is yielded, at the same point on every rank, so the caller may post its own
+    collectives on the group inside the loop (ringX1's reduces). The owner, too, waits for its
+    own send before its round: its block would otherwise take the SMs before the send starts and
+    hold every other rank back by a block (measured on the ViT, 2 x H200).
 
-    own_first=True: this rank's own tensor first, its work running while the first two
-    broadcasts travel, then the other owners in order; each broadcast is posted as soon as its
-    buffer is free. Those points differ between ranks, so the caller must post no other
+    own_first=True (B = 3): this rank's own tensor first (no wait), its work running while the
+    first broadcasts travel (posted before it, so they hold their SMs first), then the other
+    owners in order; each broadcast is posted as soon as its buffer is free. A broadcast starts
+    only once every rank has freed its buffer, and a rank after the owner frees it one round
+    later than a rank before it; the third buffer keeps one round of slack there, as two do in
+    the plain order. Posting points differ between ranks, so the caller must post no other
     collective on the group inside the loop. (Schedules that reduce a result per owner keep the
     plain order anyway: with their own round first, the ranks would finish the last two
     owners' rounds together at the end.)
     """
     n, r = comm.size, comm.rank
-    bufs = [torch.empty_like(local) for _ in range(min(n - 1, 2))]
+    nbuf = min(n - 1, 3 if own_first else 2)
+    bufs = [torch.empty_like(local) for _ in range(nbuf)]
     others = [i for i in range(n) if i != r]
-    into = {i: bufs[k % 2] for k, i in enumerate(others)}
+    into = {i: bufs[k % nbuf] for k, i in enumerate(others)}
     into[r] = local
     works: dict = {}
 
@@ -137,8 +143,7 @@ def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = Fal
     if not own_first:
         post(0)
         for i in range(n):
-            if i != r:
-                wait(works.pop(i))
+            wait(works.pop(i))
             if i + 1 < n:
                 post(i + 1)
             yield i, into[i]
@@ -146,7 +151,7 @@ def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = Fal
         nxt, used = 0, 0              # next owner to post; foreign owners already used
         for i in [r] + others:
             # post in owner order while the next owner is this rank or its buffer is free
-            while nxt < n and (nxt == r or others.index(nxt) < used + 2):
+            while nxt < n and (nxt == r or others.index(nxt) < used + nbuf):
                 post(nxt)
                 nxt += 1
             if i != r:

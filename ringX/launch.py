@@ -180,12 +180,8 @@ def pick_device(local_rank: int) -> torch.device:
 
 def nccl_env_defaults() -> None:
     """PyTorch NCCL/RCCL settings ringX relies on, unless the user set them: a failed or timed-out
-    collective raises instead of hanging (TORCH_NCCL_ASYNC_ERROR_HANDLING=1), and the
-    communication stream runs at high priority (TORCH_NCCL_HIGH_PRIORITY=1), so that a broadcast
-    or reduce posted beside a long attention kernel gets SMs as soon as some free up instead of
-    waiting for the kernel's last wave."""
+    collective raises instead of hanging (TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")
 
 
 def init_distributed(backend: str | None = None,
