@@ -7,7 +7,8 @@
 #   NPROC=8 bash script/gpu_bench.sh long8   S = 512K all methods; 1M, 2M ringX4 causal; 1M ringX1 full
 #   bash script/gpu_bench.sh profile  8K tokens per GPU causal and 32K per GPU full (S = 32K and 128K on 4
 #                                     GPUs), every method timed and then profiled (--profile: compute /
-#                                     communication / exposed / idle ms, traces, largest kernels)
+#                                     communication / exposed / idle ms, traces, largest kernels,
+#                                     OUT/timelines.txt: rank 0's kernels in time order per stream)
 # Then: python script/bench_table.py $OUT/*/results.csv --seqlen 262144 (scaling table and plot).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,8 @@ case "${1:-short}" in
            --repeats 5 --profile --out "$out/profile_causal"
          timeout 280 "$py" -m ringX.bench "${common[@]}" --seqlens $((32768 * n)) --causal false --warmup 2 \
            --repeats 5 --profile --out "$out/profile_full"
-         "$py" -m ringX.bench.profile "$out"/profile_*/traces/*_rank0.json ;;
+         "$py" -m ringX.bench.profile "$out"/profile_*/traces/*_rank0.json
+         "$py" -m ringX.bench.profile --top 4 --timeline "$out"/profile_*/traces/*_rank0.json > "$out/timelines.txt"
+         echo "kernels in time order, one column per stream: $out/timelines.txt" ;;
   *) echo "usage: $0 short|long|scaling|long8|profile" >&2; exit 2 ;;
 esac
