@@ -1,9 +1,9 @@
 """ringX4: causal context-parallel attention, zigzag layout, balanced, broadcast-reduce.
 
-Forward: each owner rank s in turn broadcasts its fused [k_s; v_s] (unexpanded, received into two
-buffers, each posted as soon as its buffer is free); every rank first attends its local q to its
-own k/v (the diagonal block, while the first two broadcasts travel), then to each other owner's
-with the zigzag block plan of ringX3, merging the partials in float32.
+Forward: each owner rank s in turn broadcasts its fused [k_s; v_s] (unexpanded, received into up
+to three buffers, each broadcast posted as soon as its buffer is free); every rank first attends
+its local q to its own k/v (the diagonal block, while the first broadcasts travel), then to each
+other owner's with the zigzag block plan of ringX3, merging the partials in float32.
 Backward: the broadcast-kv / reduce-dkv schedule of ringX1 with the zigzag block plan.
 
 Every rank does the same work and per-rank memory stays O(S/N).
