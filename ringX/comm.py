@@ -151,7 +151,7 @@ def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = Fal
         nxt, used = 0, 0              # next owner to post; foreign owners already used
         for i in [r] + others:
             # post in owner order while the next owner is this rank or its buffer is free
-            while nxt < n and (nxt == r or others.index(nxt) < used + nbuf):
+            while nxt < n and (nxt == r or nxt - (nxt > r) < used + nbuf):   # nxt's foreign index
                 post(nxt)
                 nxt += 1
             if i != r:

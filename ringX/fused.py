@@ -87,7 +87,6 @@ if triton is not None:
                  mask=mask)
         tl.store(wt + bi * w_b + si * w_s + hi * w_h, w, mask=live)
 
-
     @triton.jit
     def _accumulate_kernel(dst, src, n, rows, heads, d, d_b, d_s, d_h, s_b, s_s, s_h,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):

@@ -116,15 +116,11 @@ def timeline(trace_path: str) -> list[tuple[str, float, float, str, int]]:
         return []
     t0 = kernels[0][0]
     runs: list[list] = []
-    last: dict[str, list] = {}
     for s, e, stream, name in kernels:
-        run = last.get(stream)
-        if run is not None and run[3] == name and run is runs[-1]:
-            run[2], run[4] = (e - t0) / 1e3, run[4] + 1
+        if runs and runs[-1][0] == stream and runs[-1][3] == name:   # the run continues
+            runs[-1][2], runs[-1][4] = (e - t0) / 1e3, runs[-1][4] + 1
         else:
-            run = [stream, (s - t0) / 1e3, (e - t0) / 1e3, name, 1]
-            runs.append(run)
-            last[stream] = run
+            runs.append([stream, (s - t0) / 1e3, (e - t0) / 1e3, name, 1])
     return [tuple(r) for r in runs]
 
 
