@@ -1,6 +1,7 @@
 """ringX.bench --profile: the time-line accounting, and a tiny CPU run that writes traces."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def test_tiny_cpu_benchmark_with_profile_writes_traces(tmp_path):
                           "--heads", "2", "--kv-heads", "1", "--headdim", "16", "--dtype", "float32",
                           "--causal", "true", "--modes", "fwd_bwd", "--methods", "ringX1", "ringX4",
                           "--warmup", "0", "--repeats", "1", "--profile", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})   # a CPU run on GPU nodes too
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "profile of one call" in res.stdout
     rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
