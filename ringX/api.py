@@ -11,11 +11,13 @@ from typing import Callable
 import torch
 
 from .checks import check_across_ranks, local_problem, signature
-from .comm import CheckedSignatures, GroupComm
+from .comm import GroupComm, GroupStates
 from .kernels import Backend, select_backend
+from .peer import ENV_VAR as TRANSPORT_ENV, TRANSPORTS, PeerWorkspace, requested_transport
 
-# The only state ringX keeps between calls: which input signatures each group already checked.
-_CHECKED = CheckedSignatures()
+# The only state ringX keeps between calls: per group, the input signatures already checked and
+# the copy transport's staging buffer.
+_STATE = GroupStates()
 
 
 @dataclass(frozen=True)
@@ -65,17 +67,29 @@ class RingAttnFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+def transport_workspace_bytes(group=None) -> int:
+    """Device memory held by ``group``'s copy-transport staging buffer (0 if it has none). It
+    comes from CUDA's virtual memory API, outside PyTorch's allocator statistics."""
+    peer = _STATE.of(GroupComm(group)).peer
+    return peer.nbytes if peer is not None else 0
+
+
 def ring_attention(algo: Algorithm, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                    window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                    return_attn_probs=False, group=None, backend: str | None = None):
     """Run ``algo`` with the public ringX signature (see ringX1_attn_func for the contract)."""
     fn_name = f"{algo.name}_attn_func"
     comm = GroupComm(group)
+    state = _STATE.of(comm)
+    transport = requested_transport()
     sig = signature(algo.code, q, k, v, causal, dropout_p, softmax_scale, window_size,
-                    alibi_slopes, deterministic, return_attn_probs)
+                    alibi_slopes, deterministic, return_attn_probs, transport)
     device = q.device if isinstance(q, torch.Tensor) else None
-    check_across_ranks(fn_name, comm, _CHECKED.of(comm), sig, local_problem(q, k, v, algo.layout), device)
+    check_across_ranks(fn_name, comm, state.checked, sig, local_problem(q, k, v, algo.layout), device)
     # Every rank got here with the same flags, so these raise on every rank alike.
+    if transport < 0:
+        raise ValueError(f"{fn_name}: ${TRANSPORT_ENV} must be one of {', '.join(TRANSPORTS)} "
+                         "(or unset)")
     if dropout_p and dropout_p > 0:
         raise NotImplementedError(
             f"{fn_name}: dropout_p={dropout_p} is not supported: no ringX kernel backend replays "
@@ -89,6 +103,10 @@ def ring_attention(algo: Algorithm, q, k, v, dropout_p=0.0, softmax_scale=None, 
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if TRANSPORTS[transport] == "copy" and comm.size > 1:
+        if state.peer is None:          # collective: every rank makes it at the same call
+            state.peer = PeerWorkspace(comm)
+        comm.peer = state.peer
     run = RunContext(comm=comm, kernel=select_backend(q, k, dropout_p, backend),
                      scale=float(softmax_scale), causal=bool(causal), layout=algo.layout,
                      acc_dtype=acc_dtype)

@@ -19,11 +19,12 @@ import struct
 import torch
 
 from .comm import GroupComm
+from .peer import TRANSPORTS
 
 FIELDS = ("algorithm", "q.ndim", "k.ndim", "v.ndim", "batch", "seqlen_local", "heads", "kv_heads",
           "headdim", "dtype", "device_type", "causal", "dropout_p", "softmax_scale",
           "window_size[0]", "window_size[1]", "alibi_slopes", "deterministic", "return_attn_probs",
-          "needs_grad")
+          "needs_grad", "transport")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
 _DEVICES = ("cpu", "cuda", "xpu", "mps", "meta")
@@ -78,7 +79,7 @@ def local_problem(q, k, v, layout: str) -> tuple[int, str]:
 
 
 def signature(algo_code: int, q, k, v, causal, dropout_p, scale, window_size, alibi_slopes,
-              deterministic, return_attn_probs) -> tuple[int, ...]:
+              deterministic, return_attn_probs, transport: int = 0) -> tuple[int, ...]:
     """The integers every rank must agree on, in the order of FIELDS (-1 where unknowable)."""
     def dims(t):
         return t.dim() if isinstance(t, torch.Tensor) else -1
@@ -94,7 +95,7 @@ def signature(algo_code: int, q, k, v, causal, dropout_p, scale, window_size, al
     return (algo_code, dims(q), dims(k), dims(v), b, s, h, hk, d, dt, dev, int(bool(causal)),
             _float_bits(dropout_p), _float_bits(-1.0 if scale is None else scale),
             int(ws[0]), int(ws[1]), int(alibi_slopes is not None), int(bool(deterministic)),
-            int(bool(return_attn_probs)), int(needs_grad))
+            int(bool(return_attn_probs)), int(needs_grad), int(transport))
 
 
 def _show(field: str, value: int) -> str:
@@ -105,6 +106,8 @@ def _show(field: str, value: int) -> str:
         return str(_DTYPES[value - 1]) if value > 0 else "?"
     if field == "device_type":
         return _DEVICES[value - 1] if value > 0 else "?"
+    if field == "transport":
+        return repr(TRANSPORTS[value]) if value >= 0 else "invalid"
     return str(value)
 
 

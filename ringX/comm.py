@@ -31,10 +31,12 @@ class GroupComm:
 
     Attributes: ``group`` (the process group, or None for a process without torch.distributed),
     ``rank`` (this process's group rank), ``size`` (group size), ``global_ranks`` (group rank ->
-    global rank).
+    global rank), ``peer`` (None, or the group's ringX.peer.PeerWorkspace: broadcast_rounds then
+    copies through the copy engines instead of posting broadcasts).
     """
 
     def __init__(self, group: "dist.ProcessGroup | None" = None):
+        self.peer = None    # a ringX.peer.PeerWorkspace when broadcasts go through the copy engines
         if group is None and not dist.is_initialized():
             self.group, self.rank, self.size, self.global_ranks = None, 0, 1, [0]
             return
@@ -129,6 +131,9 @@ def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = Fal
     plain order anyway: with their own round first, the ranks would finish the last two
     owners' rounds together at the end.)
     """
+    if comm.peer is not None and comm.size > 1:
+        yield from _peer_rounds(comm, local, own_first)
+        return
     n, r = comm.size, comm.rank
     nbuf = min(n - 1, 3 if own_first else 2)
     bufs = [torch.empty_like(local) for _ in range(nbuf)]
@@ -162,18 +167,62 @@ def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = Fal
         wait(work)
 
 
-class CheckedSignatures:
-    """The input signatures already checked across the ranks of each process group.
+def _peer_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool):
+    """broadcast_rounds through comm.peer: after one staging barrier, each foreign owner's tensor
+    is pulled from its slot by a device copy on the workspace's side stream into one of two
+    buffers, as soon as the caller's work on that buffer is queued. No SMs, no collectives: the
+    caller may post its own collectives inside the loop in either order."""
+    ws, n, r = comm.peer, comm.size, comm.rank
+    main = torch.cuda.current_stream()
+    offset = ws.stage(comm, local)
+    order = [r] + [i for i in range(n) if i != r] if own_first else list(range(n))
+    foreign = [i for i in order if i != r]
+    bufs = [torch.empty_like(local) for _ in range(min(n - 1, 2))]
+    ready: dict = {}
 
-    Keyed weakly by the process group object, so entries vanish with their group. ringX.api owns
-    the one instance (the only state ringX keeps between calls); it holds no configuration.
-    """
+    def pull(k: int) -> None:                       # k-th foreign owner into bufs[k % 2]
+        ws.stream.wait_stream(main)                 # the staging barrier, and the buffer's last use
+        with torch.cuda.stream(ws.stream):
+            bufs[k % len(bufs)].copy_(ws.remote(foreign[k], local.shape, local.dtype, offset))
+            ready[k] = torch.cuda.Event()
+            ready[k].record(ws.stream)
+
+    for k in range(len(bufs)):
+        pull(k)
+    k = 0
+    try:
+        for i in order:
+            if i == r:
+                yield i, local
+                continue
+            main.wait_event(ready.pop(k))
+            yield i, bufs[k % len(bufs)]
+            if k + len(bufs) < len(foreign):
+                pull(k + len(bufs))
+            k += 1
+    finally:                                        # a loop left early still owns its copies
+        for event in ready.values():
+            main.wait_event(event)
+
+
+class GroupState:
+    """What ringX keeps between calls for one process group: the input signatures already
+    checked, and the copy transport's workspace (ringX.peer.PeerWorkspace) once one is made."""
 
     def __init__(self):
-        self._by_group: "weakref.WeakKeyDictionary[dist.ProcessGroup, set]" = weakref.WeakKeyDictionary()
-        self._solo: set = set()
+        self.checked: set = set()
+        self.peer = None
 
-    def of(self, comm: GroupComm) -> set:
+
+class GroupStates:
+    """GroupState per process group, keyed weakly by the group object, so entries vanish with
+    their group. ringX.api owns the one instance (the only state ringX keeps between calls)."""
+
+    def __init__(self):
+        self._by_group: "weakref.WeakKeyDictionary[dist.ProcessGroup, GroupState]" = weakref.WeakKeyDictionary()
+        self._solo = GroupState()
+
+    def of(self, comm: GroupComm) -> GroupState:
         if comm.group is None:
             return self._solo
-        return self._by_group.setdefault(comm.group, set())
+        return self._by_group.setdefault(comm.group, GroupState())

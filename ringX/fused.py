@@ -89,14 +89,17 @@ if triton is not None:
 
     @triton.jit
     def _accumulate_kernel(dst, src, n, rows, heads, d, d_b, d_s, d_h, s_b, s_s, s_h,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr):
         live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
         pd = dst + (bi * d_b + si * d_s + hi * d_h)[:, None] + dd[None, :]
         x = tl.load(src + (bi * s_b + si * s_s + hi * s_h)[:, None] + dd[None, :], mask=mask, other=0.0)
-        tl.store(pd, tl.load(pd, mask=mask, other=0.0) + x.to(tl.float32), mask=mask)
+        if ADD:
+            tl.store(pd, tl.load(pd, mask=mask, other=0.0) + x.to(tl.float32), mask=mask)
+        else:
+            tl.store(pd, x.to(tl.float32), mask=mask)
 
 
-def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple) -> None:
+def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple, **flags) -> None:
     b, rows, heads = rows_shape
     n = b * rows * heads
     if n == 0:
@@ -105,7 +108,7 @@ def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple) -> None:
     block_m = max(1, 4096 // block_d)
     with torch.cuda.device(tensors[0].device):
         kernel[(triton.cdiv(n, block_m),)](*tensors, n, rows, heads, d, *strides,
-                                          BLOCK_M=block_m, BLOCK_D=block_d)
+                                          BLOCK_M=block_m, BLOCK_D=block_d, **flags)
 
 
 def merge(out_acc, lse_acc, out_blk, lse_blk) -> None:
@@ -124,7 +127,9 @@ def weigh(ow, w, out_blk, lse_blk, m) -> None:
             (*ow.stride()[:3], *w.stride(), *out_blk.stride()[:3], *lse_blk.stride(), *m.stride()))
 
 
-def accumulate(dst, src) -> None:
-    """dst (b, rows, h, d) float32 += src (b, rows, h, d) any float dtype; views allowed."""
+def accumulate(dst, src, add: bool = True) -> None:
+    """dst (b, rows, h, d) float32 += src (b, rows, h, d) any float dtype, or dst = src when not
+    add (no read of dst); views allowed."""
     b, rows, h, d = dst.shape
-    _launch(_accumulate_kernel, (b, rows, h), d, (dst, src), (*dst.stride()[:3], *src.stride()[:3]))
+    _launch(_accumulate_kernel, (b, rows, h), d, (dst, src), (*dst.stride()[:3], *src.stride()[:3]),
+            ADD=add)

@@ -70,14 +70,29 @@ def weigh_formula_(ow, w, out_blk, lse_blk, m) -> None:
     torch.mul(out_blk, w.unsqueeze(-1), out=ow)
 
 
-def accumulate_(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst += src for a block's gradient: dst (batch, rows, heads, headdim) float32 or float64
-    (a row-slice view allowed), src the same shape in any float dtype. One fused kernel on GPUs
-    for float32 accumulators; PyTorch's add elsewhere (the same float32 sums)."""
+def accumulate_(dst: torch.Tensor, src: torch.Tensor, first: bool = False) -> None:
+    """dst += src (dst = src if ``first``) for a block's gradient or output: dst (batch, rows,
+    heads, headdim) float32 or float64 (a row-slice view allowed), src the same shape in any float
+    dtype. One fused kernel on GPUs for float32 accumulators, reading src in any strides;
+    PyTorch's add or copy elsewhere (the same float32 values)."""
     if dst.dtype == torch.float32 and fused.usable(dst, src):
-        fused.accumulate(dst, src)
+        fused.accumulate(dst, src, add=not first)
+    elif first:
+        dst.copy_(src)
     else:
         dst.add_(src)
+
+
+def add_block_(dst: torch.Tensor, rows: slice, src: torch.Tensor, fresh: bool) -> bool:
+    """dst[:, rows] += src, where ``fresh`` says dst holds nothing yet: then a block that covers
+    every row is written (no zero fill, no read of dst) and a partial one is added to zeros.
+    dst (batch, seqlen, heads, headdim) float32/64, src (batch, len(rows), heads, headdim).
+    Returns the new ``fresh`` (False). A buffer still fresh after its last block is all zeros."""
+    covers = rows.indices(dst.shape[1]) == (0, dst.shape[1], 1)
+    if fresh and not covers:
+        dst.zero_()
+    accumulate_(dst[:, rows], src, first=fresh and covers)
+    return False
 
 
 def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .api import Algorithm, RunContext, ring_attention
 from .comm import broadcast_rounds, wait
 from .layout import block_plan
-from .merge import accumulate_, weigh_
+from .merge import add_block_, weigh_
 
 
 def _run_block(run: RunContext, q_i, k, v, q_rank: int, kv_rank: int):
@@ -108,7 +108,8 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
     dkv_bufs = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
     dkv_own = torch.empty(kv.shape, dtype=acc, device=q.device)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dq_fresh = True                       # the first block that covers every row writes dq
     pending: list = [None, None]
     owners_in_slot = [None, None]
 
@@ -122,21 +123,24 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
         slot = i % 2
         if owners_in_slot[slot] is not None:
             finish(slot)
-        dkv = dkv_bufs[slot]
-        dkv.zero_()
+        dkv, dkv_fresh = dkv_bufs[slot], True
         for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
             qs, ks = blk.q_rows, blk.kv_rows
             dq_b, dk_b, dv_b = run.kernel.backward(
                 dout[:, qs], q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], out[:, qs], lse[:, :, qs],
                 blk.causal, run.scale)
-            accumulate_(dq[:, qs], dq_b)
-            accumulate_(dkv[0][:, ks], dk_b)
-            accumulate_(dkv[1][:, ks], dv_b)
+            dq_fresh = add_block_(dq, qs, dq_b, dq_fresh)
+            add_block_(dkv[0], ks, dk_b, dkv_fresh)
+            dkv_fresh = add_block_(dkv[1], ks, dv_b, dkv_fresh)
+        if dkv_fresh:                     # no block of this rank touches owner i's keys
+            dkv.zero_()
         pending[slot] = comm.reduce(dkv, dst=i)
         owners_in_slot[slot] = i
     for slot in range(2):
         if owners_in_slot[slot] is not None:
             finish(slot)
+    if dq_fresh:
+        dq.zero_()
     return dq, dkv_own[0], dkv_own[1]
 
 

@@ -26,6 +26,16 @@ def check_algorithm(rank: int, world_size: int, device: torch.device, algo: str)
     _assert_all_pass(results)
 
 
+def check_algorithm_copy_transport(rank: int, world_size: int, device: torch.device, algo: str) -> None:
+    """check_algorithm with RINGX_TRANSPORT=copy (broadcasts through the copy engines; CUDA)."""
+    import os
+    os.environ["RINGX_TRANSPORT"] = "copy"
+    try:
+        check_algorithm(rank, world_size, device, algo)
+    finally:
+        del os.environ["RINGX_TRANSPORT"]
+
+
 def check_strided_subgroups(rank: int, world_size: int, device: torch.device, algo: str) -> None:
     """Ranks {0, 2, ...} and {1, 3, ...} each run their own problem (different data) on a
     strided sub-group, so group ranks differ from global ranks."""

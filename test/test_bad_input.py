@@ -152,3 +152,26 @@ def solo_group_body(rank, world_size, device, algo):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_group_of_one_rank_is_plain_attention(algo):
     spawn(2, solo_group_body, algo, deadline_s=120)
+
+
+def transport_body(rank, world_size, device):
+    import os
+    q, k, v = _tensors(device=device)
+    f = ATTN_FUNCS["ringX4"]
+    try:
+        os.environ["RINGX_TRANSPORT"] = "carrier-pigeon"
+        _expect_on_every_rank(lambda: f(q, k, v, causal=True), ValueError, r"RINGX_TRANSPORT must be one of")
+        os.environ["RINGX_TRANSPORT"] = "copy" if rank == 0 else "collective"
+        _expect_on_every_rank(lambda: f(q, k, v, causal=True), ValueError,
+                              r"transport: rank 0='copy', rank 1='collective'")
+        if device.type == "cpu":     # gloo: the copy transport cannot run, and every rank says so
+            os.environ["RINGX_TRANSPORT"] = "copy"
+            _expect_on_every_rank(lambda: f(q, k, v, causal=True), ValueError,
+                                  r"RINGX_TRANSPORT=copy needs every rank of the group on one node with NCCL")
+    finally:
+        os.environ.pop("RINGX_TRANSPORT", None)
+    assert f(q, k, v, causal=True).shape == q.shape
+
+
+def test_bad_transport_raises_on_every_rank():
+    spawn(2, transport_body, deadline_s=120)

@@ -6,7 +6,7 @@ import torch
 
 import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
 from ringX import fused
-from ringX.merge import accumulate_, merge_, merge_formula_, weigh_, weigh_formula_
+from ringX.merge import accumulate_, add_block_, merge_, merge_formula_, weigh_, weigh_formula_
 
 GPU = torch.cuda.is_available() and fused.triton is not None and torch.version.hip is None
 needs_gpu = pytest.mark.skipif(not GPU, reason="the fused kernels need an NVIDIA GPU and Triton")
@@ -84,3 +84,34 @@ def test_fused_accumulate_equals_add_on_row_slices(d):
     accumulate_(acc[:, 30:70], blk)            # a strided row-slice view over batch
     ref[:, 30:70] += blk
     torch.testing.assert_close(acc, ref, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", [128, 80])
+def test_fused_first_write_equals_copy_from_cudnn_order(d):
+    """accumulate_(first=True) writes the block cast to float32 and reads nothing of dst (NaN
+    already there must vanish), from a block in cuDNN's (b, h, s, d) storage order."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    acc = torch.full((2, 96, 4, d), float("nan"), device="cuda")
+    blk = torch.randn(2, 4, 40, d, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    accumulate_(acc[:, 30:70], blk, first=True)
+    torch.testing.assert_close(acc[:, 30:70], blk.float(), rtol=0, atol=0)
+    assert acc[:, :30].isnan().all() and acc[:, 70:].isnan().all()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if GPU else []))
+def test_add_block_fills_fresh_buffers_like_zeros_plus_adds(device):
+    """add_block_ on a fresh (garbage) buffer equals zeros + the same adds, whether the first block
+    covers every row or not."""
+    g = torch.Generator(device="cpu").manual_seed(6)
+    blocks = [(slice(0, 8), torch.randn(1, 8, 2, 16, generator=g)),
+              (slice(4, 8), torch.randn(1, 4, 2, 16, generator=g))]
+    for plan in (blocks, blocks[::-1]):             # covering first, partial first
+        dst = torch.full((1, 8, 2, 16), float("nan"), device=device)
+        ref = torch.zeros(1, 8, 2, 16, device=device)
+        fresh = True
+        for rows, blk in plan:
+            fresh = add_block_(dst, rows, blk.to(device, torch.bfloat16), fresh)
+            ref[:, rows] += blk.to(device, torch.bfloat16)
+        assert fresh is False
+        torch.testing.assert_close(dst, ref, rtol=0, atol=0)

@@ -7,8 +7,10 @@ script it takes its ranks from srun / mpirun / torchrun, e.g. from script/:
 import sys
 
 import pytest
+import torch
 
-from exactness import check_algorithm, check_strided_subgroups, run_as_script
+from exactness import (check_algorithm, check_algorithm_copy_transport, check_strided_subgroups,
+                       run_as_script)
 from launcher import spawn
 
 ALGO = "ringX4"
@@ -17,6 +19,14 @@ ALGO = "ringX4"
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_exact_against_reference(world_size):
     spawn(world_size, check_algorithm, ALGO)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_exact_with_the_copy_transport(world_size):
+    """The same cases with broadcasts pulled through the copy engines (NCCL groups on one node)."""
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"the copy transport needs {world_size} GPUs")
+    spawn(world_size, check_algorithm_copy_transport, ALGO)
 
 
 def test_strided_subgroups():

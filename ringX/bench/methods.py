@@ -7,6 +7,7 @@ callable that runs forward (and backward) once and returns the local output.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,9 +17,11 @@ import torch.distributed as dist
 from .. import ATTN_FUNCS, expected_layout
 from ..kernels import select_backend
 from ..layout import shard
+from ..peer import ENV_VAR as TRANSPORT_ENV
 
 NATIVE = ("native-allgather", "native-alltoall")
 RING_FLASH = ("ring-flash-zigzag",)
+COPY = ("ringX1+copy", "ringX2+copy", "ringX4+copy")    # the broadcasting ones, copy transport
 
 
 @dataclass
@@ -75,7 +78,10 @@ def single_device(full: dict, causal: bool, backend: str | None, seqlen: int | N
 
 
 def ringx(name: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
-    fn = ATTN_FUNCS[name]
+    """A ringX function; NAME+copy runs it with RINGX_TRANSPORT=copy (broadcasts through the copy
+    engines), set around each call only."""
+    base, _, transport = name.partition("+")
+    fn = ATTN_FUNCS[base]
     layout = expected_layout(fn)
     n, r = dist.get_world_size(group), dist.get_rank(group)
     q, k, v = (_leaf(shard(full[x], layout, r, n)) for x in ("q", "k", "v"))
@@ -83,7 +89,15 @@ def ringx(name: str, full: dict, causal: bool, group, backend: str | None) -> Pr
 
     def attn(q_, k_, v_):
         return fn(q_, k_, v_, causal=causal, group=group, backend=backend)
-    return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), layout)
+
+    def step(fwd_only: bool) -> torch.Tensor:
+        saved = os.environ.get(TRANSPORT_ENV)
+        os.environ[TRANSPORT_ENV] = transport or "collective"
+        try:
+            return _run(attn, (q, k, v), dout, fwd_only)
+        finally:
+            os.environ.pop(TRANSPORT_ENV) if saved is None else os.environ.update({TRANSPORT_ENV: saved})
+    return Prepared(step, layout, f"transport {transport}" if transport else "")
 
 
 def _native_modules():
@@ -159,7 +173,7 @@ def ring_flash(name: str, full: dict, causal: bool, group, backend: str | None) 
 
 
 def prepare(method: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
-    if method in ATTN_FUNCS:
+    if method in ATTN_FUNCS or method in COPY:
         return ringx(method, full, causal, group, backend)
     if method in NATIVE:
         return native(method, full, causal, group, backend)
@@ -169,4 +183,4 @@ def prepare(method: str, full: dict, causal: bool, group, backend: str | None) -
 
 
 def all_methods() -> list[str]:
-    return list(ATTN_FUNCS) + list(NATIVE) + list(RING_FLASH)
+    return list(ATTN_FUNCS) + list(COPY) + list(NATIVE) + list(RING_FLASH)

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..api import transport_workspace_bytes
 from ..comm import GroupComm
 from ..testing import global_rel_err
 from ..layout import shard
@@ -39,22 +40,33 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_step(step, fwd_only: bool, warmup: int, repeats: int, device, group) -> tuple[float, torch.Tensor]:
-    """Median seconds per call over ``repeats`` (after ``warmup``), max over the group's ranks."""
+def time_step(step, fwd_only: bool, warmup: int, repeats: int, device, group,
+              timing: str = "queued") -> tuple[float, torch.Tensor]:
+    """Median seconds per call over ``repeats`` (after ``warmup``), max over the group's ranks.
+
+    On GPUs each call lies between two CUDA events. timing="queued" queues the calls back to back,
+    as a training step does, so the host launches a call while the device still runs the one
+    before it; timing="idle" waits for each call before launching the next, so every call also
+    pays its host time before its first kernel. On CPUs: wall time per call.
+    """
     out = None
     for _ in range(warmup):
         out = step(fwd_only)
     _sync(device)
     samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
             start.record()
             out = step(fwd_only)
             end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
+            if timing == "idle":
+                end.synchronize()
+        _sync(device)
+        samples = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        for _ in range(repeats):
             t0 = time.perf_counter()
             out = step(fwd_only)
             samples.append(time.perf_counter() - t0)
@@ -82,7 +94,7 @@ def measure(prep, fwd_only, args, device, group, local_bytes: int) -> dict:
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    seconds, out = time_step(prep.step, fwd_only, args.warmup, args.repeats, device, group)
+    seconds, out = time_step(prep.step, fwd_only, args.warmup, args.repeats, device, group, args.timing)
     mem = None
     if device.type == "cuda":
         mem = _max_over((torch.cuda.max_memory_allocated(device) - base + local_bytes) / 2**30, group)
@@ -96,7 +108,7 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
                      device, args.seed + seqlen + int(causal))
     base = {"world_size": n, "batch": batch, "seqlen": seqlen, "heads": args.heads,
             "kv_heads": args.kv_heads, "headdim": args.headdim, "dtype": args.dtype,
-            "causal": causal, "mode": mode}
+            "causal": causal, "mode": mode, "timing": args.timing}
     flops = attn_flops(batch, seqlen, args.heads, args.headdim, causal, mode)
     rows, ref_out = [], None
     # single device on the whole sequence (ideal = its time / N), and its memory at S/N
@@ -129,6 +141,8 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
             if method in M.NATIVE:
                 local_bytes = sum(full[x].numel() * full[x].element_size() * (args.heads // args.kv_heads if x in "kv" else 1) for x in full) // n
             m = measure(prep, fwd_only, args, device, group, local_bytes)
+            if m["mem"] is not None and method in M.COPY:    # the staging buffer, outside torch's stats
+                m["mem"] += transport_workspace_bytes(group) / 2**30
             err = None
             if ref_out is not None and prep.layout in ("contiguous", "zigzag"):
                 err = global_rel_err(m["out"], shard(ref_out, prep.layout, r, n), group)
@@ -179,7 +193,9 @@ def run(args, device) -> list[dict]:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m ringX.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=M.all_methods(), choices=M.all_methods())
+    p.add_argument("--methods", nargs="+", default=[m for m in M.all_methods() if m not in M.COPY],
+                   choices=M.all_methods(),
+                   help="NAME+copy: a ringX function with RINGX_TRANSPORT=copy (CUDA, one node)")
     p.add_argument("--sweep", choices=["seed", "tiny", "none"], default="none",
                    help="seed: the seed project's (batch, S) pairs; tiny: CPU smoke test")
     p.add_argument("--seqlens", type=int, nargs="+", default=[32768, 65536, 131072, 262144])
@@ -192,6 +208,9 @@ def parse(argv=None):
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--timing", choices=["queued", "idle"], default="queued",
+                   help="GPUs: queued = calls back to back as in training (the host launches ahead); "
+                        "idle = each call starts on an idle device, so its host time counts too")
     p.add_argument("--single-max-seqlen", type=int, default=262144)
     p.add_argument("--check-max-seqlen", type=int, default=262144)
     p.add_argument("--check-tol", type=float, default=2e-2, help="max rel L2 error vs single device")
@@ -216,7 +235,8 @@ def _entry(args, rank: int, world_size: int, device) -> None:
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
               f"{torch.__version__}, cudnn {torch.backends.cudnn.version()}, nccl "
               f"{'.'.join(map(str, torch.cuda.nccl.version())) if device.type == 'cuda' else '-'}, "
-              f"{args.dtype}, heads {args.heads}/{args.kv_heads}, dim {args.headdim}", flush=True)
+              f"{args.dtype}, heads {args.heads}/{args.kv_heads}, dim {args.headdim}, timing {args.timing}",
+              flush=True)
     rows = run(args, device)
     if rank == 0:
         paths = report.write(rows, args.out)
