@@ -9,6 +9,8 @@
 #                                     GPUs), every method timed and then profiled (--profile: compute /
 #                                     communication / exposed / idle ms, traces, largest kernels,
 #                                     OUT/timelines.txt: rank 0's kernels in time order per stream)
+#   bash script/gpu_bench.sh copy     8K and 32K tokens per GPU, ringX1/2/4 with collectives and with
+#                                     RINGX_TRANSPORT=copy (NAME+copy), causal and full
 # Then: python script/bench_table.py $OUT/*/results.csv --seqlen 262144 (scaling table and plot).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,5 +49,8 @@ case "${1:-short}" in
          "$py" -m ringX.bench.profile "$out"/profile_*/traces/*_rank0.json
          "$py" -m ringX.bench.profile --top 4 --timeline "$out"/profile_*/traces/*_rank0.json > "$out/timelines.txt"
          echo "kernels in time order, one column per stream: $out/timelines.txt" ;;
-  *) echo "usage: $0 short|long|scaling|long8|profile" >&2; exit 2 ;;
+  copy)  timeout 540 "$py" -m ringX.bench "${common[@]}" --seqlens $((8192 * n)) $((32768 * n)) --causal both \
+           --methods ringX1 ringX1+copy ringX2 ringX2+copy ringX4 ringX4+copy --warmup 2 --repeats 7 \
+           --out "$out/copy" ;;
+  *) echo "usage: $0 short|long|scaling|long8|profile|copy" >&2; exit 2 ;;
 esac

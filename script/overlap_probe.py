@@ -64,21 +64,14 @@ def main():
                 w = dist.broadcast(recv, src=0, async_op=True)
                 w.wait()
                 c1.record()
-        elif mode.startswith("ce"):
+        elif mode.startswith(("ce", "barrier")):
             s = side_hi if mode.endswith("hi") else side
             s.wait_event(t0)
             attn()
             a1.record()
             with torch.cuda.stream(s):
-                recv.copy_(remote)
-                c1.record()
-        elif mode.startswith("barrier"):
-            s = side_hi if mode.endswith("hi") else side
-            s.wait_event(t0)
-            attn()
-            a1.record()
-            with torch.cuda.stream(s):
-                hdl.barrier(channel=1)
+                if mode.startswith("barrier"):
+                    hdl.barrier(channel=1)
                 recv.copy_(remote)
                 c1.record()
         else:
