@@ -26,6 +26,12 @@ def wait(work) -> None:
         work.wait()
 
 
+def wait_all(works) -> None:
+    """Wait for every handle of a list returned by GroupComm.exchange."""
+    for work in works:
+        work.wait()
+
+
 class GroupComm:
     """Collectives on one process group.
 
@@ -96,6 +102,15 @@ class GroupComm:
             return None
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         return scatter(out.view(-1), inp.reshape(-1), group=self.group, async_op=async_op)
+
+    def exchange(self, sends: list, recvs: list) -> list:
+        """Post point-to-point sends [(tensor, dst)] and receives [(tensor, src)] (group ranks,
+        contiguous tensors) as one batch; returns their work handles (see wait_all). Every rank
+        must post its batches in the same order, each batch's sends matched by its peers'
+        receives in theirs."""
+        ops = ([dist.P2POp(dist.isend, t, self.global_ranks[p], self.group) for t, p in sends]
+               + [dist.P2POp(dist.irecv, t, self.global_ranks[p], self.group) for t, p in recvs])
+        return dist.batch_isend_irecv(ops) if ops and self.size > 1 else []
 
     def all_gather_small(self, values: torch.Tensor) -> torch.Tensor:
         """Blocking all-gather of a small 1-D int64 tensor -> (size, len) on the CPU."""

@@ -1,17 +1,190 @@
-"""ringX2: causal context-parallel attention, contiguous layout, unbalanced.
+"""ringX2: causal context-parallel attention, contiguous layout, balanced by pairing ranks.
 
-The ringX1 schedules (broadcast q / all-reduce max / reduce [o w | w] forward; broadcast kv /
-reduce dkv backward) with every block above the diagonal skipped: for owner i only ranks j <= i
-compute, so rank N-1's queries do N blocks of work and rank 0's one. Use ringX3 or ringX4 for a
-balanced causal load. With causal=False it computes what ringX1 does.
+Rank r holds tokens [r*S/N, (r+1)*S/N). Of the N(N+1)/2 causal blocks (q_i, kv_j), j <= i, rank r
+computes its diagonal block and then, at steps d = 1 .. N//2, one block of distance d or N-d::
+
+    step d: rank r sends to r+d (mod N) and receives from r-d (mod N)
+      r-d >= 0: it receives kv_{r-d} and computes (q_r, kv_{r-d})          (distance d)
+      r-d <  0: it receives q_{r-d+N} and computes (q_{r-d+N}, kv_r)        (distance N-d),
+                returning the partial (out, lse) forward, the partial dq backward
+    for even N the last step, d = N/2, pairs r and r+N/2 (mod N) over one block, split by query
+    rows: the upper rank computes the first half with the kv it receives, the lower rank the
+    second half with the queries it receives.
+
+So every rank computes N/2 blocks (the diagonal counting half): the load is balanced without
+changing the layout. The backward exchanges the same pairs (kv one way, q/dout/out/lse the other)
+and returns partial dk/dv or dq to their owners. Messages are point-to-point; step d+1's exchange
+is posted before step d's block, and step d's returned partial is merged after step d+1's block.
+Partial outputs, lse and gradients are accumulated in float32 at their owners. With
+causal=False it computes what ringX1 does (its schedules).
 """
 from __future__ import annotations
 
-from .api import Algorithm, ring_attention
+from dataclasses import dataclass
+
+import torch
+
+from .api import Algorithm, RunContext, ring_attention
+from .comm import wait_all
+from .merge import accumulate_, add_block_, merge_
 from .ringX1 import bcast_kv_backward, bcast_q_forward
 
-ALGORITHM = Algorithm(name="ringX2", code=2, layout="contiguous", forward=bcast_q_forward,
-                      backward=bcast_kv_backward)
+
+@dataclass(frozen=True)
+class _Step:
+    """Step d of rank r: peers, what travels, and which of its query rows stay or travel."""
+    dst: int            # this rank sends to dst ...
+    src: int            # ... and receives from src
+    send_kv: bool       # True: sends its kv; False: sends its q (rows ``sent``)
+    recv_kv: bool       # True: receives src's kv; False: receives src's q (rows ``sent`` of src)
+    kept: slice         # this rank's query rows it computes itself with a received kv
+    sent: slice         # this rank's query rows that travel when it sends q
+
+
+def _steps(r: int, n: int, s: int) -> list[_Step]:
+    half = s // 2
+    steps = []
+    for d in range(1, n // 2 + 1):
+        split = 2 * d == n                         # the shared block of an even N
+        steps.append(_Step(dst=(r + d) % n, src=(r - d) % n, send_kv=r + d < n, recv_kv=r - d >= 0,
+                           kept=slice(0, half) if split else slice(0, s),
+                           sent=slice(half, s) if split else slice(0, s)))
+    return steps
+
+
+def _rows(sl: slice) -> int:
+    return sl.stop - sl.start
+
+
+def paired_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
+    comm, acc = run.comm, run.acc_dtype
+    n, r, s = comm.size, comm.rank, q.shape[1]
+    if not run.causal or n == 1:
+        return bcast_q_forward(run, q, k, v)
+    b, _, h, d = q.shape
+    kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
+    steps = _steps(r, n, s)
+
+    def post(st: _Step):
+        send = kv if st.send_kv else q[:, st.sent].contiguous()
+        recv = torch.empty_like(kv) if st.recv_kv else q.new_empty((b, _rows(st.sent), h, d))
+        return comm.exchange([(send, st.dst)], [(recv, st.src)]), recv, send
+
+    posted = post(steps[0])
+    o, l = run.kernel.forward(q, k, v, True, run.scale)               # the diagonal block
+    out = torch.empty(o.shape, dtype=acc, device=q.device)
+    accumulate_(out, o, first=True)
+    lse = l.to(acc).contiguous()
+    back = None                                     # the previous step's returned partial
+    for i, st in enumerate(steps):
+        works, recv, _ = posted
+        posted = post(steps[i + 1]) if i + 1 < len(steps) else None
+        wait_all(works)
+        sends, recvs = [], []
+        if st.recv_kv:
+            if _rows(st.kept):
+                o, l = run.kernel.forward(q[:, st.kept], recv[0], recv[1], False, run.scale)
+                merge_(out[:, st.kept], lse[:, :, st.kept], o, l)
+        else:                                       # src's queries against this rank's keys
+            o, l = run.kernel.forward(recv, k, v, False, run.scale)
+            sends = [(o.to(q.dtype).contiguous(), st.src), (l.to(acc).contiguous(), st.src)]
+        if not st.send_kv:                          # dst returns the partial of this rank's queries
+            got = (q.new_empty((b, _rows(st.sent), h, d)),
+                   torch.empty((b, h, _rows(st.sent)), dtype=acc, device=q.device))
+            recvs = [(got[0], st.dst), (got[1], st.dst)]
+        works = comm.exchange(sends, recvs)         # sends are waited for too: they own buffers
+        if back is not None:
+            _merge_back(out, lse, *back)
+        back = (works, recvs, st.sent)
+    _merge_back(out, lse, *back)
+    return out, lse
+
+
+def _merge_back(out, lse, works, recvs, rows: slice) -> None:
+    wait_all(works)
+    if recvs:
+        merge_(out[:, rows], lse[:, :, rows], recvs[0][0], recvs[1][0])
+
+
+def paired_backward(run: RunContext, dout, q, k, v, out, lse):
+    """Gradients (dq, dk, dv) in acc dtype; dout/q/out: (b, s, h, d), k/v: (b, s, hk, d),
+    lse: (b, h, s)."""
+    comm, acc = run.comm, run.acc_dtype
+    n, r, s = comm.size, comm.rank, q.shape[1]
+    if not run.causal or n == 1:
+        return bcast_kv_backward(run, dout, q, k, v, out, lse)
+    b, _, h, d = q.shape
+    kv = torch.stack([k, v])
+    steps = _steps(r, n, s)
+    whole = slice(0, s)
+
+    def post(st: _Step):
+        if st.send_kv:
+            send = [kv]
+        else:
+            rows = st.sent
+            send = [torch.stack([q[:, rows], dout[:, rows], out[:, rows]]), lse[:, :, rows].contiguous()]
+        if st.recv_kv:
+            recv = [torch.empty_like(kv)]
+        else:
+            m = _rows(st.sent)
+            recv = [q.new_empty((3, b, m, h, d)), torch.empty((b, h, m), dtype=lse.dtype, device=q.device)]
+        return comm.exchange([(t, st.dst) for t in send], [(t, st.src) for t in recv]), recv, send
+
+    posted = post(steps[0])
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dkv = torch.empty(kv.shape, dtype=acc, device=q.device)
+    dq_b, dk_b, dv_b = run.kernel.backward(dout, q, k, v, out, lse, True, run.scale)
+    add_block_(dq, whole, dq_b, True)
+    add_block_(dkv[0], whole, dk_b, True)
+    add_block_(dkv[1], whole, dv_b, True)
+    back = None
+    for i, st in enumerate(steps):
+        works, recv, _ = posted
+        posted = post(steps[i + 1]) if i + 1 < len(steps) else None
+        wait_all(works)
+        if st.recv_kv:                              # this rank's queries, src's keys: dkv goes back
+            rows = st.kept
+            sends = []
+            if _rows(rows):
+                dq_b, dk_b, dv_b = run.kernel.backward(dout[:, rows], q[:, rows], recv[0][0], recv[0][1],
+                                                       out[:, rows], lse[:, :, rows], False, run.scale)
+                accumulate_(dq[:, rows], dq_b)
+                sends = [(torch.stack([dk_b, dv_b]).to(q.dtype), st.src)]
+        else:                                       # src's queries, this rank's keys: dq goes back
+            qp, lse_p = recv
+            dq_b, dk_b, dv_b = run.kernel.backward(qp[1], qp[0], k, v, qp[2], lse_p, False, run.scale)
+            accumulate_(dkv[0], dk_b)
+            accumulate_(dkv[1], dv_b)
+            sends = [(dq_b.to(q.dtype).contiguous(), st.src)]
+        if st.send_kv:                              # dst returns its partial dk/dv of these keys
+            got, rows = [torch.empty_like(kv)], None
+        else:                                       # dst returns the partial dq of the sent rows
+            got, rows = [q.new_empty((b, _rows(st.sent), h, d))], st.sent
+        if st.send_kv and not _rows(_steps(st.dst, n, s)[steps.index(st)].kept):
+            got = []                                # (a one-row shard: the peer computed nothing)
+        works = comm.exchange(sends, [(t, st.dst) for t in got])
+        if back is not None:
+            _add_back(dq, dkv, *back)
+        back = (works, got, rows)
+    _add_back(dq, dkv, *back)
+    return dq, dkv[0], dkv[1]
+
+
+def _add_back(dq, dkv, works, got, rows) -> None:
+    wait_all(works)
+    if not got:
+        return
+    if rows is None:
+        accumulate_(dkv[0], got[0][0])
+        accumulate_(dkv[1], got[0][1])
+    else:
+        accumulate_(dq[:, rows], got[0])
+
+
+ALGORITHM = Algorithm(name="ringX2", code=2, layout="contiguous", forward=paired_forward,
+                      backward=paired_backward)
 
 
 def ringX2_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -29,6 +29,25 @@ def test_exact_with_the_copy_transport(world_size):
     spawn(world_size, check_algorithm_copy_transport, ALGO)
 
 
+def _odd_shards(rank, world_size, device):
+    """The paired schedule's shared block of an even N is split by query rows: odd and one-row
+    local shards (an empty half on one side) stay exact, causal and full."""
+    import torch.distributed as dist
+    from exactness import _assert_all_pass
+    from ringX import ATTN_FUNCS
+    from ringX.testing import Case, check_case
+    results = [check_case(ATTN_FUNCS[ALGO], ALGO, Case(batch=2, seqlen=local * world_size, heads=4, kv_heads=2,
+                                                       headdim=16, causal=causal, dtype=torch.float32, seed=local),
+                          dist.group.WORLD, device)
+               for local in (1, 3) for causal in (True, False)]
+    _assert_all_pass(results)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_odd_and_one_row_shards(world_size):
+    spawn(world_size, _odd_shards)
+
+
 def test_strided_subgroups():
     spawn(4, check_strided_subgroups, ALGO)
 
