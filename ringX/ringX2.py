@@ -78,9 +78,10 @@ def paired_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.T
     lse = l.to(acc).contiguous()
     back = None                                     # the previous step's returned partial
     for i, st in enumerate(steps):
-        works, recv, _ = posted
+        works, recv, sent = posted
         posted = post(steps[i + 1]) if i + 1 < len(steps) else None
         wait_all(works)
+        del sent                                    # the sent tensors lived until here
         sends, recvs = [], []
         if st.recv_kv:
             if _rows(st.kept):
@@ -141,9 +142,10 @@ def paired_backward(run: RunContext, dout, q, k, v, out, lse):
     add_block_(dkv[1], whole, dv_b, True)
     back = None
     for i, st in enumerate(steps):
-        works, recv, _ = posted
+        works, recv, sent = posted
         posted = post(steps[i + 1]) if i + 1 < len(steps) else None
         wait_all(works)
+        del sent                                    # the sent tensors lived until here
         if st.recv_kv:                              # this rank's queries, src's keys: dkv goes back
             rows = st.kept
             sends = []
@@ -162,8 +164,8 @@ def paired_backward(run: RunContext, dout, q, k, v, out, lse):
             got, rows = [torch.empty_like(kv)], None
         else:                                       # dst returns the partial dq of the sent rows
             got, rows = [q.new_empty((b, _rows(st.sent), h, d))], st.sent
-        if st.send_kv and not _rows(_steps(st.dst, n, s)[steps.index(st)].kept):
-            got = []                                # (a one-row shard: the peer computed nothing)
+        if st.send_kv and not _rows(st.kept):       # (a one-row shard: the peer computed nothing;
+            got = []                                #  kept rows depend on d and s only)
         works = comm.exchange(sends, [(t, st.dst) for t in got])
         if back is not None:
             _add_back(dq, dkv, *back)
