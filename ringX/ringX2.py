@@ -94,15 +94,15 @@ def paired_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.T
             got = (q.new_empty((b, _rows(st.sent), h, d)),
                    torch.empty((b, h, _rows(st.sent)), dtype=acc, device=q.device))
             recvs = [(got[0], st.dst), (got[1], st.dst)]
-        works = comm.exchange(sends, recvs)         # sends are waited for too: they own buffers
+        works = comm.exchange(sends, recvs)         # sends are waited for too, and kept till then
         if back is not None:
             _merge_back(out, lse, *back)
-        back = (works, recvs, st.sent)
+        back = (works, recvs, st.sent, sends)
     _merge_back(out, lse, *back)
     return out, lse
 
 
-def _merge_back(out, lse, works, recvs, rows: slice) -> None:
+def _merge_back(out, lse, works, recvs, rows: slice, _sends) -> None:
     wait_all(works)
     if recvs:
         merge_(out[:, rows], lse[:, :, rows], recvs[0][0], recvs[1][0])
@@ -169,12 +169,12 @@ def paired_backward(run: RunContext, dout, q, k, v, out, lse):
         works = comm.exchange(sends, [(t, st.dst) for t in got])
         if back is not None:
             _add_back(dq, dkv, *back)
-        back = (works, got, rows)
+        back = (works, got, rows, sends)            # sends kept until their works are waited
     _add_back(dq, dkv, *back)
     return dq, dkv[0], dkv[1]
 
 
-def _add_back(dq, dkv, works, got, rows) -> None:
+def _add_back(dq, dkv, works, got, rows, _sends) -> None:
     wait_all(works)
     if not got:
         return
