@@ -83,6 +83,14 @@ def accumulate_(dst: torch.Tensor, src: torch.Tensor, first: bool = False) -> No
         dst.add_(src)
 
 
+def acc_copy(src: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """A new ``acc_dtype`` tensor holding ``src`` (batch, rows, heads, headdim), written by
+    accumulate_ (on GPUs the fused cast, which reads src in any strides)."""
+    dst = torch.empty(src.shape, dtype=acc_dtype, device=src.device)
+    accumulate_(dst, src, first=True)
+    return dst
+
+
 def add_block_(dst: torch.Tensor, rows: slice, src: torch.Tensor, fresh: bool) -> bool:
     """dst[:, rows] += src, where ``fresh`` says dst holds nothing yet: then a block that covers
     every row is written (no zero fill, no read of dst) and a partial one is added to zeros.

@@ -26,7 +26,7 @@ import torch
 
 from .api import Algorithm, RunContext, ring_attention
 from .comm import wait_all
-from .merge import accumulate_, add_block_, merge_
+from .merge import acc_copy, accumulate_, add_block_, merge_
 from .ringX1 import bcast_kv_backward, bcast_q_forward
 
 
@@ -73,8 +73,7 @@ def paired_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
     posted = post(steps[0])
     o, l = run.kernel.forward(q, k, v, True, run.scale)               # the diagonal block
-    out = torch.empty(o.shape, dtype=acc, device=q.device)
-    accumulate_(out, o, first=True)
+    out = acc_copy(o, acc)
     lse = l.to(acc).contiguous()
     back = None                                     # the previous step's returned partial
     for i, st in enumerate(steps):

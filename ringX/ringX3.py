@@ -13,7 +13,12 @@ Rank r of N holds chunks r and 2N-1-r of 2N (two halves of ``half`` tokens). For
 Backward: all-gather k/v again (overlapped with the diagonal block's backward), the same three
 calls, and the [dk; dv] partials for every rank in a float32 buffer reduce-scattered in two
 pieces: the second halves (final once the later-rank call is done) go out while the earlier-rank
-call computes, the first halves last. For causal=False every other rank's k/v is one call.
+call computes, the first halves last.
+
+For causal=False the gathered k/v of every rank (its own included) go to ONE kernel call forward
+and one backward, after the gather instead of beside a diagonal block: on one NVLink node one
+call over S keys beats N calls over S/N by more than the gather costs. The [dk; dv] of every rank
+is reduce-scattered in float32 as above.
 
 Every rank does the same work; per-rank memory is O(S) for the gathered k/v.
 """
@@ -24,7 +29,7 @@ import torch
 from .api import Algorithm, RunContext, ring_attention
 from .comm import wait
 from .layout import block_plan
-from .merge import accumulate_, merge_, new_accumulators
+from .merge import acc_copy, accumulate_, merge_, new_accumulators
 
 
 def _keys(gathered: torch.Tensor, ranks: slice, rows: slice) -> torch.Tensor:
@@ -36,11 +41,9 @@ def _keys(gathered: torch.Tensor, ranks: slice, rows: slice) -> torch.Tensor:
 
 
 def _calls(run: RunContext, r: int, n: int, s: int) -> list[tuple[slice, slice, slice, str]]:
-    """The non-diagonal kernel calls of rank r: (q rows, source ranks, kv rows of each, name)."""
+    """The non-diagonal kernel calls of rank r, causal: (q rows, source ranks, kv rows of each,
+    name)."""
     half = s // 2
-    if not run.causal:
-        return [(slice(0, s), slice(0, r), slice(0, s), "early"),
-                (slice(0, s), slice(r + 1, n), slice(0, s), "late")]
     return [(slice(half, s), slice(r + 1, n), slice(0, s), "late"),
             (slice(0, s), slice(0, r), slice(0, half), "early")]
 
@@ -49,13 +52,47 @@ def _diagonal(run: RunContext, r: int, s: int):
     return block_plan(run.layout, run.causal, r, r, s)
 
 
+def _gather_kv(run: RunContext, k: torch.Tensor, v: torch.Tensor):
+    """(gathered (N, 2, b, s, hk, d), its pending all-gather) of every rank's fused [k; v]."""
+    kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
+    gathered = torch.empty((run.comm.size,) + tuple(kv.shape), dtype=kv.dtype, device=kv.device)
+    return gathered, run.comm.all_gather(gathered, kv)
+
+
+def _all_keys(run: RunContext, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Every rank's k/v in rank order, (2, b, N * s, hk, d) (full attention: any key order)."""
+    gathered, work = _gather_kv(run, k, v)
+    wait(work)
+    return _keys(gathered, slice(0, run.comm.size), slice(0, k.shape[1]))
+
+
+def _full_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    keys = _all_keys(run, k, v)
+    o, l = run.kernel.forward(q, keys[0], keys[1], False, run.scale)
+    return acc_copy(o, run.acc_dtype), l.to(run.acc_dtype).contiguous()
+
+
+def _full_backward(run: RunContext, dout, q, k, v, out, lse):
+    n = run.comm.size
+    b, s, hk, d = k.shape
+    keys = _all_keys(run, k, v)
+    dq_b, dk_b, dv_b = run.kernel.backward(dout, q, keys[0], keys[1], out, lse, False, run.scale)
+    del keys
+    dkv_all = torch.empty((n, 2, b, s, hk, d), dtype=run.acc_dtype, device=q.device)
+    for j, grad in enumerate((dk_b, dv_b)):                           # (b, N * s, hk, d) -> per rank
+        dkv_all[:, j].copy_(grad.reshape(b, n, s, hk, d).transpose(0, 1))
+    dkv = torch.empty((2, b, s, hk, d), dtype=run.acc_dtype, device=q.device)
+    wait(run.comm.reduce_scatter(dkv, dkv_all))
+    return acc_copy(dq_b, run.acc_dtype), dkv[0], dkv[1]
+
+
 def allgather_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
+    if not run.causal:
+        return _full_forward(run, q, k, v)
     comm = run.comm
     n, r, s = comm.size, comm.rank, q.shape[1]
-    kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
-    gathered = torch.empty((n,) + tuple(kv.shape), dtype=kv.dtype, device=kv.device)
-    work = comm.all_gather(gathered, kv)
+    gathered, work = _gather_kv(run, k, v)
     out, lse = new_accumulators(q, run.acc_dtype)
     for blk in _diagonal(run, r, s):
         o, l = run.kernel.forward(q[:, blk.q_rows], k[:, blk.kv_rows], v[:, blk.kv_rows], blk.causal, run.scale)
@@ -72,13 +109,13 @@ def allgather_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torc
 
 def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
     """Gradients (dq, dk, dv) in acc dtype for this rank's shards; shapes as q, k, v."""
+    if not run.causal:
+        return _full_backward(run, dout, q, k, v, out, lse)
     comm, acc = run.comm, run.acc_dtype
     n, r, s = comm.size, comm.rank, q.shape[1]
     half = s // 2 if s % 2 == 0 else s
     pieces = s // half                                                # 2 halves (1 if s is odd)
-    kv = torch.stack([k, v])
-    gathered = torch.empty((n,) + tuple(kv.shape), dtype=kv.dtype, device=kv.device)
-    work = comm.all_gather(gathered, kv)
+    gathered, work = _gather_kv(run, k, v)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     # dkv_all[p, src]: the [dk; dv] partial for rank src's rows [p*half, (p+1)*half)
     b, _, hk, d = k.shape
@@ -111,7 +148,7 @@ def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
             dq_b, dk_b, dv_b = block_backward(q_rows, keys[0], keys[1], False)
             accumulate_(dq[:, q_rows], dq_b)
             add_dkv(ranks, kv_rows, dk_b, dv_b)
-        if run.causal and name == "late" and pieces == 2:
+        if name == "late" and pieces == 2:
             # second halves are final now (earlier-rank calls touch first halves only)
             posted.append(comm.reduce_scatter(dkv[1], dkv_all[1]))
     for p in range(pieces if not posted else pieces - 1):

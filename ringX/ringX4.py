@@ -15,7 +15,7 @@ import torch
 from .api import Algorithm, RunContext, ring_attention
 from .comm import broadcast_rounds
 from .layout import block_plan
-from .merge import accumulate_, merge_
+from .merge import acc_copy, merge_
 from .ringX1 import bcast_kv_backward
 
 
@@ -30,8 +30,7 @@ def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch
             qs, ks = blk.q_rows, blk.kv_rows
             o, l = run.kernel.forward(q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], blk.causal, run.scale)
             if out is None:               # the own (diagonal) block comes first and covers every row
-                out = torch.empty(o.shape, dtype=run.acc_dtype, device=o.device)
-                accumulate_(out, o, first=True)
+                out = acc_copy(o, run.acc_dtype)
                 lse = torch.empty(l.shape, dtype=run.acc_dtype, device=l.device).copy_(l)
             else:
                 merge_(out[:, qs], lse[:, :, qs], o, l)

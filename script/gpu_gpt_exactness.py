@@ -6,11 +6,14 @@ The `passkey` preset with seeded weights; one passkey prompt, with two losses: o
 token, and over the five answer digits only (the training loss of the passkey task, whose
 gradient must travel from the question on the last rank to the key's rank).
 Reference: the whole sequence on one GPU in float32. Compared with it: the same one-GPU model
-under bf16 autocast (PyTorch's own bf16 error), and each ringX function under bf16 autocast on
-the rank's shard in its layout. Prints, on rank 0, the whole-sequence loss of each and the
-largest and median relative error over all weight gradients.
+under bf16 autocast with PyTorch's flash and cuDNN kernels (PyTorch's own bf16 error), and each
+ringX function under bf16 autocast on the rank's shard in its layout. Prints, on rank 0, the
+whole-sequence loss of each and the largest and median relative error over all weight
+gradients. RINGX_BACKEND=flash (or cudnn) runs the ringX functions on that local kernel.
 """
 import copy
+import functools
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -48,12 +51,12 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def one_device_attention(q, k, v):
+def one_device_attention(q, k, v, kernels=(SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)):
     """Causal attention of the whole sequence on one device, k/v heads expanded so that PyTorch
     can use a fused kernel in float32 too (its grouped-query path falls back to the O(S^2) math)."""
     rep = q.shape[2] // k.shape[2]
     k, v = (t.repeat_interleave(rep, dim=2).transpose(1, 2) for t in (k, v))
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+    with sdpa_kernel(list(kernels)):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True).transpose(1, 2)
 
 
@@ -83,16 +86,20 @@ def compare(m, tok, lab, rank, dev) -> None:
     bf16, fp32 = torch.autocast(dev.type, dtype=torch.bfloat16), nullcontext()
     pos = torch.arange(tok.shape[1], device=dev)
     loss32, ref = grads_of(copy.deepcopy(m), tok, pos, lab, None, None, fp32)
-    loss16, one = grads_of(copy.deepcopy(m), tok, pos, lab, None, None, bf16)
     if rank == 0:
         print(f"float32 one GPU: loss {loss32:.6f}", flush=True)
-        print(f"bf16 one GPU (PyTorch flash): loss {loss16:.6f}; {rel_errs(one, ref)}", flush=True)
+    for label, kernel in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+        attn_fn = functools.partial(one_device_attention, kernels=(kernel,))
+        loss16, one = grads_of(copy.deepcopy(m), tok, pos, lab, attn_fn, None, bf16)
+        if rank == 0:
+            print(f"bf16 one GPU (PyTorch {label}): loss {loss16:.6f}; {rel_errs(one, ref)}", flush=True)
+    backend = os.environ.get("RINGX_BACKEND") or "default"
     for attn in ("ringX1", "ringX2", "ringX3", "ringX4"):
         t, l, p = shard_batch(tok, lab, attn, dist.group.WORLD)
         loss, grads = grads_of(copy.deepcopy(m), t, p, l, cp_attention(attn, dist.group.WORLD),
                                dist.group.WORLD, bf16)
         if rank == 0:
-            print(f"bf16 {attn} cp={dist.get_world_size()}: loss {loss:.6f}; {rel_errs(grads, ref)}", flush=True)
+            print(f"bf16 {attn} cp={dist.get_world_size()} (kernel {backend}): loss {loss:.6f}; {rel_errs(grads, ref)}", flush=True)
 
 
 if __name__ == "__main__":

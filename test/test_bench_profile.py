@@ -74,3 +74,51 @@ def test_timeline_merges_runs_per_stream_in_time_order(tmp_path):
                                     ("20", 0.1, 0.4, "ncclDevKernel_Broadcast_RING_LL", 1),
                                     ("7", 0.6, 1.0, "void cudnn::fmha_fwd", 1),
                                     ("7", 1.1, 1.15, "merge_kernel", 1)]
+
+
+def _one_rank_fails(rank, world_size, device):
+    """ringX1 fails to set up on rank 1 only, ringX4's result fails on rank 1 only after its
+    collectives: both are skipped on every rank, and ringX2 after them is still measured."""
+    from ringX.bench import methods as M
+    from ringX.bench import run as R
+    real = M.prepare
+
+    class _BadNote:
+        def __init__(self, prep):
+            self._prep = prep
+
+        def __getattr__(self, name):
+            if name == "note":
+                raise RuntimeError("note lost on rank 1")
+            return getattr(self._prep, name)
+
+    def prepare(method, *a):
+        if rank == 1 and method == "ringX1":
+            raise RuntimeError("cannot set up on rank 1")
+        prep = real(method, *a)
+        return _BadNote(prep) if rank == 1 and method == "ringX4" else prep
+    M.prepare = prepare
+    args = R.parse(["--seqlens", "64", "--heads", "2", "--kv-heads", "1", "--headdim", "16", "--dtype", "float32",
+                    "--causal", "true", "--modes", "fwd_bwd", "--methods", "ringX1", "ringX4", "ringX2",
+                    "--warmup", "0", "--repeats", "1", "--warmup-s", "0"])
+    rows = {r["method"]: r for r in R.bench_config(args, 1, 64, True, "fwd_bwd", device, None, {})}
+    mine = {1: ("cannot set up on rank 1", "note lost on rank 1")}.get(rank, ("another rank", "another rank"))
+    assert mine[0] in rows["ringX1"]["note"] and "time_ms" not in rows["ringX1"], rows["ringX1"]
+    assert mine[1] in rows["ringX4"]["note"] and "time_ms" not in rows["ringX4"], rows["ringX4"]
+    assert rows["ringX2"]["time_ms"] > 0 and rows["ringX2"]["check_err"] < 1e-5, rows["ringX2"]
+
+
+def test_a_method_failing_on_one_rank_is_skipped_on_every_rank():
+    from ringX.launch import spawn
+    spawn(2, _one_rank_fails, deadline_s=120)
+
+
+def test_trace_tools_leave_out_kernels_before_the_profiled_call(tmp_path):
+    from ringX.bench.profile import CALL_MARK
+    trace = tmp_path / "t.json"
+    events = [{"cat": "kernel", "name": "ncclDevKernel_AllReduce_Sum_u8(A)", "ts": 0.0, "dur": 50.0},   # the barrier
+              {"cat": "user_annotation", "name": CALL_MARK, "ts": 100.0, "dur": 900.0},
+              {"cat": "kernel", "name": "void cudnn::fmha_fwd<1>(P)", "ts": 200.0, "dur": 500.0, "args": {"stream": 7}}]
+    trace.write_text(json.dumps({"traceEvents": events}))
+    assert kernel_breakdown(str(trace)) == [("void cudnn::fmha_fwd", 1, 0.5)]
+    assert timeline(str(trace)) == [("7", 0.0, 0.5, "void cudnn::fmha_fwd", 1)]

@@ -83,7 +83,8 @@ def resume_lr(sched, opt, lr: float, say) -> None:
     """After loading a checkpoint's LambdaLR state: train at this run's ``lr`` and this run's
     schedule. The checkpoint's base rate is replaced (and said) when they differ, so a later stage
     of a curriculum can change the rate; each group's rate is set to base x schedule(step), what
-    LambdaLR itself computes, so an unchanged run resumes bit for bit."""
+    LambdaLR itself computes, so an unchanged run resumes bit for bit (the scheduler's own record of
+    the last rates is refreshed by its next step; the apps read the rate from the optimizer)."""
     old = sched.base_lrs[0]
     if old != lr:
         say(f"--lr {lr:g} replaces the checkpoint's base rate {old:g}")
@@ -91,7 +92,6 @@ def resume_lr(sched, opt, lr: float, say) -> None:
     rates = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
     for group, rate in zip(opt.param_groups, rates):
         group["lr"] = rate
-    sched._last_lr = rates
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "train"):

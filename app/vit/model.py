@@ -15,16 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from app.common.weights import copy_parameters
+from ringX.baseline import sdpa_bshd as sdpa_full     # single-device, (b, s, h, d), bidirectional
 
 from .config import ViTConfig
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sdpa_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Single-device bidirectional attention on (b, s, h, d) tensors (all tokens local)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          enable_gqa=True).transpose(1, 2)
 
 
 class Attention(nn.Module):

@@ -22,6 +22,7 @@ from ..peer import ENV_VAR as TRANSPORT_ENV
 NATIVE = ("native-allgather", "native-alltoall")
 RING_FLASH = ("ring-flash-zigzag",)
 COPY = ("ringX1+copy", "ringX2+copy", "ringX4+copy")    # the broadcasting ones, copy transport
+BASELINE = ("allgather",)       # ringX.baseline: the seed's all-gather baseline (full attention)
 
 
 @dataclass
@@ -98,6 +99,23 @@ def ringx(name: str, full: dict, causal: bool, group, backend: str | None) -> Pr
         finally:
             os.environ.pop(TRANSPORT_ENV) if saved is None else os.environ.update({TRANSPORT_ENV: saved})
     return Prepared(step, layout, f"transport {transport}" if transport else "")
+
+
+def allgather(full: dict, causal: bool, group, backend: str | None) -> Prepared:
+    """ringX.baseline.allgather_attention: all-gather k/v, one SDPA call (bidirectional only)."""
+    from ..baseline import allgather_attention
+    if causal:
+        raise NotImplementedError("the all-gather baseline is bidirectional only")
+    if backend is not None:
+        raise NotImplementedError("the all-gather baseline runs SDPA's own kernel choice")
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    q, k, v = (_leaf(shard(full[x], "contiguous", r, n)) for x in ("q", "k", "v"))
+    dout = shard(full["dout"], "contiguous", r, n)
+
+    def attn(q_, k_, v_):
+        return allgather_attention(q_, k_, v_, group)
+    return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "contiguous",
+                    "SDPA over all-gathered k/v")
 
 
 def _native_modules():
@@ -179,8 +197,10 @@ def prepare(method: str, full: dict, causal: bool, group, backend: str | None) -
         return native(method, full, causal, group, backend)
     if method in RING_FLASH:
         return ring_flash(method, full, causal, group, backend)
+    if method in BASELINE:
+        return allgather(full, causal, group, backend)
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(all_methods())}")
 
 
 def all_methods() -> list[str]:
-    return list(ATTN_FUNCS) + list(COPY) + list(NATIVE) + list(RING_FLASH)
+    return list(ATTN_FUNCS) + list(COPY) + list(NATIVE) + list(RING_FLASH) + list(BASELINE)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 COMM_MARKERS = ("nccl", "rccl")
+CALL_MARK = "ringX.bench.profiled_call"
 FIELDS = ("span_ms", "compute_ms", "comm_ms", "exposed_comm_ms", "idle_ms")
 
 
@@ -59,24 +60,51 @@ def summarize(kernels: list[tuple[float, float, str]]) -> dict:
             "exposed_comm_ms": length_outside(comm, compute) / 1e3, "idle_ms": (span - busy) / 1e3}
 
 
-def profile_call(step, fwd_only: bool, device, trace_path: str) -> dict:
+def profile_call(step, fwd_only: bool, device, trace_path: str, group=None) -> dict:
     """Run ``step(fwd_only)`` once under torch.profiler, write its Chrome trace to ``trace_path``
-    and return ``summarize`` of its device kernels."""
+    and return ``summarize`` of its device kernels.
+
+    With a process group, its ranks first meet in a barrier inside the profiler (each rank starts
+    its profiler at a different moment), and only kernels that start after the call was entered
+    count: so a point-to-point kernel waiting for a peer shows the call's own skew, not the
+    profilers'."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    with profile(activities=activities) as prof:
-        step(fwd_only)
+
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    sync()
+    with profile(activities=activities) as prof:
+        if group is not None and dist.is_initialized():
+            dist.barrier(group=group)
+            sync()
+        with record_function(CALL_MARK):
+            step(fwd_only)
+            sync()
     os.makedirs(os.path.dirname(trace_path) or ".", exist_ok=True)
     prof.export_chrome_trace(trace_path)
-    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-               if e.device_type.name in ("CUDA", "PrivateUse1") and e.time_range.end > e.time_range.start]
+    events = prof.events()
+    entered = min((e.time_range.start for e in events if e.name == CALL_MARK), default=0)
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in events
+               if e.device_type.name in ("CUDA", "PrivateUse1") and e.time_range.end > e.time_range.start
+               and e.time_range.start >= entered]
     return summarize(kernels)
+
+
+def _call_kernels(trace_path: str) -> list[dict]:
+    """The kernel events of a Chrome trace written by ``profile_call``, those before the profiled
+    call (the barrier that lines the ranks up) left out."""
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    entered = min((e["ts"] for e in events if e.get("name") == CALL_MARK and "ts" in e), default=None)
+    return [e for e in events if e.get("cat") == "kernel" and e.get("dur")
+            and (entered is None or e["ts"] >= entered)]
 
 
 def short_name(name: str) -> str:
@@ -89,16 +117,11 @@ def short_name(name: str) -> str:
 def kernel_breakdown(trace_path: str, top: int = 12) -> list[tuple[str, int, float]]:
     """The ``top`` kernels of a Chrome trace written by ``profile_call``: (short name, calls,
     total ms), largest total first. Kernels of one short name are summed."""
-    import json
-
-    with open(trace_path) as f:
-        events = json.load(f).get("traceEvents", [])
     totals: dict[str, list] = {}
-    for e in events:
-        if e.get("cat") == "kernel" and e.get("dur"):
-            t = totals.setdefault(short_name(e["name"]), [0, 0.0])
-            t[0] += 1
-            t[1] += e["dur"] / 1e3
+    for e in _call_kernels(trace_path):
+        t = totals.setdefault(short_name(e["name"]), [0, 0.0])
+        t[0] += 1
+        t[1] += e["dur"] / 1e3
     return sorted(((k, c, ms) for k, (c, ms) in totals.items()), key=lambda x: -x[2])[:top]
 
 
@@ -106,12 +129,8 @@ def timeline(trace_path: str) -> list[tuple[str, float, float, str, int]]:
     """The device kernels of a Chrome trace in time order, runs of one kernel name on one stream
     merged: (stream, start ms from the first kernel, end ms, short name, kernels in the run).
     Reading the streams side by side shows which one waits on what."""
-    import json
-
-    with open(trace_path) as f:
-        events = json.load(f).get("traceEvents", [])
     kernels = sorted((e["ts"], e["ts"] + e["dur"], str(e.get("args", {}).get("stream", e.get("tid"))),
-                      short_name(e["name"])) for e in events if e.get("cat") == "kernel" and e.get("dur"))
+                      short_name(e["name"])) for e in _call_kernels(trace_path))
     if not kernels:
         return []
     t0 = kernels[0][0]

@@ -6,7 +6,8 @@ import json
 import os
 
 COLUMNS = ("method", "world_size", "batch", "seqlen", "heads", "kv_heads", "headdim", "dtype",
-           "causal", "mode", "timing", "time_ms", "tflops_per_gpu", "efficiency", "speedup_vs_native",
+           "causal", "mode", "timing", "warmup_s", "time_ms", "tflops_per_gpu", "efficiency",
+           "speedup_vs_native",
            "peak_mem_gb", "single_mem_gb", "check_err", "ideal_ms", "ideal_source", "note",
            "prof_span_ms", "prof_compute_ms", "prof_comm_ms", "prof_exposed_comm_ms", "prof_idle_ms")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import statistics
 import sys
@@ -41,8 +42,12 @@ def _sync(device):
 
 
 def time_step(step, fwd_only: bool, warmup: int, repeats: int, device, group,
-              timing: str = "queued") -> tuple[float, torch.Tensor]:
+              timing: str = "queued", warmup_s: float = 0.0) -> tuple[float, torch.Tensor]:
     """Median seconds per call over ``repeats`` (after ``warmup``), max over the group's ranks.
+
+    With ``warmup_s`` > 0 the warm-up goes on for at least that many seconds of calls (the same
+    number on every rank), so the timed calls run at the clock a sustained training run gets: a
+    GPU coming out of an idle gap runs faster until its power limit pulls the clock down.
 
     On GPUs each call lies between two CUDA events. timing="queued" queues the calls back to back,
     as a training step does, so the host launches a call while the device still runs the one
@@ -53,6 +58,14 @@ def time_step(step, fwd_only: bool, warmup: int, repeats: int, device, group,
     for _ in range(warmup):
         out = step(fwd_only)
     _sync(device)
+    if warmup_s > 0:
+        t0 = time.perf_counter()
+        out = step(fwd_only)
+        _sync(device)
+        more = _max_over(math.ceil(warmup_s / max(time.perf_counter() - t0, 1e-6)) - 1, group)
+        for _ in range(int(more)):
+            out = step(fwd_only)
+        _sync(device)
     samples = []
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -94,7 +107,8 @@ def measure(prep, fwd_only, args, device, group, local_bytes: int) -> dict:
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    seconds, out = time_step(prep.step, fwd_only, args.warmup, args.repeats, device, group, args.timing)
+    seconds, out = time_step(prep.step, fwd_only, args.warmup, args.repeats, device, group, args.timing,
+                              args.warmup_s)
     mem = None
     if device.type == "cuda":
         mem = _max_over((torch.cuda.max_memory_allocated(device) - base + local_bytes) / 2**30, group)
@@ -102,13 +116,14 @@ def measure(prep, fwd_only, args, device, group, local_bytes: int) -> dict:
 
 
 def bench_config(args, batch, seqlen, causal, mode, device, group, single_times: dict) -> list[dict]:
-    n, r = dist.get_world_size(group), dist.get_rank(group)
+    n = dist.get_world_size(group)
     fwd_only = mode == "fwd"
     full = make_full(batch, seqlen, args.heads, args.kv_heads, args.headdim, DTYPES[args.dtype],
                      device, args.seed + seqlen + int(causal))
     base = {"world_size": n, "batch": batch, "seqlen": seqlen, "heads": args.heads,
             "kv_heads": args.kv_heads, "headdim": args.headdim, "dtype": args.dtype,
-            "causal": causal, "mode": mode, "timing": args.timing}
+            "causal": causal, "mode": mode, "timing": args.timing,
+            "warmup_s": args.warmup_s}
     flops = attn_flops(batch, seqlen, args.heads, args.headdim, causal, mode)
     rows, ref_out = [], None
     # single device on the whole sequence (ideal = its time / N), and its memory at S/N
@@ -132,48 +147,78 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
     local = seqlen // n
     single_local = measure(M.single_device(full, causal, args.backend, local), fwd_only, args, device, group,
                            sum(full[x][:, :local].numel() * full[x].element_size() for x in full))
-    native_best = None
     for method in args.methods:
         row = {**base, "method": method}
+        prep, failure = None, None
         try:
             prep = M.prepare(method, full, causal, group, args.backend)
-            local_bytes = sum(full[x].numel() * full[x].element_size() for x in full) // n
-            if method in M.NATIVE:
-                local_bytes = sum(full[x].numel() * full[x].element_size() * (args.heads // args.kv_heads if x in "kv" else 1) for x in full) // n
-            m = measure(prep, fwd_only, args, device, group, local_bytes)
-            if m["mem"] is not None and method in M.COPY:    # the staging buffer, outside torch's stats
-                m["mem"] += transport_workspace_bytes(group) / 2**30
-            err = None
-            if ref_out is not None and prep.layout in ("contiguous", "zigzag"):
-                err = global_rel_err(m["out"], shard(ref_out, prep.layout, r, n), group)
-            elif ref_out is not None and hasattr(prep, "to_full"):
-                err = global_rel_err(prep.to_full(m["out"]), ref_out)
-            row.update(time_ms=m["seconds"] * 1e3, tflops_per_gpu=flops / n / m["seconds"] / 1e12,
-                       peak_mem_gb=m["mem"], single_mem_gb=single_local["mem"], check_err=err,
-                       note=prep.note)
-            if ideal is not None:
-                row.update(efficiency=ideal / m["seconds"], ideal_ms=ideal * 1e3, ideal_source=source)
-            if err is not None and not err < args.check_tol:
-                row["note"] = f"WRONG: rel err {err:.2e} vs single device"
-            if method in M.NATIVE:
-                native_best = min(native_best or m["seconds"], m["seconds"])
-            if args.profile:
-                name = f"{method}_S{seqlen}_{'causal' if causal else 'full'}_{mode}_rank{r}.json"
-                prof = P.profile_call(prep.step, fwd_only, device, os.path.join(args.out, "traces", name))
-                row.update({f"prof_{k}": v if v is None else _max_over(v, group) for k, v in prof.items()})
-            if hasattr(prep, "close"):
-                prep.close()
-            del prep, m
         except Exception as exc:  # a method that cannot run here is reported, not fatal
-            row["note"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            failure = exc
+        # every rank skips a method that any rank could not set up, so that no rank is left
+        # waiting in a collective the others never join
+        ok = _all_true(failure is None, group)
+        if ok:
+            try:
+                _measure_method(row, method, prep, args, full, ref_out, ideal, source, flops, single_local,
+                                device, group, seqlen, causal, mode)
+            except Exception as exc:
+                failure = exc
+            ok = _all_true(failure is None, group)
+        if not ok:
+            row = {**base, "method": method, "note": _skip_note(failure)}
+        if hasattr(prep, "close"):
+            prep.close()
+        del prep
         rows.append(row)
+    native_best = min((row["time_ms"] for row in rows if row["method"] in M.NATIVE and row.get("time_ms")),
+                      default=None)
     for row in rows:
         if native_best and row.get("time_ms") and row["method"] not in M.NATIVE:
-            row["speedup_vs_native"] = native_best * 1e3 / row["time_ms"]
+            row["speedup_vs_native"] = native_best / row["time_ms"]
     if device.type == "cuda":
         del full
         torch.cuda.empty_cache()
     return rows
+
+
+def _skip_note(exc: BaseException | None) -> str:
+    if exc is None:
+        return "skipped: failed on another rank"
+    return f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def _all_true(flag: bool, group) -> bool:
+    """True on every rank when ``flag`` holds on every rank of ``group``."""
+    return _max_over(0.0 if flag else 1.0, group) == 0.0
+
+
+def _measure_method(row, method, prep, args, full, ref_out, ideal, source, flops, single_local,
+                    device, group, seqlen, causal, mode) -> None:
+    """Times ``prep`` into ``row``: time, TFLOP/s, efficiency, memory, the check against the
+    single device, and with --profile one profiled call."""
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    local_bytes = sum(full[x].numel() * full[x].element_size() for x in full) // n
+    if method in M.NATIVE:
+        local_bytes = sum(full[x].numel() * full[x].element_size() * (args.heads // args.kv_heads if x in "kv" else 1)
+                          for x in full) // n
+    m = measure(prep, mode == "fwd", args, device, group, local_bytes)
+    if m["mem"] is not None and method in M.COPY:    # the staging buffer, outside torch's stats
+        m["mem"] += transport_workspace_bytes(group) / 2**30
+    err = None
+    if ref_out is not None and prep.layout in ("contiguous", "zigzag"):
+        err = global_rel_err(m["out"], shard(ref_out, prep.layout, r, n), group)
+    elif ref_out is not None and hasattr(prep, "to_full"):
+        err = global_rel_err(prep.to_full(m["out"]), ref_out)
+    row.update(time_ms=m["seconds"] * 1e3, tflops_per_gpu=flops / n / m["seconds"] / 1e12,
+               peak_mem_gb=m["mem"], single_mem_gb=single_local["mem"], check_err=err, note=prep.note)
+    if ideal is not None:
+        row.update(efficiency=ideal / m["seconds"], ideal_ms=ideal * 1e3, ideal_source=source)
+    if err is not None and not err < args.check_tol:
+        row["note"] = f"WRONG: rel err {err:.2e} vs single device"
+    if args.profile:
+        name = f"{method}_S{seqlen}_{'causal' if causal else 'full'}_{mode}_rank{r}.json"
+        prof = P.profile_call(prep.step, mode == "fwd", device, os.path.join(args.out, "traces", name), group)
+        row.update({f"prof_{k}": v if v is None else _max_over(v, group) for k, v in prof.items()})
 
 
 def run(args, device) -> list[dict]:
@@ -207,6 +252,10 @@ def parse(argv=None):
     p.add_argument("--causal", choices=["true", "false", "both"], default="both")
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="warm up each method for at least this many seconds (default 1 on GPUs, 0 on "
+                        "CPUs), so it is timed at the sustained, power-limited clock, not the boost "
+                        "clock that follows the idle gap before it")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--timing", choices=["queued", "idle"], default="queued",
                    help="GPUs: queued = calls back to back as in training (the host launches ahead); "
@@ -225,6 +274,10 @@ def parse(argv=None):
     if args.sweep == "tiny":
         args.heads, args.kv_heads, args.headdim = min(args.heads, 4), min(args.kv_heads, 2), min(args.headdim, 32)
         args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
+    if args.warmup_s is None:
+        args.warmup_s = 1.0 if torch.cuda.is_available() else 0.0
+    if args.warmup_s < 0:
+        p.error(f"--warmup-s must be >= 0, got {args.warmup_s}")
     args.out = args.out or os.path.join("runs", "bench", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     return args
 
@@ -235,7 +288,8 @@ def _entry(args, rank: int, world_size: int, device) -> None:
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
               f"{torch.__version__}, cudnn {torch.backends.cudnn.version()}, nccl "
               f"{'.'.join(map(str, torch.cuda.nccl.version())) if device.type == 'cuda' else '-'}, "
-              f"{args.dtype}, heads {args.heads}/{args.kv_heads}, dim {args.headdim}, timing {args.timing}",
+              f"{args.dtype}, heads {args.heads}/{args.kv_heads}, dim {args.headdim}, timing {args.timing}, "
+              f"warm-up {args.warmup} calls + {args.warmup_s:g} s",
               flush=True)
     rows = run(args, device)
     if rank == 0:
@@ -246,8 +300,23 @@ def _entry(args, rank: int, world_size: int, device) -> None:
         print(report.table(rows))
 
 
+def _leave_after_profiling() -> None:
+    """End a process whose profiled run has finished, without the interpreter's exit-time
+    teardown: torch's profiler (Kineto) can abort there with "terminate called without an active
+    exception" after all work is done (seen in about 1 of 10 tiny CPU runs with torch 2.13; an
+    exit-time lifetime bug of the profiler, pytorch/pytorch#195837). The process group is
+    destroyed and the output flushed first."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _entry_spawned(rank, world_size, device, args) -> None:
     _entry(args, rank, world_size, device)
+    if args.profile:
+        _leave_after_profiling()
 
 
 def main(argv=None) -> int:
@@ -259,6 +328,8 @@ def main(argv=None) -> int:
             _entry(args, info.rank, info.world_size, info.device)
         finally:
             dist.destroy_process_group()
+        if args.profile:
+            _leave_after_profiling()
         return 0
     spawn(args.nproc, _entry_spawned, args, pg_timeout_s=600)
     return 0
