@@ -20,9 +20,11 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -207,6 +209,24 @@ def init_distributed(backend: str | None = None,
                     str(dist.get_backend()), denv.launcher)
 
 
+def leave(code: int = 0) -> NoReturn:
+    """End this rank's process with exit status ``code`` once its work is done: destroy the
+    process group (if any), flush stdout and stderr, then ``os._exit``. This skips the
+    interpreter's exit-time teardown, where a C++ thread of torch's distributed or profiler
+    runtime can abort a finished process ("terminate called without an active exception",
+    SIGABRT), which a launcher such as torchrun or srun then reports as a failed rank. Open
+    files must already be closed; ``atexit`` handlers do not run."""
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except BaseException as exc:  # report it; the exit status says the teardown failed
+        print(f"ringX.launch.leave: destroying the process group failed: {exc!r}", file=sys.stderr)
+        code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg_timeout_s) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
@@ -219,8 +239,10 @@ def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg
                             **({"device_id": device} if use_cuda else {}))
     try:
         body(rank, world_size, device, *args)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise  # the spawn wrapper records the traceback for the parent
+    leave(0)
 
 
 def spawn(world_size: int, body, *args, deadline_s: float | None = None, threads: int | None = None,
@@ -228,7 +250,8 @@ def spawn(world_size: int, body, *args, deadline_s: float | None = None, threads
     """Run ``body(rank, world_size, device, *args)`` on ``world_size`` new local processes: NCCL
     with one GPU each where enough GPUs exist, else gloo on CPUs (``threads`` torch threads each,
     default cores / ranks). Raises if a rank fails; with ``deadline_s`` the ranks are killed and
-    TimeoutError raised once it passes, so a hang cannot outlive it."""
+    TimeoutError raised once it passes, so a hang cannot outlive it. A rank whose ``body``
+    returns ends through ``leave(0)``, without the interpreter's exit-time teardown."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_spawned, nprocs=world_size, join=False, start_method="spawn",

@@ -12,7 +12,6 @@ Exits 1 if any error is above its bound.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.distributed as dist
@@ -85,4 +84,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .launch import leave
+    leave(main())  # skips torch's exit-time teardown, which can abort a finished rank

@@ -27,4 +27,5 @@ def check(args) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(run_and_shut_down(check, parse()))
+    from ringX.launch import leave
+    leave(run_and_shut_down(check, parse()))

@@ -1,5 +1,6 @@
 """ringX.launch: reading each launcher's environment, host lists, timeouts; DeviceMesh layout."""
 import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 from launcher import spawn
-from ringX.launch import detect_env, expand_hostlist, resolve_timeout
+from ringX.launch import _free_port, detect_env, expand_hostlist, resolve_timeout
 from ringX.parallel import ParallelDims
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,22 @@ def test_setup_dist_vars_exports_torchrun_variables():
     res = subprocess.run(["bash", "-c", "source script/setup_dist_vars.sh"], cwd=ROOT,
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert res.returncode != 0 and "inside srun" in res.stderr
+
+
+def test_leave_destroys_the_group_flushes_and_exits_with_the_code():
+    code = ("import atexit, torch.distributed as dist\n"
+            "from ringX.launch import init_distributed, leave\n"
+            "init_distributed()\n"
+            "atexit.register(print, 'atexit ran')\n"
+            "print('buffered line', end='')\n"
+            "leave(3)\n"
+            "print('not reached')\n")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert res.stdout == "buffered line"  # flushed; nothing after leave(), no atexit handlers
 
 
 def mesh_body(rank, world_size, device):

@@ -4,7 +4,6 @@ Under pytest each test spawns its own ranks (gloo on CPU, NCCL where enough GPUs
 script it takes its ranks from srun / mpirun / torchrun, e.g. from script/:
     srun -n4 bash -c "source setup_dist_vars.sh; python ../test/test_ringX1_attn_func.py"
 """
-import sys
 
 import pytest
 import torch
@@ -34,4 +33,5 @@ def test_strided_subgroups():
 
 
 if __name__ == "__main__":
-    sys.exit(run_as_script(ALGO))
+    from ringX.launch import leave
+    leave(run_as_script(ALGO))

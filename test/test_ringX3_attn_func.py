@@ -4,7 +4,6 @@ Under pytest each test spawns its own ranks (gloo on CPU, NCCL where enough GPUs
 script it takes its ranks from srun / mpirun / torchrun, e.g. from script/:
     srun -n4 bash -c "source setup_dist_vars.sh; python ../test/test_ringX3_attn_func.py"
 """
-import sys
 
 import pytest
 
@@ -24,4 +23,5 @@ def test_strided_subgroups():
 
 
 if __name__ == "__main__":
-    sys.exit(run_as_script(ALGO))
+    from ringX.launch import leave
+    leave(run_as_script(ALGO))

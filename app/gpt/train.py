@@ -76,7 +76,7 @@ from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activ
 from app.gpt import deepspeed_engine  # noqa: E402
 from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
-from ringX.launch import init_distributed  # noqa: E402
+from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
 
 
@@ -454,4 +454,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # skips torch's exit-time teardown, which can abort a finished rank

@@ -50,7 +50,7 @@ from app.vit.model import ClimateViT  # noqa: E402
 from app.vit.parallelize import ATTN_CHOICES, cp_attention, cp_mse, local_positions  # noqa: E402
 from app.vit.tensor_parallel import apply_tensor_parallel, is_tp_sharded  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
-from ringX.launch import init_distributed  # noqa: E402
+from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
 
 DP_ENGINES = ("allreduce", "fsdp")
@@ -250,4 +250,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # skips torch's exit-time teardown, which can abort a finished rank

@@ -1,5 +1,4 @@
-import sys
-
+from ..launch import leave
 from .run import main
 
-sys.exit(main())
+leave(main())  # skips torch's exit-time teardown, which can abort a finished rank

@@ -11,7 +11,6 @@ import datetime
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -300,23 +299,8 @@ def _entry(args, rank: int, world_size: int, device) -> None:
         print(report.table(rows))
 
 
-def _leave_after_profiling() -> None:
-    """End a process whose profiled run has finished, without the interpreter's exit-time
-    teardown: torch's profiler (Kineto) can abort there with "terminate called without an active
-    exception" after all work is done (seen in about 1 of 10 tiny CPU runs with torch 2.13; an
-    exit-time lifetime bug of the profiler, pytorch/pytorch#195837). The process group is
-    destroyed and the output flushed first."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _entry_spawned(rank, world_size, device, args) -> None:
     _entry(args, rank, world_size, device)
-    if args.profile:
-        _leave_after_profiling()
 
 
 def main(argv=None) -> int:
@@ -328,12 +312,11 @@ def main(argv=None) -> int:
             _entry(args, info.rank, info.world_size, info.device)
         finally:
             dist.destroy_process_group()
-        if args.profile:
-            _leave_after_profiling()
         return 0
     spawn(args.nproc, _entry_spawned, args, pg_timeout_s=600)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..launch import leave
+    leave(main())
