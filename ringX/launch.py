@@ -214,13 +214,17 @@ def leave(code: int = 0) -> NoReturn:
     process group (if any), flush stdout and stderr, then ``os._exit``. This skips the
     interpreter's exit-time teardown, where a C++ thread of torch's distributed or profiler
     runtime can abort a finished process ("terminate called without an active exception",
-    SIGABRT), which a launcher such as torchrun or srun then reports as a failed rank. Open
+    SIGABRT), which a launcher such as torchrun or srun then reports as a failed rank. MPI, if
+    mpi4py started it (the rendezvous under mpirun), is finalised, as mpirun requires. Open
     files must already be closed; ``atexit`` handlers do not run."""
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
     except BaseException as exc:  # report it; the exit status says the teardown failed
-        print(f"ringX.launch.leave: destroying the process group failed: {exc!r}", file=sys.stderr)
+        print(f"ringX.launch.leave: tearing down failed: {exc!r}", file=sys.stderr)
         code = code or 1
     sys.stdout.flush()
     sys.stderr.flush()
