@@ -84,6 +84,8 @@ def test_leave_destroys_the_group_flushes_and_exits_with_the_code():
     code = ("import atexit, torch.distributed as dist\n"
             "from ringX.launch import init_distributed, leave\n"
             "init_distributed()\n"
+            "destroy = dist.destroy_process_group\n"
+            "dist.destroy_process_group = lambda: (print(' group destroyed', end=''), destroy())\n"
             "atexit.register(print, 'atexit ran')\n"
             "print('buffered line', end='')\n"
             "leave(3)\n"
@@ -93,7 +95,8 @@ def test_leave_destroys_the_group_flushes_and_exits_with_the_code():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env=env)
     assert res.returncode == 3, res.stderr[-2000:]
-    assert res.stdout == "buffered line"  # flushed; nothing after leave(), no atexit handlers
+    # the group destroyed, output flushed; nothing after leave(), no atexit handlers
+    assert res.stdout == "buffered line group destroyed"
 
 
 def mesh_body(rank, world_size, device):

@@ -27,10 +27,10 @@ if __package__ in (None, ""):
 
 from app.common import checkpoint  # noqa: E402
 from app.common.runtime import run_and_shut_down  # noqa: E402
-from ringX.launch import leave  # noqa: E402
 from app.vit.data import unpatchify  # noqa: E402
 from app.vit.metrics import ForecastScore  # noqa: E402
 from app.vit.train import Setup, add_model_args  # noqa: E402
+from ringX.launch import leave  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
