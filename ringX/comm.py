@@ -103,6 +103,15 @@ class GroupComm:
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         return scatter(out.view(-1), inp.reshape(-1), group=self.group, async_op=async_op)
 
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+        """inp, out: (size, *chunk), both contiguous; out[j] on group rank i receives group rank
+        j's inp[i]. Moves data only (any dtype): a receiver that sums the chunks chooses the
+        precision of the sum."""
+        if self.size == 1:
+            out.copy_(inp)
+            return None
+        return dist.all_to_all_single(out, inp, group=self.group, async_op=async_op)
+
     def exchange(self, sends: list, recvs: list) -> list:
         """Post point-to-point sends [(tensor, dst)] and receives [(tensor, src)] (group ranks,
         contiguous tensors) as one batch; returns their work handles (see wait_all). Every rank

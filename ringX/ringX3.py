@@ -17,8 +17,9 @@ call computes, the first halves last.
 
 For causal=False the gathered k/v of every rank (its own included) go to ONE kernel call forward
 and one backward, after the gather instead of beside a diagonal block: on one NVLink node one
-call over S keys beats N calls over S/N by more than the gather costs. The [dk; dv] of every rank
-is reduce-scattered in float32 as above.
+call over S keys beats N calls over S/N by more than the gather costs. That call's [dk; dv] for
+every rank's keys is exact in the kernel's dtype, so it travels in that dtype (one all-to-all)
+and each rank sums the N partials for its keys in float32.
 
 Every rank does the same work; per-rank memory is O(S) for the gathered k/v.
 """
@@ -78,11 +79,16 @@ def _full_backward(run: RunContext, dout, q, k, v, out, lse):
     keys = _all_keys(run, k, v)
     dq_b, dk_b, dv_b = run.kernel.backward(dout, q, keys[0], keys[1], out, lse, False, run.scale)
     del keys
-    dkv_all = torch.empty((n, 2, b, s, hk, d), dtype=run.acc_dtype, device=q.device)
+    # Each rank's partial [dk; dv] for rank j's keys is one kernel output, exact in the kernel's
+    # dtype: it travels in that dtype (all-to-all, half a float32 reduce-scatter's bytes) and the
+    # receiver sums the N partials in acc dtype, rounding once as a float32 reduction would.
+    parts = torch.empty((n, 2, b, s, hk, d), dtype=dk_b.dtype, device=q.device)
     for j, grad in enumerate((dk_b, dv_b)):                           # (b, N * s, hk, d) -> per rank
-        dkv_all[:, j].copy_(grad.reshape(b, n, s, hk, d).transpose(0, 1))
-    dkv = torch.empty((2, b, s, hk, d), dtype=run.acc_dtype, device=q.device)
-    wait(run.comm.reduce_scatter(dkv, dkv_all))
+        parts[:, j].copy_(grad.reshape(b, n, s, hk, d).transpose(0, 1))
+    del dk_b, dv_b
+    received = torch.empty_like(parts)                                # [j]: rank j's partial for mine
+    wait(run.comm.all_to_all(received, parts))
+    dkv = received.sum(0, dtype=run.acc_dtype)                        # (2, b, s, hk, d)
     return acc_copy(dq_b, run.acc_dtype), dkv[0], dkv[1]
 
 

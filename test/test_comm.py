@@ -1,6 +1,6 @@
 """broadcast_rounds: every owner's tensor arrives once, in the promised order, with buffers reused
 safely, on world sizes 1-4 (gloo here; NCCL where GPUs exist), through collectives and, on GPUs,
-through the copy engines (ringX.peer)."""
+through the copy engines (ringX.peer). GroupComm.all_to_all delivers every chunk to its rank."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -35,6 +35,26 @@ def test_broadcast_rounds_yield_every_owner_once(world_size, own_first):
         _rounds(0, 1, torch.device("cpu"), own_first)
     else:
         spawn(world_size, _rounds, own_first)
+
+
+def _all_to_all(rank, world_size, device):
+    comm = GroupComm(None if world_size == 1 else dist.group.WORLD)
+    for dtype in (torch.float32, torch.bfloat16):
+        # inp[i] on rank j holds 10 * j + i (+ a ramp; exact in bf16), so out[j] on rank i must hold it
+        ramp = torch.arange(6, device=device, dtype=dtype).view(2, 3)
+        inp = torch.stack([ramp + 10 * rank + i for i in range(world_size)])
+        out = torch.full_like(inp, -1.0)
+        comm.all_to_all(out, inp, async_op=False)
+        want = torch.stack([ramp + 10 * j + rank for j in range(world_size)])
+        assert out.dtype == dtype and torch.equal(out, want), (rank, dtype, out)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_all_to_all_delivers_every_chunk(world_size):
+    if world_size == 1:
+        _all_to_all(0, 1, torch.device("cpu"))
+    else:
+        spawn(world_size, _all_to_all)
 
 
 def _copy_rounds(rank, world_size, device):
