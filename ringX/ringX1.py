@@ -13,7 +13,9 @@ Backward, for each owner rank i in turn: owner i broadcasts its fused [k_i; v_i]
 kv heads unexpanded); every rank accumulates its own dq locally and its partial [dk_i; dv_i]
 (float32), which is reduced to owner i. The same backward serves ringX2 and ringX4.
 
-Per-rank memory is O(S/N); messages are q-sized forward and kv-sized backward.
+Per-rank memory is O(S/N); messages are q-sized forward and kv-sized backward. On two ranks
+each reduce is one message from the peer, and the partials travel as the kernel wrote them
+(ringX.pair).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .api import Algorithm, RunContext, ring_attention
 from .comm import broadcast_rounds, wait
 from .layout import block_plan
 from .merge import add_block_, weigh_
+from .pair import pair_kv_backward, pair_q_forward
 
 
 def _run_block(run: RunContext, q_i, k, v, q_rank: int, kv_rank: int):
@@ -50,6 +53,8 @@ class _Pack:
 def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Broadcast-q forward. q: (b, s, h, d), k/v: (b, s, hk, d) local shards ->
     (out (b, s, h, d), lse (b, h, s)) in run.acc_dtype for this rank's queries."""
+    if run.comm.size == 2:
+        return pair_q_forward(run, q, k, v)
     comm, acc = run.comm, run.acc_dtype
     r = comm.rank
     b, s, h, d = q.shape
@@ -103,6 +108,8 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
 def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     """Broadcast-kv backward. dout/q/out: (b, s, h, d), k/v: (b, s, hk, d), lse: (b, h, s) ->
     (dq, dk, dv) in run.acc_dtype. Works for any layout that has a block plan."""
+    if run.comm.size == 2:
+        return pair_kv_backward(run, dout, q, k, v, out, lse)
     comm, acc = run.comm, run.acc_dtype
     r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)

@@ -15,11 +15,11 @@ calls, and the [dk; dv] partials for every rank in a float32 buffer reduce-scatt
 pieces: the second halves (final once the later-rank call is done) go out while the earlier-rank
 call computes, the first halves last.
 
-For causal=False the gathered k/v of every rank (its own included) go to ONE kernel call forward
-and one backward, after the gather instead of beside a diagonal block: on one NVLink node one
-call over S keys beats N calls over S/N by more than the gather costs. That call's [dk; dv] for
-every rank's keys is exact in the kernel's dtype, so it travels in that dtype (one all-to-all)
-and each rank sums the N partials for its keys in float32.
+For causal=False the gathered k and v of every rank (its own included) go to ONE kernel call
+forward and one backward, after the gather instead of beside a diagonal block: on one NVLink node
+one call over S keys beats N calls over S/N by more than the gather costs. That call's out and dq
+are final as they come; its dk/dv for every rank's keys are exact in the kernel's dtype, so they
+travel in that dtype (all-to-all) and each rank sums the N partials for its keys in float32.
 
 Every rank does the same work; per-rank memory is O(S) for the gathered k/v.
 """
@@ -30,7 +30,7 @@ import torch
 from .api import Algorithm, RunContext, ring_attention
 from .comm import wait
 from .layout import block_plan
-from .merge import acc_copy, accumulate_, merge_, new_accumulators
+from .merge import accumulate_, merge_, new_accumulators
 
 
 def _keys(gathered: torch.Tensor, ranks: slice, rows: slice) -> torch.Tensor:
@@ -60,36 +60,46 @@ def _gather_kv(run: RunContext, k: torch.Tensor, v: torch.Tensor):
     return gathered, run.comm.all_gather(gathered, kv)
 
 
-def _all_keys(run: RunContext, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Every rank's k/v in rank order, (2, b, N * s, hk, d) (full attention: any key order)."""
-    gathered, work = _gather_kv(run, k, v)
-    wait(work)
-    return _keys(gathered, slice(0, run.comm.size), slice(0, k.shape[1]))
+def _rank_major(gathered: torch.Tensor) -> torch.Tensor:
+    """(N, b, s, hk, d) -> (b, N * s, hk, d), ranks in order along the sequence (a view when
+    b == 1)."""
+    n, b, s = gathered.shape[:3]
+    return gathered.transpose(0, 1).reshape(b, n * s, *gathered.shape[3:])
+
+
+def _all_keys(run: RunContext, k: torch.Tensor, v: torch.Tensor):
+    """Every rank's k and v in rank order (full attention: any key order will do): two
+    (b, N * s, hk, d) tensors, gathered by two all-gathers in flight together."""
+    gathered = [torch.empty((run.comm.size,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+                for x in (k, v)]
+    works = [run.comm.all_gather(g, x.contiguous()) for g, x in zip(gathered, (k, v))]
+    for work in works:
+        wait(work)
+    return [_rank_major(g) for g in gathered]
 
 
 def _full_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    keys = _all_keys(run, k, v)
-    o, l = run.kernel.forward(q, keys[0], keys[1], False, run.scale)
-    return acc_copy(o, run.acc_dtype), l.to(run.acc_dtype).contiguous()
+    keys, values = _all_keys(run, k, v)
+    o, l = run.kernel.forward(q, keys, values, False, run.scale)
+    return o, l.to(run.acc_dtype).contiguous()           # one call over all keys: o is final
 
 
 def _full_backward(run: RunContext, dout, q, k, v, out, lse):
-    n = run.comm.size
-    b, s, hk, d = k.shape
-    keys = _all_keys(run, k, v)
-    dq_b, dk_b, dv_b = run.kernel.backward(dout, q, keys[0], keys[1], out, lse, False, run.scale)
-    del keys
-    # Each rank's partial [dk; dv] for rank j's keys is one kernel output, exact in the kernel's
-    # dtype: it travels in that dtype (all-to-all, half a float32 reduce-scatter's bytes) and the
-    # receiver sums the N partials in acc dtype, rounding once as a float32 reduction would.
-    parts = torch.empty((n, 2, b, s, hk, d), dtype=dk_b.dtype, device=q.device)
-    for j, grad in enumerate((dk_b, dv_b)):                           # (b, N * s, hk, d) -> per rank
-        parts[:, j].copy_(grad.reshape(b, n, s, hk, d).transpose(0, 1))
-    del dk_b, dv_b
-    received = torch.empty_like(parts)                                # [j]: rank j's partial for mine
-    wait(run.comm.all_to_all(received, parts))
-    dkv = received.sum(0, dtype=run.acc_dtype)                        # (2, b, s, hk, d)
-    return acc_copy(dq_b, run.acc_dtype), dkv[0], dkv[1]
+    n, s = run.comm.size, k.shape[1]
+    keys, values = _all_keys(run, k, v)
+    dq, dk_b, dv_b = run.kernel.backward(dout, q, keys, values, out, lse, False, run.scale)
+    del keys, values
+    # This rank's partial dk (and dv) for rank j's keys is one kernel output, exact in the kernel's
+    # dtype: it travels in that dtype (all-to-all, half a float32 reduce-scatter's bytes) and each
+    # rank sums the N partials for its keys in acc dtype, rounding once as a float32 reduction
+    # would. (b, N * s, hk, d) -> (N, b, s, hk, d): a view when b == 1.
+    parts = [g.unflatten(1, (n, s)).transpose(0, 1).contiguous() for g in (dk_b, dv_b)]
+    received = [torch.empty_like(p) for p in parts]          # [j]: rank j's partial for mine
+    works = [run.comm.all_to_all(r, p) for r, p in zip(received, parts)]
+    for work in works:
+        wait(work)
+    dk, dv = (r.sum(0, dtype=run.acc_dtype) for r in received)
+    return dq, dk, dv                                         # dq: one call over all keys, final
 
 
 def allgather_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

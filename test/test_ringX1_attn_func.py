@@ -28,6 +28,25 @@ def test_exact_with_the_copy_transport(world_size):
     spawn(world_size, check_algorithm_copy_transport, ALGO)
 
 
+def _pair_schedules(rank, world_size, device):
+    """On two ranks the broadcast schedules post no reduce (ringX.pair sends each partial to its
+    owner) and every standard case still passes: ringX1 both ways, ringX4's backward."""
+    from ringX.comm import GroupComm
+    reduce = GroupComm.reduce
+
+    def refuse(self, *args, **kwargs):
+        assert self.size == 1, f"a reduce was posted on a group of {self.size} ranks"
+        return reduce(self, *args, **kwargs)        # the one-rank runs the checks compare with
+
+    GroupComm.reduce = refuse
+    for algo in ("ringX1", "ringX4"):
+        check_algorithm(rank, world_size, device, algo)
+
+
+def test_two_ranks_send_partials_point_to_point():
+    spawn(2, _pair_schedules)
+
+
 def test_strided_subgroups():
     spawn(4, check_strided_subgroups, ALGO)
 
