@@ -12,6 +12,7 @@ import math
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,26 @@ def measure(prep, fwd_only, args, device, group, local_bytes: int) -> dict:
     return {"seconds": seconds, "out": out.detach(), "mem": mem}
 
 
+@dataclass(frozen=True)
+class _Config:
+    """One (S, causal, mode) point of the sweep: what every method's row is measured against.
+    full: the whole-sequence inputs; ref_out: the single device's output (None: no check);
+    ideal: seconds per call of the ideal (None: unknown) and ``source``, how it was obtained;
+    single_local: the single device's measurement at S/N (for its memory)."""
+    args: argparse.Namespace
+    device: torch.device
+    group: object
+    seqlen: int
+    causal: bool
+    mode: str
+    full: dict
+    flops: float
+    ref_out: torch.Tensor | None
+    ideal: float | None
+    source: str
+    single_local: dict
+
+
 def bench_config(args, batch, seqlen, causal, mode, device, group, single_times: dict) -> list[dict]:
     n = dist.get_world_size(group)
     fwd_only = mode == "fwd"
@@ -146,6 +167,7 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
     local = seqlen // n
     single_local = measure(M.single_device(full, causal, args.backend, local), fwd_only, args, device, group,
                            sum(full[x][:, :local].numel() * full[x].element_size() for x in full))
+    cfg = _Config(args, device, group, seqlen, causal, mode, full, flops, ref_out, ideal, source, single_local)
     for method in args.methods:
         row = {**base, "method": method}
         prep, failure = None, None
@@ -158,8 +180,7 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
         ok = _all_true(failure is None, group)
         if ok:
             try:
-                _measure_method(row, method, prep, args, full, ref_out, ideal, source, flops, single_local,
-                                device, group, seqlen, causal, mode)
+                _measure_method(row, method, prep, cfg)
             except Exception as exc:
                 failure = exc
             ok = _all_true(failure is None, group)
@@ -175,7 +196,7 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
         if native_best and row.get("time_ms") and row["method"] not in M.NATIVE:
             row["speedup_vs_native"] = native_best / row["time_ms"]
     if device.type == "cuda":
-        del full
+        del full, cfg
         torch.cuda.empty_cache()
     return rows
 
@@ -191,16 +212,16 @@ def _all_true(flag: bool, group) -> bool:
     return _max_over(0.0 if flag else 1.0, group) == 0.0
 
 
-def _measure_method(row, method, prep, args, full, ref_out, ideal, source, flops, single_local,
-                    device, group, seqlen, causal, mode) -> None:
+def _measure_method(row, method, prep, cfg: _Config) -> None:
     """Times ``prep`` into ``row``: time, TFLOP/s, efficiency, memory, the check against the
     single device, and with --profile one profiled call."""
+    args, full, ref_out, group = cfg.args, cfg.full, cfg.ref_out, cfg.group
     n, r = dist.get_world_size(group), dist.get_rank(group)
     local_bytes = sum(full[x].numel() * full[x].element_size() for x in full) // n
     if method in M.NATIVE:
         local_bytes = sum(full[x].numel() * full[x].element_size() * (args.heads // args.kv_heads if x in "kv" else 1)
                           for x in full) // n
-    m = measure(prep, mode == "fwd", args, device, group, local_bytes)
+    m = measure(prep, cfg.mode == "fwd", args, cfg.device, group, local_bytes)
     if m["mem"] is not None and method in M.COPY:    # the staging buffer, outside torch's stats
         m["mem"] += transport_workspace_bytes(group) / 2**30
     err = None
@@ -208,15 +229,15 @@ def _measure_method(row, method, prep, args, full, ref_out, ideal, source, flops
         err = global_rel_err(m["out"], shard(ref_out, prep.layout, r, n), group)
     elif ref_out is not None and hasattr(prep, "to_full"):
         err = global_rel_err(prep.to_full(m["out"]), ref_out)
-    row.update(time_ms=m["seconds"] * 1e3, tflops_per_gpu=flops / n / m["seconds"] / 1e12,
-               peak_mem_gb=m["mem"], single_mem_gb=single_local["mem"], check_err=err, note=prep.note)
-    if ideal is not None:
-        row.update(efficiency=ideal / m["seconds"], ideal_ms=ideal * 1e3, ideal_source=source)
+    row.update(time_ms=m["seconds"] * 1e3, tflops_per_gpu=cfg.flops / n / m["seconds"] / 1e12,
+               peak_mem_gb=m["mem"], single_mem_gb=cfg.single_local["mem"], check_err=err, note=prep.note)
+    if cfg.ideal is not None:
+        row.update(efficiency=cfg.ideal / m["seconds"], ideal_ms=cfg.ideal * 1e3, ideal_source=cfg.source)
     if err is not None and not err < args.check_tol:
         row["note"] = f"WRONG: rel err {err:.2e} vs single device"
     if args.profile:
-        name = f"{method}_S{seqlen}_{'causal' if causal else 'full'}_{mode}_rank{r}.json"
-        prof = P.profile_call(prep.step, mode == "fwd", device, os.path.join(args.out, "traces", name), group)
+        name = f"{method}_S{cfg.seqlen}_{'causal' if cfg.causal else 'full'}_{cfg.mode}_rank{r}.json"
+        prof = P.profile_call(prep.step, cfg.mode == "fwd", cfg.device, os.path.join(args.out, "traces", name), group)
         row.update({f"prof_{k}": v if v is None else _max_over(v, group) for k, v in prof.items()})
 
 
