@@ -13,6 +13,7 @@ import torch
 from .checks import check_across_ranks, local_problem, signature
 from .comm import GroupComm, GroupStates
 from .kernels import Backend, select_backend
+from .layout import Block, block_plan
 from .peer import ENV_VAR as TRANSPORT_ENV, TRANSPORTS, PeerWorkspace, requested_transport
 
 # The only state ringX keeps between calls: per group, the input signatures already checked and
@@ -30,6 +31,23 @@ class RunContext:
     causal: bool
     layout: str
     acc_dtype: torch.dtype
+
+    def whole_block_forward(self, q_i, k, v, q_rank: int, kv_rank: int):
+        """(out, lse) of rank q_rank's queries q_i (b, s, h, d) against rank kv_rank's k/v
+        (b, s, hk, d), or (None, None) if every query is masked. For schedules that need one
+        whole block per rank pair (the broadcast-q forward of contiguous layouts)."""
+        blocks = block_plan(self.layout, self.causal, q_rank, kv_rank, q_i.shape[1])
+        if not blocks:
+            return None, None
+        assert len(blocks) == 1, "the broadcast-q schedule needs one whole block per rank pair"
+        return self.kernel.forward(q_i, k, v, blocks[0].causal, self.scale)
+
+    def block_backward(self, blk: Block, dout, q, k, v, out, lse):
+        """(dq, dk, dv) of one block of a block plan: rows blk.q_rows of this rank's dout/q/out
+        (b, s, h, d) and lse (b, h, s) against rows blk.kv_rows of k/v (b, s, hk, d)."""
+        qs, ks = blk.q_rows, blk.kv_rows
+        return self.kernel.backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs],
+                                    lse[:, :, qs], blk.causal, self.scale)
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ def wait(work) -> None:
 
 
 def wait_all(works) -> None:
-    """Wait for every handle of a list returned by GroupComm.exchange."""
+    """Wait for every handle of a list (GroupComm.exchange's, or any GroupComm method's)."""
     for work in works:
-        work.wait()
+        wait(work)
 
 
 class GroupComm:

@@ -33,11 +33,9 @@ def pair_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.T
     out = lse = None
     works, sent, got = [], [], []
     for i, q_i in broadcast_rounds(comm, q):
-        blocks = block_plan(run.layout, run.causal, i, r, s)         # q_i against this rank's keys
-        assert len(blocks) <= 1, "the broadcast-q schedule needs one whole block per rank pair"
-        if not blocks:
+        o, l = run.whole_block_forward(q_i, k, v, q_rank=i, kv_rank=r)
+        if o is None:
             continue
-        o, l = run.kernel.forward(q_i, k, v, blocks[0].causal, run.scale)
         if i != r:                                                    # the owner merges it
             sent.append([(o.contiguous(), i), (l.to(acc).contiguous(), i)])
             works += comm.exchange(sent[-1], [])
@@ -65,17 +63,14 @@ def pair_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     works, sent, got = [], [], []
     for i, kv_i in broadcast_rounds(comm, kv):
         for blk in block_plan(run.layout, run.causal, r, i, s):
-            qs, ks = blk.q_rows, blk.kv_rows
-            dq_b, dk_b, dv_b = run.kernel.backward(
-                dout[:, qs], q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], out[:, qs], lse[:, :, qs],
-                blk.causal, run.scale)
-            dq_fresh = add_block_(dq, qs, dq_b, dq_fresh)
+            dq_b, dk_b, dv_b = run.block_backward(blk, dout, q, kv_i[0], kv_i[1], out, lse)
+            dq_fresh = add_block_(dq, blk.q_rows, dq_b, dq_fresh)
             if i != r:                                                # the owner adds them
                 sent.append([(dk_b.contiguous(), i), (dv_b.contiguous(), i)])
                 works += comm.exchange(sent[-1], [])
                 continue
-            add_block_(dkv[0], ks, dk_b, dkv_fresh)
-            dkv_fresh = add_block_(dkv[1], ks, dv_b, dkv_fresh)
+            add_block_(dkv[0], blk.kv_rows, dk_b, dkv_fresh)
+            dkv_fresh = add_block_(dkv[1], blk.kv_rows, dv_b, dkv_fresh)
             grad_dtype = dk_b.dtype       # the diagonal block: every rank has one
         if i == r:
             for pblk in block_plan(run.layout, run.causal, peer, r, s):   # the peer's on my keys

@@ -29,16 +29,6 @@ from .merge import add_block_, weigh_
 from .pair import pair_kv_backward, pair_q_forward
 
 
-def _run_block(run: RunContext, q_i, k, v, q_rank: int, kv_rank: int):
-    """(out, lse) of q_i against this rank's k/v, or (None, None) if fully masked. Contiguous
-    layouts have one block per rank pair."""
-    blocks = block_plan(run.layout, run.causal, q_rank, kv_rank, q_i.shape[1])
-    if not blocks:
-        return None, None
-    assert len(blocks) == 1, "the broadcast-q schedule needs one whole block per rank pair"
-    return run.kernel.forward(q_i, k, v, blocks[0].causal, run.scale)
-
-
 class _Pack:
     """One reduce message of the broadcast-q forward: a flat float buffer viewed as ``ow``
     (b, s, h, d) and ``w`` (b, s, h), so both parts keep aligned rows and travel together."""
@@ -88,7 +78,7 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
         slot = i % 2
         if prev is not None:              # the previous owner's reduce runs beside this block
             post_reduce(*prev)
-        o_blk, lse_blk = _run_block(run, q_i, k, v, q_rank=i, kv_rank=r)
+        o_blk, lse_blk = run.whole_block_forward(q_i, k, v, q_rank=i, kv_rank=r)
         if owners_in_slot[slot] is not None:
             finish_reduce(slot, owners_in_slot[slot])
         m = maxes[slot]
@@ -133,9 +123,7 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
         dkv, dkv_fresh = dkv_bufs[slot], True
         for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
             qs, ks = blk.q_rows, blk.kv_rows
-            dq_b, dk_b, dv_b = run.kernel.backward(
-                dout[:, qs], q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], out[:, qs], lse[:, :, qs],
-                blk.causal, run.scale)
+            dq_b, dk_b, dv_b = run.block_backward(blk, dout, q, kv_i[0], kv_i[1], out, lse)
             dq_fresh = add_block_(dq, qs, dq_b, dq_fresh)
             add_block_(dkv[0], ks, dk_b, dkv_fresh)
             dkv_fresh = add_block_(dkv[1], ks, dv_b, dkv_fresh)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .api import Algorithm, RunContext, ring_attention
-from .comm import wait
+from .comm import wait, wait_all
 from .layout import block_plan
 from .merge import accumulate_, merge_, new_accumulators
 
@@ -72,9 +72,7 @@ def _all_keys(run: RunContext, k: torch.Tensor, v: torch.Tensor):
     (b, N * s, hk, d) tensors, gathered by two all-gathers in flight together."""
     gathered = [torch.empty((run.comm.size,) + tuple(x.shape), dtype=x.dtype, device=x.device)
                 for x in (k, v)]
-    works = [run.comm.all_gather(g, x.contiguous()) for g, x in zip(gathered, (k, v))]
-    for work in works:
-        wait(work)
+    wait_all([run.comm.all_gather(g, x.contiguous()) for g, x in zip(gathered, (k, v))])
     return [_rank_major(g) for g in gathered]
 
 
@@ -95,9 +93,7 @@ def _full_backward(run: RunContext, dout, q, k, v, out, lse):
     # would. (b, N * s, hk, d) -> (N, b, s, hk, d): a view when b == 1.
     parts = [g.unflatten(1, (n, s)).transpose(0, 1).contiguous() for g in (dk_b, dv_b)]
     received = [torch.empty_like(p) for p in parts]          # [j]: rank j's partial for mine
-    works = [run.comm.all_to_all(r, p) for r, p in zip(received, parts)]
-    for work in works:
-        wait(work)
+    wait_all([run.comm.all_to_all(r, p) for r, p in zip(received, parts)])
     dk, dv = (r.sum(0, dtype=run.acc_dtype) for r in received)
     return dq, dk, dv                                         # dq: one call over all keys, final
 
@@ -169,8 +165,7 @@ def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
             posted.append(comm.reduce_scatter(dkv[1], dkv_all[1]))
     for p in range(pieces if not posted else pieces - 1):
         posted.append(comm.reduce_scatter(dkv[p], dkv_all[p]))
-    for w in posted:
-        wait(w)
+    wait_all(posted)
     dk = dkv[:, 0].transpose(0, 1).reshape(b, s, hk, d)
     dv = dkv[:, 1].transpose(0, 1).reshape(b, s, hk, d)
     return dq, dk, dv
