@@ -7,15 +7,18 @@ Four interchangeable functions with one signature (see ringX1_attn_func):
     ringX3_attn_func  causal, zigzag layout, all-gather kv / reduce-scatter dkv (balanced)
     ringX4_attn_func  causal, zigzag layout, broadcast kv / reduce dkv (balanced)
 
+Each has a varlen twin, ``ringX{1..4}_attn_varlen_func``, for packed documents (global
+``cu_seqlens``); all eight take ``window_size`` (ringX.varlen).
+
 ``expected_layout(fn)`` names the sequence layout a function expects; ``ringX.layout`` shards,
 unshards and gives global positions for it.
 """
 from __future__ import annotations
 
-from .ringX1 import ringX1_attn_func
-from .ringX2 import ringX2_attn_func
-from .ringX3 import ringX3_attn_func
-from .ringX4 import ringX4_attn_func
+from .ringX1 import ringX1_attn_func, ringX1_attn_varlen_func
+from .ringX2 import ringX2_attn_func, ringX2_attn_varlen_func
+from .ringX3 import ringX3_attn_func, ringX3_attn_varlen_func
+from .ringX4 import ringX4_attn_func, ringX4_attn_varlen_func
 from .version import __version__
 
 ATTN_FUNCS = {
@@ -24,18 +27,27 @@ ATTN_FUNCS = {
     "ringX3": ringX3_attn_func,
     "ringX4": ringX4_attn_func,
 }
+VARLEN_FUNCS = {
+    "ringX1": ringX1_attn_varlen_func,
+    "ringX2": ringX2_attn_varlen_func,
+    "ringX3": ringX3_attn_varlen_func,
+    "ringX4": ringX4_attn_varlen_func,
+}
 _LAYOUTS = {"ringX1": "contiguous", "ringX2": "contiguous", "ringX3": "zigzag", "ringX4": "zigzag"}
 
 
 def expected_layout(fn) -> str:
     """The sequence layout a ringX function (or its name, e.g. "ringX3") expects:
     "contiguous" or "zigzag"."""
-    name = fn if isinstance(fn, str) else next((n for n, f in ATTN_FUNCS.items() if f is fn), None)
-    name = name[: -len("_attn_func")] if name and name.endswith("_attn_func") else name
+    name = fn if isinstance(fn, str) else next(
+        (n for table in (ATTN_FUNCS, VARLEN_FUNCS) for n, f in table.items() if f is fn), None)
+    for suffix in ("_attn_varlen_func", "_attn_func"):
+        name = name[: -len(suffix)] if name and name.endswith(suffix) else name
     if name not in _LAYOUTS:
         raise ValueError(f"not a ringX attention function: {fn!r}; valid: {', '.join(ATTN_FUNCS)}")
     return _LAYOUTS[name]
 
 
 __all__ = ["ringX1_attn_func", "ringX2_attn_func", "ringX3_attn_func", "ringX4_attn_func",
-           "ATTN_FUNCS", "expected_layout", "__version__"]
+           "ringX1_attn_varlen_func", "ringX2_attn_varlen_func", "ringX3_attn_varlen_func",
+           "ringX4_attn_varlen_func", "ATTN_FUNCS", "VARLEN_FUNCS", "expected_layout", "__version__"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 import torch
 
@@ -24,7 +25,7 @@ from .peer import TRANSPORTS
 FIELDS = ("algorithm", "q.ndim", "k.ndim", "v.ndim", "batch", "seqlen_local", "heads", "kv_heads",
           "headdim", "dtype", "device_type", "causal", "dropout_p", "softmax_scale",
           "window_size[0]", "window_size[1]", "alibi_slopes", "deterministic", "return_attn_probs",
-          "needs_grad", "transport")
+          "needs_grad", "transport", "layout", "documents", "cu_seqlens digest")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
 _DEVICES = ("cpu", "cuda", "xpu", "mps", "meta")
@@ -40,6 +41,8 @@ LOCAL_PROBLEMS = {
     8: "q, k and v must be floating point",
     9: "the local sequence length cannot be split by the function's layout",
     10: "the local sequence length must be > 0",
+    11: "cu_seqlens must be global document boundaries 0 = cu[0] < ... < cu[-1] = S",
+    12: "window_size must be two ints",
 }
 
 
@@ -78,8 +81,41 @@ def local_problem(q, k, v, layout: str) -> tuple[int, str]:
     return 0, ""
 
 
+def documents_problem(cu, seqlen: int, max_seqlen=None) -> tuple[tuple[int, ...] | None, tuple[int, str]]:
+    """(boundaries as host ints, (code, message)) of a varlen call's cu_seqlens for a packed
+    sequence of ``seqlen`` tokens: a 1-D integer tensor (or sequence) from 0 to seqlen, strictly
+    increasing; max_seqlen (if given) at least the longest document."""
+    if cu is None:
+        return None, (0, "")
+    try:
+        values = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
+        if isinstance(cu, torch.Tensor) and (cu.dim() != 1 or cu.dtype.is_floating_point):
+            raise TypeError
+        values = [int(x) for x in values]
+    except (TypeError, ValueError):
+        return None, (11, f"{LOCAL_PROBLEMS[11]}: cu_seqlens must be a 1-D integer tensor")
+    if len(values) < 2 or values[0] != 0 or values[-1] != seqlen or any(
+            b <= a for a, b in zip(values, values[1:])):
+        shown = values if len(values) <= 8 else values[:4] + ["..."] + values[-3:]
+        return None, (11, f"{LOCAL_PROBLEMS[11]} = {seqlen} (group size x local length), "
+                          f"strictly increasing; got {shown}")
+    longest = max(b - a for a, b in zip(values, values[1:]))
+    if max_seqlen is not None and int(max_seqlen) < longest:
+        return None, (11, f"max_seqlen={int(max_seqlen)} is shorter than the longest document "
+                          f"({longest} tokens)")
+    return tuple(values), (0, "")
+
+
+def documents_digest(docs: tuple[int, ...] | None) -> tuple[int, int]:
+    """(number of documents, CRC32 of the boundaries) for the cross-rank signature."""
+    if docs is None:
+        return -1, 0
+    return len(docs) - 1, zlib.crc32(struct.pack(f"<{len(docs)}q", *docs))
+
+
 def signature(algo_code: int, q, k, v, causal, dropout_p, scale, window_size, alibi_slopes,
-              deterministic, return_attn_probs, transport: int = 0) -> tuple[int, ...]:
+              deterministic, return_attn_probs, transport: int = 0, layout_code: int = 0,
+              docs: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The integers every rank must agree on, in the order of FIELDS (-1 where unknowable)."""
     def dims(t):
         return t.dim() if isinstance(t, torch.Tensor) else -1
@@ -89,13 +125,18 @@ def signature(algo_code: int, q, k, v, causal, dropout_p, scale, window_size, al
     dt = _DTYPES.index(q.dtype) + 1 if isinstance(q, torch.Tensor) and q.dtype in _DTYPES else 0
     dev = (_DEVICES.index(q.device.type) + 1 if isinstance(q, torch.Tensor)
            and q.device.type in _DEVICES else 0)
-    ws = tuple(window_size) if isinstance(window_size, (tuple, list)) and len(window_size) == 2 else (-2, -2)
+    try:
+        ws = tuple(int(w) for w in window_size)
+        ws = ws if len(ws) == 2 else (-2, -2)
+    except (TypeError, ValueError):
+        ws = (-2, -2)
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
     return (algo_code, dims(q), dims(k), dims(v), b, s, h, hk, d, dt, dev, int(bool(causal)),
             _float_bits(dropout_p), _float_bits(-1.0 if scale is None else scale),
             int(ws[0]), int(ws[1]), int(alibi_slopes is not None), int(bool(deterministic)),
-            int(bool(return_attn_probs)), int(needs_grad), int(transport))
+            int(bool(return_attn_probs)), int(needs_grad), int(transport), int(layout_code),
+            *documents_digest(docs))
 
 
 def _show(field: str, value: int) -> str:

@@ -131,8 +131,13 @@ class GroupComm:
         return out.cpu()
 
 
-def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = False):
+def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = False,
+                     owners=None):
     """Yield (owner, tensor) once for every owner group rank, where tensor is that rank's ``local``.
+
+    ``owners`` (the same set on every rank; default all): the ranks whose tensor is broadcast.
+    A rank outside it still gets its own round (no message); the other ranks skip it. Masked
+    schedules leave out owners whose tensor no other rank needs.
 
     Broadcasts are posted in owner order 0 .. size-1 and received into B buffers (the k-th
     foreign owner's into buffer k % B). A buffer is reused only after the caller's work on it was
@@ -155,14 +160,16 @@ def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = Fal
     plain order anyway: with their own round first, the ranks would finish the last two
     owners' rounds together at the end.)
     """
-    if comm.peer is not None and comm.size > 1:
+    n, r = comm.size, comm.rank
+    owners = range(n) if owners is None else sorted(owners)
+    if comm.peer is not None and n > 1:
         yield from _peer_rounds(comm, local, own_first)
         return
-    n, r = comm.size, comm.rank
-    nbuf = min(n - 1, 3 if own_first else 2)
+    posted = [i for i in owners]                      # broadcasts, in owner order on every rank
+    foreign = [i for i in posted if i != r]
+    nbuf = min(len(foreign), 3 if own_first else 2)
     bufs = [torch.empty_like(local) for _ in range(nbuf)]
-    others = [i for i in range(n) if i != r]
-    into = {i: bufs[k % nbuf] for k, i in enumerate(others)}
+    into = {i: bufs[k % nbuf] for k, i in enumerate(foreign)}
     into[r] = local
     works: dict = {}
 
@@ -170,18 +177,24 @@ def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = Fal
         works[i] = comm.broadcast(into[i], src=i)
 
     if not own_first:
-        post(0)
-        for i in range(n):
-            wait(works.pop(i))
-            if i + 1 < n:
-                post(i + 1)
+        order = sorted(set(posted) | {r})
+        nxt = 0                                       # next index into posted
+        if posted:
+            post(posted[0])
+            nxt = 1
+        for i in order:
+            if i in works:
+                wait(works.pop(i))
+                if nxt < len(posted):
+                    post(posted[nxt])
+                    nxt += 1
             yield i, into[i]
     else:
-        nxt, used = 0, 0              # next owner to post; foreign owners already used
-        for i in [r] + others:
+        nxt, used = 0, 0              # next index into posted; foreign owners already used
+        for i in [r] + foreign:
             # post in owner order while the next owner is this rank or its buffer is free
-            while nxt < n and (nxt == r or nxt - (nxt > r) < used + nbuf):   # nxt's foreign index
-                post(nxt)
+            while nxt < len(posted) and (posted[nxt] == r or foreign.index(posted[nxt]) < used + nbuf):
+                post(posted[nxt])
                 nxt += 1
             if i != r:
                 wait(works.pop(i))

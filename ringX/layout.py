@@ -88,11 +88,14 @@ def unshard(parts: list[torch.Tensor], layout: str, dim: int = 1) -> torch.Tenso
 
 @dataclass(frozen=True)
 class Block:
-    """One sub-block of work: ``q[:, q_rows]`` attends ``kv[:, kv_rows]`` (causal if ``causal``)."""
+    """One sub-block of work: ``q[:, q_rows]`` attends ``kv[:, kv_rows]`` (causal if ``causal``).
+    A masked block (documents, windows, stripes) carries the planner's ``calls`` instead, in rows
+    and keys relative to q_rows.start and kv_rows.start (ringX.plan, ringX.execute)."""
 
     q_rows: slice
     kv_rows: slice
     causal: bool
+    calls: tuple | None = None
 
 
 def block_plan(layout: str, causal: bool, q_rank: int, kv_rank: int, seqlen_local: int) -> list[Block]:

@@ -21,7 +21,6 @@ import torch
 
 from .api import RunContext
 from .comm import broadcast_rounds, wait_all
-from .layout import block_plan
 from .merge import acc_copy, add_block_, merge_
 
 
@@ -32,7 +31,7 @@ def pair_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.T
     r, peer = comm.rank, 1 - comm.rank
     out = lse = None
     works, sent, got = [], [], []
-    for i, q_i in broadcast_rounds(comm, q):
+    for i, q_i in broadcast_rounds(comm, q, owners=run.owners("q", s)):
         o, l = run.whole_block_forward(q_i, k, v, q_rank=i, kv_rank=r)
         if o is None:
             continue
@@ -41,8 +40,10 @@ def pair_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.T
             works += comm.exchange(sent[-1], [])
             continue
         out, lse = acc_copy(o, acc), l.to(acc).contiguous()         # the own (diagonal) block
-        if block_plan(run.layout, run.causal, r, peer, s):          # the peer computes one too
-            got = [torch.empty(o.shape, dtype=o.dtype, device=o.device), torch.empty_like(lse)]
+        peer_blocks = run.blocks(r, peer, s)                         # the peer computes one too
+        if peer_blocks:
+            dtype = run.result_dtype(peer_blocks[0], q.dtype, rows=s)
+            got = [torch.empty(o.shape, dtype=dtype, device=o.device), torch.empty_like(lse)]
             works += comm.exchange([], [(t, peer) for t in got])
     wait_all(works)
     if got:
@@ -61,8 +62,8 @@ def pair_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     dkv = torch.empty(kv.shape, dtype=acc, device=q.device)          # this rank's keys
     dq_fresh = dkv_fresh = True           # the first block that covers every row writes
     works, sent, got = [], [], []
-    for i, kv_i in broadcast_rounds(comm, kv):
-        for blk in block_plan(run.layout, run.causal, r, i, s):
+    for i, kv_i in broadcast_rounds(comm, kv, owners=run.owners("kv", s)):
+        for blk in run.blocks(r, i, s):
             dq_b, dk_b, dv_b = run.block_backward(blk, dout, q, kv_i[0], kv_i[1], out, lse)
             dq_fresh = add_block_(dq, blk.q_rows, dq_b, dq_fresh)
             if i != r:                                                # the owner adds them
@@ -71,11 +72,10 @@ def pair_kv_backward(run: RunContext, dout, q, k, v, out, lse):
                 continue
             add_block_(dkv[0], blk.kv_rows, dk_b, dkv_fresh)
             dkv_fresh = add_block_(dkv[1], blk.kv_rows, dv_b, dkv_fresh)
-            grad_dtype = dk_b.dtype       # the diagonal block: every rank has one
         if i == r:
-            for pblk in block_plan(run.layout, run.causal, peer, r, s):   # the peer's on my keys
+            for pblk in run.blocks(peer, r, s):   # the peer's on my keys
                 rows = pblk.kv_rows
-                bufs = [torch.empty((b, rows.stop - rows.start, hk, d), dtype=grad_dtype,
+                bufs = [torch.empty((b, rows.stop - rows.start, hk, d), dtype=run.result_dtype(pblk, k.dtype),
                                     device=q.device) for _ in range(2)]
                 got.append((rows, bufs))
                 works += comm.exchange([], [(t, peer) for t in bufs])

@@ -74,7 +74,7 @@ class Mask:
     @property
     def plain(self) -> bool:
         """Full or plain causal over one document: the schedules' own block plans serve it."""
-        return self.docs is None and self.left is None and self.right in (None, 0)
+        return self.docs is None and self.left is None and self.right == (0 if self.causal else None)
 
     def visible(self, i: int, j: int) -> bool:
         """Whether key position j is visible to query position i (the definition, for tests)."""

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .varlen import varlen_attention
 from .api import Algorithm, RunContext, ring_attention
 from .comm import broadcast_rounds, wait
-from .layout import block_plan
 from .merge import add_block_, weigh_
 from .pair import pair_kv_backward, pair_q_forward
 
@@ -74,7 +74,13 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
         pending_reduce[slot] = comm.reduce(pack.flat, dst=owner)
 
     owners_in_slot = [None, None]
-    for i, q_i in broadcast_rounds(comm, q):
+    needed = run.owners("q", s)
+    for i, q_i in broadcast_rounds(comm, q, owners=needed):
+        if needed is not None and i not in needed:   # no other rank sees these queries
+            o_own, l_own = run.whole_block_forward(q, k, v, q_rank=r, kv_rank=r)
+            out.copy_(o_own)
+            lse.copy_(l_own)
+            continue
         slot = i % 2
         if prev is not None:              # the previous owner's reduce runs beside this block
             post_reduce(*prev)
@@ -88,7 +94,8 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
             m.copy_(lse_blk)
         pending_max = comm.all_reduce(m, op=dist.ReduceOp.MAX)
         prev, owners_in_slot[slot] = (i, slot, o_blk, lse_blk), i
-    post_reduce(*prev)
+    if prev is not None:
+        post_reduce(*prev)
     for slot in range(2):
         if owners_in_slot[slot] is not None:
             finish_reduce(slot, owners_in_slot[slot])
@@ -109,6 +116,7 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     dq_fresh = True                       # the first block that covers every row writes dq
     pending: list = [None, None]
     owners_in_slot = [None, None]
+    needed = run.owners("kv", q.shape[1])
 
     def finish(slot: int) -> None:
         wait(pending[slot])
@@ -116,12 +124,12 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
         if owners_in_slot[slot] == r:
             dkv_own.copy_(dkv_bufs[slot])
 
-    for i, kv_i in broadcast_rounds(comm, kv):
+    for i, kv_i in broadcast_rounds(comm, kv, owners=needed):
         slot = i % 2
         if owners_in_slot[slot] is not None:
             finish(slot)
         dkv, dkv_fresh = dkv_bufs[slot], True
-        for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
+        for blk in run.blocks(r, i, q.shape[1]):
             qs, ks = blk.q_rows, blk.kv_rows
             dq_b, dk_b, dv_b = run.block_backward(blk, dout, q, kv_i[0], kv_i[1], out, lse)
             dq_fresh = add_block_(dq, qs, dq_b, dq_fresh)
@@ -129,6 +137,9 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
             dkv_fresh = add_block_(dkv[1], ks, dv_b, dkv_fresh)
         if dkv_fresh:                     # no block of this rank touches owner i's keys
             dkv.zero_()
+        if needed is not None and i not in needed:   # only this rank sees its keys: no reduce
+            dkv_own.copy_(dkv)
+            continue
         pending[slot] = comm.reduce(dkv, dst=i)
         owners_in_slot[slot] = i
     for slot in range(2):
@@ -176,3 +187,14 @@ def ringX1_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, w
     """
     return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
                           alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+def ringX1_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                            deterministic=False, return_attn_probs=False, group=None,
+                            backend=None):
+    """ringX1 over (S/N, heads, headdim) shards of one packed sequence of documents with global
+    ``cu_seqlens``; see ringX.varlen for the contract."""
+    return varlen_attention(ALGORITHM, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                            causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                            group, backend)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .varlen import varlen_attention
 from .api import Algorithm, RunContext, ring_attention
 from .comm import wait_all
 from .merge import acc_copy, accumulate_, add_block_, merge_
@@ -56,6 +57,29 @@ def _rows(sl: slice) -> int:
     return sl.stop - sl.start
 
 
+def _shift(rows: slice, inner: slice) -> slice:
+    """Rows ``inner`` of the sub-range ``rows``, as rows of the whole."""
+    return slice(rows.start + inner.start, rows.start + inner.stop)
+
+
+@dataclass(frozen=True)
+class _Need:
+    """The blocks of one step of rank r, from the mask (every rank derives the same; an empty
+    block means no message): ``mine`` this rank's kept rows against src's kv (recv_kv), or src's
+    sent rows against this rank's kv; ``theirs`` dst's kept rows against this rank's kv
+    (send_kv), or this rank's sent rows against dst's kv."""
+    mine: list
+    theirs: list
+
+
+def _needs(run: RunContext, st: _Step, r: int, s: int) -> _Need:
+    mine = (run.blocks(r, st.src, s, q_rows=st.kept) if st.recv_kv
+            else run.blocks(st.src, r, s, q_rows=st.sent))
+    theirs = (run.blocks(st.dst, r, s, q_rows=st.kept) if st.send_kv
+              else run.blocks(r, st.dst, s, q_rows=st.sent))
+    return _Need(mine, theirs)
+
+
 def paired_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
     comm, acc = run.comm, run.acc_dtype
@@ -65,31 +89,40 @@ def paired_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.T
     b, _, h, d = q.shape
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
     steps = _steps(r, n, s)
+    needs = [_needs(run, st, r, s) for st in steps]
 
-    def post(st: _Step):
-        send = kv if st.send_kv else q[:, st.sent].contiguous()
-        recv = torch.empty_like(kv) if st.recv_kv else q.new_empty((b, _rows(st.sent), h, d))
-        return comm.exchange([(send, st.dst)], [(recv, st.src)]), recv, send
+    def post(i: int):
+        st, need = steps[i], needs[i]
+        send = recv = None
+        if need.theirs:
+            send = kv if st.send_kv else q[:, st.sent].contiguous()
+        if need.mine:
+            recv = torch.empty_like(kv) if st.recv_kv else q.new_empty((b, _rows(st.sent), h, d))
+        works = comm.exchange([(send, st.dst)] if send is not None else [],
+                              [(recv, st.src)] if recv is not None else [])
+        return works, recv, send
 
-    posted = post(steps[0])
-    o, l = run.kernel.forward(q, k, v, True, run.scale)               # the diagonal block
+    posted = post(0)
+    o, l = run.block_forward(run.blocks(r, r, s)[0], q, k, v)        # the diagonal block
     out = acc_copy(o, acc)
     lse = l.to(acc).contiguous()
     back = None                                     # the previous step's returned partial
     for i, st in enumerate(steps):
+        need = needs[i]
         works, recv, sent = posted
-        posted = post(steps[i + 1]) if i + 1 < len(steps) else None
+        posted = post(i + 1) if i + 1 < len(steps) else None
         wait_all(works)
         del sent                                    # the sent tensors lived until here
         sends, recvs = [], []
-        if st.recv_kv:
-            if _rows(st.kept):
-                o, l = run.kernel.forward(q[:, st.kept], recv[0], recv[1], False, run.scale)
-                merge_(out[:, st.kept], lse[:, :, st.kept], o, l)
-        else:                                       # src's queries against this rank's keys
-            o, l = run.kernel.forward(recv, k, v, False, run.scale)
-            sends = [(o.to(q.dtype).contiguous(), st.src), (l.to(acc).contiguous(), st.src)]
-        if not st.send_kv:                          # dst returns the partial of this rank's queries
+        for blk in need.mine:
+            if st.recv_kv:                          # this rank's kept rows, src's keys
+                o, l = run.block_forward(blk, q[:, st.kept], recv[0], recv[1])
+                rows = _shift(st.kept, blk.q_rows)
+                merge_(out[:, rows], lse[:, :, rows], o, l)
+            else:                                   # src's queries against this rank's keys
+                o, l = run.rows_forward(blk, recv, k, v)
+                sends = [(o.to(q.dtype).contiguous(), st.src), (l.to(acc).contiguous(), st.src)]
+        if not st.send_kv and need.theirs:          # dst returns the partial of this rank's queries
             got = (q.new_empty((b, _rows(st.sent), h, d)),
                    torch.empty((b, h, _rows(st.sent)), dtype=acc, device=q.device))
             recvs = [(got[0], st.dst), (got[1], st.dst)]
@@ -115,56 +148,67 @@ def paired_backward(run: RunContext, dout, q, k, v, out, lse):
     if not run.causal or n == 1:
         return bcast_kv_backward(run, dout, q, k, v, out, lse)
     b, _, h, d = q.shape
+    hk = k.shape[2]
     kv = torch.stack([k, v])
     steps = _steps(r, n, s)
+    needs = [_needs(run, st, r, s) for st in steps]
     whole = slice(0, s)
 
-    def post(st: _Step):
-        if st.send_kv:
-            send = [kv]
-        else:
-            rows = st.sent
-            send = [torch.stack([q[:, rows], dout[:, rows], out[:, rows]]), lse[:, :, rows].contiguous()]
-        if st.recv_kv:
-            recv = [torch.empty_like(kv)]
-        else:
-            m = _rows(st.sent)
-            recv = [q.new_empty((3, b, m, h, d)), torch.empty((b, h, m), dtype=lse.dtype, device=q.device)]
+    def post(i: int):
+        st, need = steps[i], needs[i]
+        send, recv = [], []
+        if need.theirs:
+            if st.send_kv:
+                send = [kv]
+            else:
+                rows = st.sent
+                send = [torch.stack([q[:, rows], dout[:, rows], out[:, rows]]),
+                        lse[:, :, rows].contiguous()]
+        if need.mine:
+            if st.recv_kv:
+                recv = [torch.empty_like(kv)]
+            else:
+                m = _rows(st.sent)
+                recv = [q.new_empty((3, b, m, h, d)),
+                        torch.empty((b, h, m), dtype=lse.dtype, device=q.device)]
         return comm.exchange([(t, st.dst) for t in send], [(t, st.src) for t in recv]), recv, send
 
-    posted = post(steps[0])
+    posted = post(0)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dkv = torch.empty(kv.shape, dtype=acc, device=q.device)
-    dq_b, dk_b, dv_b = run.kernel.backward(dout, q, k, v, out, lse, True, run.scale)
+    diag = run.blocks(r, r, s)[0]
+    dq_b, dk_b, dv_b = run.block_backward(diag, dout, q, k, v, out, lse)
     add_block_(dq, whole, dq_b, True)
     add_block_(dkv[0], whole, dk_b, True)
     add_block_(dkv[1], whole, dv_b, True)
     back = None
     for i, st in enumerate(steps):
+        need = needs[i]
         works, recv, sent = posted
-        posted = post(steps[i + 1]) if i + 1 < len(steps) else None
+        posted = post(i + 1) if i + 1 < len(steps) else None
         wait_all(works)
         del sent                                    # the sent tensors lived until here
-        if st.recv_kv:                              # this rank's queries, src's keys: dkv goes back
-            rows = st.kept
-            sends = []
-            if _rows(rows):
-                dq_b, dk_b, dv_b = run.kernel.backward(dout[:, rows], q[:, rows], recv[0][0], recv[0][1],
-                                                       out[:, rows], lse[:, :, rows], False, run.scale)
-                accumulate_(dq[:, rows], dq_b)
+        sends = []
+        for blk in need.mine:
+            if st.recv_kv:                          # this rank's queries, src's keys: dkv goes back
+                rows = st.kept
+                dq_b, dk_b, dv_b = run.block_backward(blk, dout[:, rows], q[:, rows], recv[0][0],
+                                                      recv[0][1], out[:, rows], lse[:, :, rows])
+                accumulate_(dq[:, _shift(rows, blk.q_rows)], dq_b)
                 sends = [(torch.stack([dk_b, dv_b]).to(q.dtype), st.src)]
-        else:                                       # src's queries, this rank's keys: dq goes back
-            qp, lse_p = recv
-            dq_b, dk_b, dv_b = run.kernel.backward(qp[1], qp[0], k, v, qp[2], lse_p, False, run.scale)
-            accumulate_(dkv[0], dk_b)
-            accumulate_(dkv[1], dv_b)
-            sends = [(dq_b.to(q.dtype).contiguous(), st.src)]
-        if st.send_kv:                              # dst returns its partial dk/dv of these keys
-            got, rows = [torch.empty_like(kv)], None
-        else:                                       # dst returns the partial dq of the sent rows
-            got, rows = [q.new_empty((b, _rows(st.sent), h, d))], st.sent
-        if st.send_kv and not _rows(st.kept):       # (a one-row shard: the peer computed nothing;
-            got = []                                #  kept rows depend on d and s only)
+            else:                                   # src's queries, this rank's keys: dq goes back
+                qp, lse_p = recv
+                dq_b, dk_b, dv_b = run.block_backward(blk, qp[1], qp[0], k, v, qp[2], lse_p)
+                accumulate_(dkv[0][:, blk.kv_rows], dk_b)
+                accumulate_(dkv[1][:, blk.kv_rows], dv_b)
+                sends = [(dq_b.to(q.dtype).contiguous(), st.src)]
+        got, rows = [], None
+        for blk in need.theirs:
+            if st.send_kv:                          # dst returns its partial dk/dv of these keys
+                got, rows = [torch.empty((2, b, _rows(blk.kv_rows), hk, d), dtype=q.dtype,
+                                         device=q.device)], ("kv", blk.kv_rows)
+            else:                                   # dst returns the partial dq of the sent rows
+                got, rows = [q.new_empty((b, _rows(blk.q_rows), h, d))], ("q", _shift(st.sent, blk.q_rows))
         works = comm.exchange(sends, [(t, st.dst) for t in got])
         if back is not None:
             _add_back(dq, dkv, *back)
@@ -177,11 +221,12 @@ def _add_back(dq, dkv, works, got, rows, _sends) -> None:
     wait_all(works)
     if not got:
         return
-    if rows is None:
-        accumulate_(dkv[0], got[0][0])
-        accumulate_(dkv[1], got[0][1])
+    kind, sl = rows
+    if kind == "kv":
+        accumulate_(dkv[0][:, sl], got[0][0])
+        accumulate_(dkv[1][:, sl], got[0][1])
     else:
-        accumulate_(dq[:, rows], got[0])
+        accumulate_(dq[:, sl], got[0])
 
 
 ALGORITHM = Algorithm(name="ringX2", code=2, layout="contiguous", forward=paired_forward,
@@ -194,3 +239,14 @@ def ringX2_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, w
     """Causal attention over a contiguous split; arguments and returns as ringX1_attn_func."""
     return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
                           alibi_slopes, deterministic, return_attn_probs, group, backend)
+
+
+def ringX2_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                            deterministic=False, return_attn_probs=False, group=None,
+                            backend=None):
+    """ringX2 over (S/N, heads, headdim) shards of one packed sequence of documents with global
+    ``cu_seqlens``; see ringX.varlen for the contract."""
+    return varlen_attention(ALGORITHM, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                            causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                            group, backend)

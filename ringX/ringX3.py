@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import torch
 
+from .varlen import varlen_attention
 from .api import Algorithm, RunContext, ring_attention
 from .comm import wait, wait_all
 from .layout import block_plan
-from .merge import accumulate_, merge_, new_accumulators
+from .merge import acc_copy, accumulate_, merge_, new_accumulators
 
 
 def _keys(gathered: torch.Tensor, ranks: slice, rows: slice) -> torch.Tensor:
@@ -98,8 +99,67 @@ def _full_backward(run: RunContext, dout, q, k, v, out, lse):
     return dq, dk, dv                                         # dq: one call over all keys, final
 
 
+def _masked_others(run: RunContext, r: int, n: int, s: int):
+    """The masked blocks of this rank's queries against the keys of the ranks before it and
+    after it, each over their keys concatenated in rank order: [(ranks, block)]."""
+    out = []
+    for ranks in (slice(0, r), slice(r + 1, n)):
+        if ranks.stop > ranks.start:
+            k_runs = sum((run.runs(j, s) for j in range(ranks.start, ranks.stop)), ())
+            blk = run.runs_block(run.runs(r, s), k_runs)
+            if blk is not None:
+                out.append((ranks, blk))
+    return out
+
+
+def _masked_forward(run: RunContext, q, k, v):
+    """Documents, windows or the stripe layout: the diagonal block while k/v are gathered, then
+    the planner's blocks against the other ranks' keys (skipped when nothing is visible)."""
+    n, r, s = run.comm.size, run.comm.rank, q.shape[1]
+    gathered, work = _gather_kv(run, k, v)
+    diag = run.blocks(r, r, s)[0]
+    o, l = run.block_forward(diag, q, k, v)
+    out = acc_copy(o, run.acc_dtype)
+    lse = l.to(run.acc_dtype).contiguous()
+    wait(work)
+    for ranks, blk in _masked_others(run, r, n, s):
+        keys = _keys(gathered, ranks, slice(0, s))
+        o, l = run.block_forward(blk, q, keys[0], keys[1])
+        merge_(out[:, blk.q_rows], lse[:, :, blk.q_rows], o, l)
+    return out, lse
+
+
+def _masked_backward(run: RunContext, dout, q, k, v, out, lse):
+    comm, acc = run.comm, run.acc_dtype
+    n, r, s = comm.size, comm.rank, q.shape[1]
+    b, _, hk, d = k.shape
+    gathered, work = _gather_kv(run, k, v)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dkv_all = torch.zeros((n, 2, b, s, hk, d), dtype=acc, device=q.device)
+    dq_b, dk_b, dv_b = run.block_backward(run.blocks(r, r, s)[0], dout, q, k, v, out, lse)
+    accumulate_(dq, dq_b, first=True)
+    accumulate_(dkv_all[r, 0], dk_b)
+    accumulate_(dkv_all[r, 1], dv_b)
+    wait(work)
+    for ranks, blk in _masked_others(run, r, n, s):
+        keys = _keys(gathered, ranks, slice(0, s))
+        dq_b, dk_b, dv_b = run.block_backward(blk, dout, q, keys[0], keys[1], out, lse)
+        accumulate_(dq[:, blk.q_rows], dq_b)
+        for c0 in range(blk.kv_rows.start - blk.kv_rows.start % s, blk.kv_rows.stop, s):
+            j = ranks.start + c0 // s                 # rank j's keys: concatenated [c0, c0 + s)
+            lo, hi = max(c0, blk.kv_rows.start), min(c0 + s, blk.kv_rows.stop)
+            src = slice(lo - blk.kv_rows.start, hi - blk.kv_rows.start)
+            accumulate_(dkv_all[j, 0][:, lo - c0:hi - c0], dk_b[:, src])
+            accumulate_(dkv_all[j, 1][:, lo - c0:hi - c0], dv_b[:, src])
+    dkv = torch.empty((2, b, s, hk, d), dtype=acc, device=q.device)
+    wait(comm.reduce_scatter(dkv, dkv_all))
+    return dq, dkv[0], dkv[1]
+
+
 def allgather_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
+    if run.mask is not None:
+        return _masked_forward(run, q, k, v)
     if not run.causal:
         return _full_forward(run, q, k, v)
     comm = run.comm
@@ -121,6 +181,8 @@ def allgather_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torc
 
 def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
     """Gradients (dq, dk, dv) in acc dtype for this rank's shards; shapes as q, k, v."""
+    if run.mask is not None:
+        return _masked_backward(run, dout, q, k, v, out, lse)
     if not run.causal:
         return _full_backward(run, dout, q, k, v, out, lse)
     comm, acc = run.comm, run.acc_dtype
@@ -172,13 +234,26 @@ def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
 
 
 ALGORITHM = Algorithm(name="ringX3", code=3, layout="zigzag", forward=allgather_forward,
-                      backward=allgather_backward)
+                      backward=allgather_backward, other_layouts=("stripe",))
 
 
 def ringX3_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                      alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
-                     backend=None):
+                     backend=None, layout=None):
     """Causal attention over a zigzag split (rank r holds chunks r and 2N-1-r of 2N; see
-    ringX.layout). Arguments and returns as ringX1_attn_func; seqlen_local must be even."""
+    ringX.layout). Arguments and returns as ringX1_attn_func; seqlen_local must be even.
+    layout="stripe" takes the striped layout instead (rank r holds tokens r, r+N, ...)."""
     return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
-                          alibi_slopes, deterministic, return_attn_probs, group, backend)
+                          alibi_slopes, deterministic, return_attn_probs, group, backend,
+                          layout=layout)
+
+
+def ringX3_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                            deterministic=False, return_attn_probs=False, group=None,
+                            backend=None, layout=None):
+    """ringX3 over (S/N, heads, headdim) shards of one packed sequence of documents with global
+    ``cu_seqlens``; see ringX.varlen for the contract."""
+    return varlen_attention(ALGORITHM, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                            causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                            group, backend, layout=layout)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from .varlen import varlen_attention
 from .api import Algorithm, RunContext, ring_attention
 from .comm import broadcast_rounds
-from .layout import block_plan
 from .merge import acc_copy, merge_
 from .ringX1 import bcast_kv_backward
 
@@ -25,10 +25,10 @@ def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch
     r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
     out = lse = None
-    for i, kv_i in broadcast_rounds(comm, kv, own_first=True):
-        for blk in block_plan(run.layout, run.causal, r, i, q.shape[1]):
-            qs, ks = blk.q_rows, blk.kv_rows
-            o, l = run.kernel.forward(q[:, qs], kv_i[0][:, ks], kv_i[1][:, ks], blk.causal, run.scale)
+    for i, kv_i in broadcast_rounds(comm, kv, own_first=True, owners=run.owners("kv", q.shape[1])):
+        for blk in run.blocks(r, i, q.shape[1]):
+            qs = blk.q_rows
+            o, l = run.block_forward(blk, q, kv_i[0], kv_i[1])
             if out is None:               # the own (diagonal) block comes first and covers every row
                 out = acc_copy(o, run.acc_dtype)
                 lse = torch.empty(l.shape, dtype=run.acc_dtype, device=l.device).copy_(l)
@@ -38,13 +38,26 @@ def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 ALGORITHM = Algorithm(name="ringX4", code=4, layout="zigzag", forward=bcast_kv_forward,
-                      backward=bcast_kv_backward)
+                      backward=bcast_kv_backward, other_layouts=("stripe",))
 
 
 def ringX4_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                      alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
-                     backend=None):
+                     backend=None, layout=None):
     """Causal attention over a zigzag split, broadcast-reduce schedule. Arguments and returns as
-    ringX1_attn_func; seqlen_local must be even."""
+    ringX1_attn_func; seqlen_local must be even. layout="stripe" takes the striped layout
+    instead (rank r holds tokens r, r+N, ...; see ringX.layout)."""
     return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
-                          alibi_slopes, deterministic, return_attn_probs, group, backend)
+                          alibi_slopes, deterministic, return_attn_probs, group, backend,
+                          layout=layout)
+
+
+def ringX4_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                            deterministic=False, return_attn_probs=False, group=None,
+                            backend=None, layout=None):
+    """ringX4 over (S/N, heads, headdim) shards of one packed sequence of documents with global
+    ``cu_seqlens``; see ringX.varlen for the contract."""
+    return varlen_attention(ALGORITHM, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                            causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+                            group, backend, layout=layout)

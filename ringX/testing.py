@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import expected_layout
+from . import ATTN_FUNCS, VARLEN_FUNCS, expected_layout
 from .comm import GroupComm
 from .layout import shard
 
@@ -38,11 +38,42 @@ class Case:
     causal: bool
     dtype: torch.dtype
     seed: int = 0
+    window: tuple[int, int] = (-1, -1)
+    docs: tuple[int, ...] | None = None      # global cu_seqlens: run through the varlen functions
+    layout: str | None = None                # None: the function's own
 
     def label(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
+        extra = "" if self.window == (-1, -1) else f" window{self.window}"
+        if self.docs is not None:
+            extra += f" docs{list(self.docs) if len(self.docs) <= 8 else len(self.docs) - 1}"
+        if self.layout:
+            extra += f" {self.layout}"
         return (f"b{self.batch} s{self.seqlen} h{self.heads}/{self.kv_heads} d{self.headdim} "
-                f"{'causal' if self.causal else 'full'} {dt}")
+                f"{'causal' if self.causal else 'full'} {dt}{extra}")
+
+    @property
+    def masked(self) -> bool:
+        return self.window != (-1, -1) or self.docs is not None or self.layout == "stripe"
+
+
+def global_mask(seqlen: int, causal: bool, window=(-1, -1), docs=None, device=None) -> torch.Tensor:
+    """(S, S) bool: key j visible to query i (documents, causal, flash-attn window over global
+    positions), straight from the definition."""
+    i = torch.arange(seqlen, device=device).unsqueeze(1)
+    j = torch.arange(seqlen, device=device).unsqueeze(0)
+    vis = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device)
+    if docs is not None:
+        doc = torch.bucketize(torch.arange(seqlen, device=device),
+                              torch.tensor(docs[1:-1], device=device), right=True)
+        vis &= doc.unsqueeze(1) == doc.unsqueeze(0)
+    if causal:
+        vis &= j <= i
+    if window[0] >= 0:
+        vis &= j >= i - window[0]
+    if window[1] >= 0:
+        vis &= j <= i + window[1]
+    return vis
 
 
 def make_inputs(case: Case, device: torch.device) -> dict[str, torch.Tensor]:
@@ -57,14 +88,18 @@ def make_inputs(case: Case, device: torch.device) -> dict[str, torch.Tensor]:
             for n, s in shapes.items()}
 
 
-def reference_attention(q, k, v, dout, causal: bool, scale: float) -> dict[str, torch.Tensor]:
+def reference_attention(q, k, v, dout, causal: bool, scale: float,
+                        visible: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Explicit float64 attention with autograd. q/dout (b, S, h, d), k/v (b, S, hk, d) ->
-    out (b, S, h, d), lse (b, h, S), dq, dk, dv, all float64."""
+    out (b, S, h, d), lse (b, h, S), dq, dk, dv, all float64. ``visible`` (S, S) bool: the
+    global mask (then ``causal`` is ignored; see global_mask)."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     group = q.shape[2] // k.shape[2]
     ke, ve = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, ke) * scale
-    if causal:
+    if visible is not None:
+        scores = scores.masked_fill(~visible.to(q.device), float("-inf"))
+    elif causal:
         s = q.shape[1]
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1),
                                     float("-inf"))
@@ -74,11 +109,15 @@ def reference_attention(q, k, v, dout, causal: bool, scale: float) -> dict[str, 
     return {"out": out.detach(), "lse": lse.detach(), "dq": dq, "dk": dk, "dv": dv}
 
 
-def torch_attention(q, k, v, dout, causal: bool, scale: float) -> dict[str, torch.Tensor]:
-    """Single-device PyTorch attention in the inputs' dtype: out, dq, dk, dv."""
+def torch_attention(q, k, v, dout, causal: bool, scale: float,
+                    visible: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Single-device PyTorch attention in the inputs' dtype: out, dq, dk, dv (``visible``: the
+    global bool mask, as attn_mask)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, scale=scale, enable_gqa=True).transpose(1, 2)
+                                         attn_mask=None if visible is None else visible.to(q.device),
+                                         is_causal=causal and visible is None, scale=scale,
+                                         enable_gqa=True).transpose(1, 2)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     return {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
 
@@ -95,7 +134,8 @@ def global_rel_err(x: torch.Tensor, ref: torch.Tensor, group=None) -> float:
     diff, den = sums.tolist()
     if diff != diff:  # NaN anywhere
         return float("nan")
-    return (diff ** 0.5) / max(den ** 0.5, 1e-300)
+    # an all-zero reference (dq, dk under a (0, 0) window) is compared in absolute terms
+    return (diff ** 0.5) / max(den ** 0.5, 0.1)
 
 
 def run_ringx(fn, case: Case, group, device: torch.device, backend: str | None = None,
@@ -106,15 +146,30 @@ def run_ringx(fn, case: Case, group, device: torch.device, backend: str | None =
     """
     n = dist.get_world_size(group) if group is not None else 1
     r = dist.get_rank(group) if group is not None else 0
-    layout = expected_layout(fn)
+    layout = case.layout or expected_layout(fn)
     full = inputs if inputs is not None else make_inputs(case, device)
     scale = case.headdim ** -0.5
-    ref = reference_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale)
+    ref = reference_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale,
+                              case_mask(case))
     local = {name: shard(t, layout, r, n) for name, t in full.items()}
     q, k, v = (local[x].detach().clone().requires_grad_() for x in ("q", "k", "v"))
+    kwargs = dict(causal=case.causal, softmax_scale=scale, return_attn_probs=True, group=group,
+                  backend=backend)
+    if case.window != (-1, -1):
+        kwargs["window_size"] = case.window
+    if case.layout:
+        kwargs["layout"] = case.layout
     start = time.perf_counter()
-    out, lse, _ = fn(q, k, v, causal=case.causal, softmax_scale=scale, return_attn_probs=True,
-                     group=group, backend=backend)
+    if case.docs is not None:
+        if case.batch != 1:
+            raise ValueError("varlen cases hold one packed sequence (batch 1)")
+        varlen = VARLEN_FUNCS[expected_name(fn)]
+        cu = torch.tensor(case.docs, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(case.docs, case.docs[1:]))
+        out, lse, _ = varlen(q[0], k[0], v[0], cu, longest, **kwargs)
+        out, lse = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        out, lse, _ = fn(q, k, v, **kwargs)
     out.backward(local["dout"])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -127,12 +182,29 @@ def run_ringx(fn, case: Case, group, device: torch.device, backend: str | None =
     return errs, seconds
 
 
+def case_mask(case: Case) -> torch.Tensor | None:
+    """The case's global (S, S) mask, or None for plain full / causal attention."""
+    if case.window == (-1, -1) and case.docs is None:
+        return None
+    return global_mask(case.seqlen, case.causal, case.window, case.docs)
+
+
+def expected_name(fn) -> str:
+    """"ringX3" for ringX3_attn_func (or its varlen twin)."""
+    for table in (ATTN_FUNCS, VARLEN_FUNCS):
+        for name, f in table.items():
+            if f is fn:
+                return name
+    raise ValueError(f"not a ringX function: {fn!r}")
+
+
 def torch_errors(case: Case, device: torch.device, inputs: dict | None = None) -> dict[str, float]:
     """Errors of single-device PyTorch attention (same dtype) on the full case."""
     full = inputs if inputs is not None else make_inputs(case, device)
     scale = case.headdim ** -0.5
-    ref = reference_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale)
-    got = torch_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale)
+    vis = case_mask(case)
+    ref = reference_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale, vis)
+    got = torch_attention(full["q"], full["k"], full["v"], full["dout"], case.causal, scale, vis)
     return {n: global_rel_err(got[n], ref[n]) for n in got}
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import spawn
-from ringX import ATTN_FUNCS
+from ringX import ATTN_FUNCS, VARLEN_FUNCS
 from ringX.testing import solo_group
 
 ALGOS = list(ATTN_FUNCS)
@@ -71,7 +71,11 @@ def mismatch_body(rank, world_size, device, algo):
     # options that are not implemented: NotImplementedError on every rank
     q, k, v = _tensors(device=device)
     _expect_on_every_rank(lambda: f(q, k, v, dropout_p=0.1), NotImplementedError, "dropout_p=0.1")
-    _expect_on_every_rank(lambda: f(q, k, v, window_size=(4, 0)), NotImplementedError, "window")
+    # windows are implemented; ranks that disagree on one raise on every rank
+    _expect_on_every_rank(lambda: f(q, k, v, window_size=(4 if rank == 0 else 3, 0)), ValueError,
+                          r"window_size\[0\]: rank 0=4, rank 1=3")
+    _expect_on_every_rank(lambda: f(q, k, v, window_size="wide"), ValueError,
+                          r"window_size must be two ints")
     _expect_on_every_rank(lambda: f(q, k, v, alibi_slopes=torch.ones(4, device=device)), NotImplementedError, "alibi")
     # float64 is legal where a backend takes it (the float64 math backend): the exact result
     q, k, v = _tensors(b=1, s=8, dtype=torch.float64, device=device)
@@ -175,3 +179,28 @@ def transport_body(rank, world_size, device):
 
 def test_bad_transport_raises_on_every_rank():
     spawn(2, transport_body, deadline_s=120)
+
+
+def varlen_mismatch_body(rank, world_size, device, algo):
+    """cu_seqlens that differ between ranks, or are not boundaries of the packed sequence, raise a
+    ValueError on every rank (never a hang); so do 4-D inputs and a short max_seqlen."""
+    f = VARLEN_FUNCS[algo]
+    q, k, v = (t[0] for t in _tensors(s=8, device=device))          # (8, h, d): S = 16
+    cu = torch.tensor([0, 5, 16] if rank == 0 else [0, 6, 16], dtype=torch.int32)
+    _expect_on_every_rank(lambda: f(q, k, v, cu, 11, causal=True), ValueError,
+                          r"(?s)cu_seqlens digest: rank 0=\d+, rank 1=\d+")
+    cu = torch.tensor([0, 5, 9] if rank == 1 else [0, 5, 16], dtype=torch.int32)
+    _expect_on_every_rank(lambda: f(q, k, v, cu, 11, causal=True), ValueError,
+                          r"rank 1: cu_seqlens must be global document boundaries")
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    _expect_on_every_rank(lambda: f(q, k, v, cu, 4, causal=True), ValueError,
+                          r"max_seqlen=4 is shorter than the longest document \(11 tokens\)")
+    _expect_on_every_rank(lambda: f(q, k, v, cu, 11, window_size=(2 + rank, 0)), ValueError,
+                          r"window_size\[0\]: rank 0=2, rank 1=3")
+    out = f(q, k, v, cu, 11, causal=True, window_size=(3, 0))
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_mismatched_documents_raise_on_every_rank(algo):
+    spawn(2, varlen_mismatch_body, algo, deadline_s=120)

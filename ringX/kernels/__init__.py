@@ -68,5 +68,20 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, dropout_p: float = 0.0,
     raise NotImplementedError(f"no ringX kernel backend supports these inputs:\n{lines}")
 
 
+def select_band_backend(q: torch.Tensor, k: torch.Tensor, kernel: Backend) -> Backend:
+    """The backend for window and varlen calls of masked blocks: ``kernel`` itself when it takes
+    windows, else the first in ``BACKENDS`` that does and supports the inputs (on NVIDIA GPUs
+    with cuDNN: PyTorch's flash kernel; the float64 math backend at worst)."""
+    if kernel.band:
+        return kernel
+    inp = KernelInputs.from_tensors(q, k)
+    for b in BACKENDS:
+        if b.band and not b.not_supported_reasons(inp):
+            return b
+    lines = "\n".join(f"  {b.name}: {'; '.join(b.not_supported_reasons(inp)) or 'takes no windows'}"
+                      for b in BACKENDS)
+    raise NotImplementedError(f"no ringX kernel backend takes windows or documents for these inputs:\n{lines}")
+
+
 __all__ = ["Backend", "KernelInputs", "BACKENDS", "ENV_VAR", "backend_names", "get_backend",
-           "select_backend", "support_table"]
+           "select_backend", "select_band_backend", "support_table"]

@@ -43,9 +43,19 @@ class KernelInputs:
 
 
 class Backend:
-    """Base class: subclasses set ``name`` and implement the three methods."""
+    """Base class: subclasses set ``name`` and implement the three methods.
+
+    Masked blocks (ringX.plan) also need, where ``band`` is True, flash-attn's bottom-right window
+    ``forward_band`` / ``backward_band`` (query a of sq sees keys b with
+    a + (sk - sq) - left <= b <= a + (sk - sq) + right, -1 = unbounded; the planner only asks for
+    calls where every row sees a key), and where ``varlen`` is True, ``forward_varlen`` /
+    ``backward_varlen``: batch 1, the rows cut by ``cu`` (int32, on the device) into square
+    pieces, each attending itself with the same window.
+    """
 
     name = "base"
+    band = False
+    varlen = False
 
     def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
         """Why this backend cannot take ``inp``; an empty list means it can."""
@@ -61,6 +71,19 @@ class Backend:
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block gradients (dq, dk, dv) shaped like (q, k, v), given the merged out and lse."""
         raise NotImplementedError
+
+    def forward_band(self, q, k, v, left: int, right: int, scale: float):
+        raise NotImplementedError(f"{self.name} takes no windows")
+
+    def backward_band(self, dout, q, k, v, out, lse, left: int, right: int, scale: float):
+        raise NotImplementedError(f"{self.name} takes no windows")
+
+    def forward_varlen(self, q, k, v, cu: torch.Tensor, max_len: int, left: int, right: int, scale: float):
+        raise NotImplementedError(f"{self.name} takes no cu_seqlens")
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu: torch.Tensor, max_len: int, left: int,
+                        right: int, scale: float):
+        raise NotImplementedError(f"{self.name} takes no cu_seqlens")
 
     def __repr__(self) -> str:
         return f"<ringX kernel backend {self.name}>"
@@ -114,3 +137,25 @@ def dense_bshd(x: torch.Tensor) -> torch.Tensor:
     """Make the innermost two dims of a (b, s, h, d) tensor dense, as the CUDA kernels require."""
     return x if x.stride(-1) == 1 and x.stride(2) == x.shape[3] and x.stride(1) == x.shape[2] * x.shape[3] \
         else x.contiguous()
+
+
+def band_mask(sq: int, sk: int, left: int, right: int, device) -> torch.Tensor:
+    """(sq, sk) bool: key b visible to row a under flash-attn's bottom-right window (left, right),
+    -1 = unbounded (without its clamps: the planner never relies on them)."""
+    a = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+    b = torch.arange(sk, device=device).unsqueeze(0)
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= b >= a - left
+    if right >= 0:
+        vis &= b <= a + right
+    return vis
+
+
+def varlen_mask(cu: list[int], left: int, right: int, device) -> torch.Tensor:
+    """(T, T) bool of square pieces cu[i]..cu[i+1], each with the window (left, right)."""
+    total = cu[-1]
+    vis = torch.zeros(total, total, dtype=torch.bool, device=device)
+    for a, b in zip(cu[:-1], cu[1:]):
+        vis[a:b, a:b] = band_mask(b - a, b - a, left, right, device)
+    return vis

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, KernelInputs, bhsd, bshd
+from .base import Backend, KernelInputs, band_mask, bhsd, bshd, varlen_mask
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class CpuFlashBackend(Backend):
     name = "cpu_flash"
+    band = True             # windows and documents as an additive float mask (exact)
 
     def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
         reasons = []
@@ -41,6 +42,31 @@ class CpuFlashBackend(Backend):
             bhsd(dout), bhsd(q), bhsd(k), bhsd(v), bhsd(out), lse.contiguous(), 0.0, causal,
             scale=scale)
         return bshd(dq), bshd(dk), bshd(dv)
+
+    def forward_band(self, q, k, v, left, right, scale):
+        return _masked_forward(q, k, v, band_mask(q.shape[1], k.shape[1], left, right, q.device), scale)
+
+    def backward_band(self, dout, q, k, v, out, lse, left, right, scale):
+        vis = band_mask(q.shape[1], k.shape[1], left, right, q.device)
+        return _masked_backward(dout, q, k, v, out, lse, vis, scale)
+
+
+def _additive(vis: torch.Tensor, dtype) -> torch.Tensor:
+    """bool (sq, sk) -> (1, 1, sq, sk) additive mask in the kernel's dtype: 0 or -inf."""
+    return torch.zeros(vis.shape, dtype=dtype).masked_fill(~vis, float("-inf")).view(1, 1, *vis.shape)
+
+
+def _masked_forward(q, k, v, vis, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        bhsd(q), bhsd(k), bhsd(v), 0.0, False, attn_mask=_additive(vis, q.dtype), scale=scale)
+    return bshd(out), lse
+
+
+def _masked_backward(dout, q, k, v, out, lse, vis, scale):
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        bhsd(dout), bhsd(q), bhsd(k), bhsd(v), bhsd(out), lse.contiguous(), 0.0, False,
+        attn_mask=_additive(vis, q.dtype), scale=scale)
+    return bshd(dq), bshd(dk), bshd(dv)
 
 
 def poison_nan_rows(q, k, causal: bool, out, lse):

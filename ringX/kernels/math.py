@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, KernelInputs
+from .base import Backend, KernelInputs, band_mask
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """q (b, sq, h, d), k (b, sk, hk, d) -> float64 scores (b, hk, g, sq, sk), g = h // hk."""
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float,
+            visible: torch.Tensor | None = None) -> torch.Tensor:
+    """q (b, sq, h, d), k (b, sk, hk, d) -> float64 scores (b, hk, g, sq, sk), g = h // hk;
+    ``visible`` (sq, sk) bool masks the rest."""
     b, sq, h, d = q.shape
     hk = k.shape[2]
     qg = q.double().view(b, sq, hk, h // hk, d).permute(0, 2, 3, 1, 4)   # (b, hk, g, sq, d)
@@ -23,11 +25,14 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> tor
         sk = k.shape[1]
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
         s = s.masked_fill(mask, float("-inf"))
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
     return s
 
 
 class MathBackend(Backend):
     name = "math"
+    band = True
 
     def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
         reasons = []
@@ -37,9 +42,9 @@ class MathBackend(Backend):
             reasons.append("dropout is not implemented")
         return reasons
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q, k, v, causal, scale, visible=None):
         b, sq, h, d = q.shape
-        s = _scores(q, k, causal, scale)
+        s = _scores(q, k, causal, scale, visible)
         lse = torch.logsumexp(s, dim=-1)                                    # (b, hk, g, sq)
         p = torch.exp(s - lse.unsqueeze(-1))
         vv = v.double().permute(0, 2, 1, 3).unsqueeze(2)                    # (b, hk, 1, sk, d)
@@ -48,11 +53,18 @@ class MathBackend(Backend):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.to(q.dtype), lse.reshape(b, h, sq).to(lse_dtype)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def forward_band(self, q, k, v, left, right, scale):
+        return self.forward(q, k, v, False, scale, band_mask(q.shape[1], k.shape[1], left, right, q.device))
+
+    def backward_band(self, dout, q, k, v, out, lse, left, right, scale):
+        return self.backward(dout, q, k, v, out, lse, False, scale,
+                             band_mask(q.shape[1], k.shape[1], left, right, q.device))
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, visible=None):
         b, sq, h, d = q.shape
         hk = k.shape[2]
         g = h // hk
-        s = _scores(q, k, causal, scale)
+        s = _scores(q, k, causal, scale, visible)
         p = torch.exp(s - lse.double().view(b, hk, g, sq).unsqueeze(-1))    # (b, hk, g, sq, sk)
         do = dout.double().view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4)     # (b, hk, g, sq, d)
         o = out.double().view(b, sq, hk, g, d).permute(0, 2, 3, 1, 4)
