@@ -21,6 +21,7 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 class CpuFlashBackend(Backend):
     name = "cpu_flash"
     band = True             # windows and documents as an additive float mask (exact)
+    varlen = True
 
     def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
         reasons = []
@@ -48,6 +49,13 @@ class CpuFlashBackend(Backend):
 
     def backward_band(self, dout, q, k, v, out, lse, left, right, scale):
         vis = band_mask(q.shape[1], k.shape[1], left, right, q.device)
+        return _masked_backward(dout, q, k, v, out, lse, vis, scale)
+
+    def forward_varlen(self, q, k, v, cu, max_len, left, right, scale):
+        return _masked_forward(q, k, v, varlen_mask(cu.tolist(), left, right, q.device), scale)
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu, max_len, left, right, scale):
+        vis = varlen_mask(cu.tolist(), left, right, q.device)
         return _masked_backward(dout, q, k, v, out, lse, vis, scale)
 
 
