@@ -22,10 +22,10 @@ def _varlen_args(call: Call, device) -> tuple[torch.Tensor, int]:
 
 def call_forward(kernel, band_kernel, call: Call, q, k, v, scale: float):
     """(out, lse) of one call; q (b, rows, h, d) and k/v (b, keys, hk, d) already cut to it."""
-    if call.kind == FULL:
-        return kernel.forward(q, k, v, False, scale)
-    if call.kind == CAUSAL:
-        return kernel.forward(q, k, v, True, scale)
+    if call.kind in (FULL, CAUSAL) and kernel.takes_shape(q.shape[1], k.shape[1]):
+        return kernel.forward(q, k, v, call.kind == CAUSAL, scale)
+    if call.kind in (FULL, CAUSAL):                          # the window kernel takes any shape
+        return band_kernel.forward_band(q, k, v, -1, 0 if call.kind == CAUSAL else -1, scale)
     if call.kind == BAND:
         return band_kernel.forward_band(q, k, v, call.left, call.right, scale)
     assert call.kind == VARLEN
@@ -34,8 +34,10 @@ def call_forward(kernel, band_kernel, call: Call, q, k, v, scale: float):
 
 
 def call_backward(kernel, band_kernel, call: Call, dout, q, k, v, out, lse, scale: float):
-    if call.kind in (FULL, CAUSAL):
+    if call.kind in (FULL, CAUSAL) and kernel.takes_shape(q.shape[1], k.shape[1]):
         return kernel.backward(dout, q, k, v, out, lse, call.kind == CAUSAL, scale)
+    if call.kind in (FULL, CAUSAL):
+        return band_kernel.backward_band(dout, q, k, v, out, lse, -1, 0 if call.kind == CAUSAL else -1, scale)
     if call.kind == BAND:
         return band_kernel.backward_band(dout, q, k, v, out, lse, call.left, call.right, scale)
     cu, longest = _varlen_args(call, q.device)

@@ -240,31 +240,49 @@ def _lower(piece, band_ok: bool) -> list[Call]:
 
 
 def _fa_band(r0, r1, k0, k1, lo, hi) -> list[Call]:
-    """flash-attn bottom-right window calls for the band lo <= b - a <= hi, split where
-    flash-attn's clamp (right >= keys -> unbounded) would widen it."""
+    """flash-attn bottom-right window calls for the band lo <= b - a <= hi of a trimmed piece.
+
+    flash-attn (2.x, PyTorch's copy) clamps a window side >= seqlen_k to -1 and then, when one
+    side is bounded and the other is -1, sets the -1 side to seqlen_k. A left side past the keys
+    is harmless either way; on the right, ``seqlen_k`` is not "unbounded" when rows > keys + 1
+    (row a then sees up to a + 2 * keys - rows). So a right side that is inactive is passed as
+    rows - 1 where that is < keys, and a band it cannot express is split by rows: rows that see
+    every key become a FULL call, the rest (fewer rows than keys) a window call."""
     m, n = r1 - r0, k1 - k0
     left = -1 if lo is None else (n - m) - lo
     right = -1 if hi is None else hi - (n - m)
-    if right >= n and right < m - 1:
-        # rows a < m - 1 - right see fewer keys than the clamp would give them: plan them apart
-        cut = m - 1 - right
-        out = []
-        for a0, a1 in ((0, cut), (cut, m)):
-            sub = []
-            _band_pieces(a1 - a0, n, None if lo is None else lo + a0, None if hi is None else hi + a0,
-                         r0 + a0, k0, sub)
-            for p in sub:
-                out += _lower_band_only(p)
-        return out
-    return [Call(BAND, r0, r1, k0, k1, left, right)]
+    if 0 <= right < n:
+        return [Call(BAND, r0, r1, k0, k1, left, right)]
+    right_active = hi is not None and right < m - 1          # some row does not see the last key
+    left_bounded = 0 <= left < n
+    if not right_active:
+        if m <= n:
+            return [Call(BAND, r0, r1, k0, k1, left, m - 1)]
+        if not left_bounded:
+            return [Call(FULL, r0, r1, k0, k1)]
+        if m == n + 1:
+            return [Call(BAND, r0, r1, k0, k1, left, -1)]     # -1 -> keys: a + 2n - m = a + n - 1
+        cut = -lo + 1                                         # rows a <= -lo see key 0: all keys
+        return [Call(FULL, r0, r0 + cut, k0, k1)] + _replan(r0 + cut, r1, k0, k1, lo + cut,
+                                                            None if hi is None else hi + cut)
+    cut = m - 1 - right                                       # rows from here see the last key
+    return _replan(r0, r0 + cut, k0, k1, lo, hi) + _replan(r0 + cut, r1, k0, k1,
+                                                           None if lo is None else lo + cut, hi + cut)
 
 
-def _lower_band_only(piece) -> list[Call]:
-    r0, r1, k0, k1, lo, hi = piece
-    m, n = r1 - r0, k1 - k0
-    if (lo is None or lo <= -(m - 1)) and (hi is None or hi >= n - 1):
-        return [Call(FULL, r0, r1, k0, k1)]
-    return _fa_band(r0, r1, k0, k1, lo, hi)
+def _replan(r0, r1, k0, k1, lo, hi) -> list[Call]:
+    """Trim rows [r0, r1) x keys [k0, k1) with band (lo, hi) relative to (r0, k0) and lower it."""
+    sub: list = []
+    _band_pieces(r1 - r0, k1 - k0, lo, hi, r0, k0, sub)
+    out = []
+    for p in sub:
+        a0, a1, b0, b1, lo2, hi2 = p
+        m, n = a1 - a0, b1 - b0
+        if (lo2 is None or lo2 <= -(m - 1)) and (hi2 is None or hi2 >= n - 1):
+            out.append(Call(FULL, a0, a1, b0, b1))
+        else:
+            out += _fa_band(a0, a1, b0, b1, lo2, hi2)
+    return out
 
 
 def _coalesce(calls: list[Call]) -> list[Call]:
@@ -375,18 +393,20 @@ def dense_mask(q_runs, k_runs, mask: Mask):
     return torch.tensor([[mask.visible(i, j) for j in kp] for i in qp], dtype=torch.bool).reshape(len(qp), len(kp))
 
 
-def call_mask(call: Call, rows: int, keys: int, fa_clamp: bool = True):
+def call_mask(call: Call, rows: int, keys: int, fa_clamp: bool = True, clamp_keys: int | None = None):
     """The (rows, keys) bool mask one call covers, by each kernel's semantics (tests): FULL,
     CAUSAL top-left on a square, BAND flash-attn's bottom-right window with its clamps, VARLEN
     its pieces each as a square band."""
     import torch
     out = torch.zeros(rows, keys, dtype=torch.bool)
-    if call.kind == VARLEN:
+    if call.kind == VARLEN:                 # flash-attn clamps against the longest piece
+        longest = max(p1 - p0 for p0, p1 in call.pieces)
         for p0, p1 in call.pieces:
             sub = Call(BAND, p0, p1, p0, p1, call.left, call.right)
-            out |= call_mask(sub, rows, keys, fa_clamp)
+            out |= call_mask(sub, rows, keys, fa_clamp, clamp_keys=longest)
         return out
     m, n = call.r1 - call.r0, call.k1 - call.k0
+    nk = n if clamp_keys is None else clamp_keys
     a = torch.arange(m).unsqueeze(1)
     b = torch.arange(n).unsqueeze(0)
     if call.kind == FULL:
@@ -395,9 +415,13 @@ def call_mask(call: Call, rows: int, keys: int, fa_clamp: bool = True):
         piece = b <= a
     else:
         left, right = call.left, call.right
-        if fa_clamp:
-            left = -1 if left >= n else left
-            right = -1 if right >= n else right
+        if fa_clamp:                # flash-attn 2: clamp to -1, then a -1 side beside a bounded one
+            left = -1 if left >= nk else left
+            right = -1 if right >= nk else right
+            if left < 0 <= right:
+                left = nk
+            elif right < 0 <= left:
+                right = nk
         piece = torch.ones(m, n, dtype=torch.bool)
         if left >= 0:
             piece &= b >= a + (n - m) - left

@@ -77,6 +77,20 @@ def test_plans_match_the_global_mask(seed):
         _check_block(q_runs, k_runs, mask, band_ok, varlen_min)
 
 
+def test_rows_beyond_keys_split_where_flash_attn_narrows_an_open_side():
+    """flash-attn turns a -1 side beside a bounded one into seqlen_k, which cuts rows when rows >
+    keys + 1 (found on an H200: a document crossing into a later rank with a window); the
+    planner splits such pieces into FULL rows and a window call, checked against that model."""
+    mask = Mask(causal=False, window=(200, 40), docs=(0, 192, 194, 842, 1024))
+    q, k = layout_runs("contiguous", 1, 4, 256), layout_runs("contiguous", 0, 4, 256)
+    assert _check_block(q, k, mask, True, 0) >= 2
+    for seed in range(200):
+        rng = random.Random(seed)
+        m, n = rng.randint(1, 40), rng.randint(1, 40)
+        mask = Mask(causal=rng.random() < 0.5, window=(rng.randint(-1, 50), rng.randint(-1, 50)))
+        _check_block((Run(rng.randint(0, 60), 1, m),), (Run(rng.randint(0, 60), 1, n),), mask, True, 0)
+
+
 def test_offset_band_splits_at_the_flash_clamp():
     """More rows than keys with right >= keys: flash-attn would widen the band; the planner
     splits the rows (found by the trim/offset/split rule)."""

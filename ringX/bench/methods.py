@@ -14,15 +14,18 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .. import ATTN_FUNCS, expected_layout
-from ..kernels import select_backend
+from .. import ATTN_FUNCS, VARLEN_FUNCS, expected_layout
+from ..execute import calls_backward, calls_forward
+from ..kernels import select_backend, select_band_backend
 from ..layout import shard
 from ..peer import ENV_VAR as TRANSPORT_ENV
+from ..plan import Mask, Run, layout_runs, plan_block
 
 NATIVE = ("native-allgather", "native-alltoall")
 RING_FLASH = ("ring-flash-zigzag",)
 COPY = ("ringX1+copy", "ringX2+copy", "ringX4+copy")    # the broadcasting ones, copy transport
 BASELINE = ("allgather",)       # ringX.baseline: the seed's all-gather baseline (full attention)
+MASKED_BASELINE = ("allgather-varlen",)   # gather k/v, one planned (varlen / window) call per rank
 
 
 @dataclass
@@ -64,6 +67,67 @@ class _KernelAttn(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _PlannedAttn(torch.autograd.Function):
+    """A planner's calls (ringX.plan) on q (b, sq, h, d) against k/v (b, sk, hk, d), with
+    autograd: the masked single-device baseline and the masked all-gather baseline."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, run, calls):
+        out, lse = calls_forward(run, calls, q, k, v)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.run, ctx.calls = run, calls
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = calls_backward(ctx.run, ctx.calls, dout.contiguous(), q, k, v, out, lse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _planned(q, k, mask: Mask, backend, q_runs, k_runs):
+    """(run, calls) of the block q_runs x k_runs on the registry's kernels (window and varlen
+    calls on the window kernel, one call for a whole packed sequence where it takes varlen)."""
+    from types import SimpleNamespace
+    kernel = select_backend(q, k, name=backend)
+    band = select_band_backend(q, k, kernel)
+    plan = plan_block(q_runs, k_runs, mask, band is kernel, 1 if band.varlen and q.shape[0] == 1 else 0)
+    run = SimpleNamespace(kernel=kernel, band_kernel=band, scale=q.shape[-1] ** -0.5,
+                          acc_dtype=torch.float32)
+    return run, plan, f"kernels {kernel.name}+{band.name}, {len(plan.calls)} calls"
+
+
+def single_device_masked(full: dict, mask: Mask, backend: str | None) -> Prepared:
+    """The whole masked sequence on one device: the planner's calls over one block (for packed
+    documents one varlen call on kernels that take cu_seqlens)."""
+    q, k, v = (_leaf(full[n]) for n in ("q", "k", "v"))
+    s = q.shape[1]
+    run, plan, note = _planned(q, k, mask, backend, (Run(0, 1, s),), (Run(0, 1, s),))
+
+    def attn(q_, k_, v_):
+        return _PlannedAttn.apply(q_, k_, v_, run, plan.calls)
+    return Prepared(lambda fwd_only: _run(attn, (q, k, v), full["dout"], fwd_only), "contiguous", note)
+
+
+def allgather_masked(full: dict, mask: Mask, group, backend: str | None) -> Prepared:
+    """The all-gather approach for masks (PyTorch's flex/varlen context parallel, ring-flash-attn's
+    llama3 function): contiguous shards, k/v all-gathered, one planned call of the local queries
+    against the whole sequence, dk/dv reduce-scattered."""
+    from ..baseline import _GatherSequence
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    q, k, v = (_leaf(shard(full[x], "contiguous", r, n)) for x in ("q", "k", "v"))
+    dout = shard(full["dout"], "contiguous", r, n)
+    s = q.shape[1]
+    run, plan, note = _planned(q, k, mask, backend, layout_runs("contiguous", r, n, s),
+                               (Run(0, 1, s * n),))
+
+    def attn(q_, k_, v_):
+        kk, vv = _GatherSequence.apply(k_, group), _GatherSequence.apply(v_, group)
+        return _PlannedAttn.apply(q_, kk, vv, run, plan.calls)
+    return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "contiguous", note)
+
+
 def single_device(full: dict, causal: bool, backend: str | None, seqlen: int | None = None) -> Prepared:
     """The local kernel alone on the first ``seqlen`` tokens (default: the whole sequence)."""
     s = seqlen or full["q"].shape[1]
@@ -78,18 +142,32 @@ def single_device(full: dict, causal: bool, backend: str | None, seqlen: int | N
                     f"kernel {kernel.name}")
 
 
-def ringx(name: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
+def ringx(name: str, full: dict, causal: bool, group, backend: str | None,
+          mask: Mask | None = None) -> Prepared:
     """A ringX function; NAME+copy runs it with RINGX_TRANSPORT=copy (broadcasts through the copy
-    engines), set around each call only."""
+    engines), set around each call only. With a mask: its window, and packed documents through
+    the varlen function (batch 1)."""
     base, _, transport = name.partition("+")
     fn = ATTN_FUNCS[base]
     layout = expected_layout(fn)
     n, r = dist.get_world_size(group), dist.get_rank(group)
     q, k, v = (_leaf(shard(full[x], layout, r, n)) for x in ("q", "k", "v"))
     dout = shard(full["dout"], layout, r, n)
+    window = mask.window if mask is not None else (-1, -1)
+    docs = mask.docs if mask is not None else None
+    if docs is not None:
+        if q.shape[0] != 1:
+            raise NotImplementedError("packed documents are one sequence: --batch 1")
+        cu = torch.tensor(docs, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(docs, docs[1:]))
+        varlen = VARLEN_FUNCS[base]
 
-    def attn(q_, k_, v_):
-        return fn(q_, k_, v_, causal=causal, group=group, backend=backend)
+        def attn(q_, k_, v_):
+            return varlen(q_[0], k_[0], v_[0], cu, longest, causal=causal, window_size=window,
+                          group=group, backend=backend).unsqueeze(0)
+    else:
+        def attn(q_, k_, v_):
+            return fn(q_, k_, v_, causal=causal, window_size=window, group=group, backend=backend)
 
     def step(fwd_only: bool) -> torch.Tensor:
         saved = os.environ.get(TRANSPORT_ENV)
@@ -190,9 +268,16 @@ def ring_flash(name: str, full: dict, causal: bool, group, backend: str | None) 
     return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "zigzag")
 
 
-def prepare(method: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
+def prepare(method: str, full: dict, causal: bool, group, backend: str | None,
+            mask: Mask | None = None) -> Prepared:
     if method in ATTN_FUNCS or method in COPY:
-        return ringx(method, full, causal, group, backend)
+        return ringx(method, full, causal, group, backend, mask)
+    if method in MASKED_BASELINE:
+        if mask is None:
+            raise NotImplementedError("allgather-varlen runs with --docs or --window")
+        return allgather_masked(full, mask, group, backend)
+    if mask is not None:
+        raise NotImplementedError(f"{method} takes no documents or windows here")
     if method in NATIVE:
         return native(method, full, causal, group, backend)
     if method in RING_FLASH:
@@ -203,4 +288,5 @@ def prepare(method: str, full: dict, causal: bool, group, backend: str | None) -
 
 
 def all_methods() -> list[str]:
-    return list(ATTN_FUNCS) + list(COPY) + list(NATIVE) + list(RING_FLASH) + list(BASELINE)
+    return (list(ATTN_FUNCS) + list(COPY) + list(NATIVE) + list(RING_FLASH) + list(BASELINE)
+            + list(MASKED_BASELINE))

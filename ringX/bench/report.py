@@ -6,7 +6,7 @@ import json
 import os
 
 COLUMNS = ("method", "world_size", "batch", "seqlen", "heads", "kv_heads", "headdim", "dtype",
-           "causal", "mode", "timing", "warmup_s", "time_ms", "tflops_per_gpu", "efficiency",
+           "causal", "docs", "num_docs", "window", "mode", "timing", "warmup_s", "time_ms", "tflops_per_gpu", "efficiency",
            "speedup_vs_native",
            "peak_mem_gb", "single_mem_gb", "check_err", "ideal_ms", "ideal_source", "note",
            "prof_span_ms", "prof_compute_ms", "prof_comm_ms", "prof_exposed_comm_ms", "prof_idle_ms")

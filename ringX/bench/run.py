@@ -94,6 +94,47 @@ def _max_over(x: float, group) -> float:
     return float(t.item())
 
 
+def document_boundaries(spec: str, seqlen: int, seed: int) -> tuple[int, ...] | None:
+    """Global cu_seqlens of a packed sequence from --docs: "none", "fixed:L" (documents of L
+    tokens, the last one shorter) or "lognormal:MEAN" (lengths drawn lognormal with that mean,
+    sigma 1, from ``seed``; the last one cut at S)."""
+    if spec in (None, "", "none"):
+        return None
+    kind, _, value = spec.partition(":")
+    if kind not in ("fixed", "lognormal") or not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--docs must be none, fixed:LENGTH or lognormal:MEAN, got {spec!r}")
+    mean = int(value)
+    g = torch.Generator().manual_seed(seed)
+    cuts, x = [0], 0
+    while x < seqlen:
+        if kind == "fixed":
+            step = mean
+        else:                                             # E[exp(N(mu, 1))] = exp(mu + 1/2) = mean
+            step = max(1, int(torch.empty(1).log_normal_(math.log(mean) - 0.5, 1.0, generator=g)))
+        x = min(seqlen, x + step)
+        cuts.append(x)
+    return tuple(cuts)
+
+
+def bench_mask(args, seqlen: int, causal: bool):
+    """The benchmark's global mask (ringX.plan.Mask), or None for plain full / causal attention.
+    --window W: each query sees W keys ending at itself (causal) or W - 1 on each side (full)."""
+    from ..plan import Mask
+    docs = document_boundaries(args.docs, seqlen, args.seed)
+    w = args.window
+    window = (-1, -1) if not w else (w - 1, 0 if causal else w - 1)
+    if docs is None and window == (-1, -1):
+        return None
+    return Mask(causal, window, docs)
+
+
+def mask_pairs(mask, seqlen: int) -> int:
+    """Visible (query, key) pairs of the whole masked sequence (its FLOPs count only these)."""
+    from ..plan import Run, plan_block
+    plan = plan_block((Run(0, 1, seqlen),), (Run(0, 1, seqlen),), mask, True, 0)
+    return 0 if plan is None else plan.pairs
+
+
 def make_full(batch, seqlen, heads, kv_heads, headdim, dtype, device, seed) -> dict:
     """Global random inputs (normal, never zeros), identical on every rank."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -144,12 +185,19 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
             "kv_heads": args.kv_heads, "headdim": args.headdim, "dtype": args.dtype,
             "causal": causal, "mode": mode, "timing": args.timing,
             "warmup_s": args.warmup_s}
+    mask = bench_mask(args, seqlen, causal)
     flops = attn_flops(batch, seqlen, args.heads, args.headdim, causal, mode)
+    if mask is not None:
+        flops = 4.0 * batch * mask_pairs(mask, seqlen) * args.heads * args.headdim * (
+            3.5 if mode == "fwd_bwd" else 1.0)
+        base.update(docs=args.docs, window=args.window,
+                    num_docs=len(mask.docs) - 1 if mask.docs else 1)
     rows, ref_out = [], None
     # single device on the whole sequence (ideal = its time / N), and its memory at S/N
-    key = (batch * args.heads, causal, mode)
+    key = (batch * args.heads, causal, mode, args.docs, args.window)
     if seqlen <= args.single_max_seqlen:
-        prep = M.single_device(full, causal, args.backend)
+        prep = (M.single_device(full, causal, args.backend) if mask is None
+                else M.single_device_masked(full, mask, args.backend))
         m = measure(prep, fwd_only, args, device, group, 0)
         single_times[key] = (seqlen, m["seconds"], flops)
         ideal, source = m["seconds"] / n, "measured"
@@ -172,7 +220,7 @@ def bench_config(args, batch, seqlen, causal, mode, device, group, single_times:
         row = {**base, "method": method}
         prep, failure = None, None
         try:
-            prep = M.prepare(method, full, causal, group, args.backend)
+            prep = M.prepare(method, full, causal, group, args.backend, mask)
         except Exception as exc:  # a method that cannot run here is reported, not fatal
             failure = exc
         # every rank skips a method that any rank could not set up, so that no rank is left
@@ -284,6 +332,12 @@ def parse(argv=None):
     p.add_argument("--check-max-seqlen", type=int, default=262144)
     p.add_argument("--check-tol", type=float, default=2e-2, help="max rel L2 error vs single device")
     p.add_argument("--backend", default=None, help="local kernel backend (default: registry choice)")
+    p.add_argument("--docs", default="none",
+                   help="packed documents: none, fixed:LENGTH or lognormal:MEAN (batch 1; ringX through "
+                        "its varlen function; ideal = the single device's varlen time of the same "
+                        "mask / N)")
+    p.add_argument("--window", type=int, default=0,
+                   help="sliding window of W tokens: window_size (W-1, 0) causal, (W-1, W-1) full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="one more call per method under torch.profiler: compute, communication, exposed "
@@ -309,6 +363,7 @@ def _entry(args, rank: int, world_size: int, device) -> None:
               f"{torch.__version__}, cudnn {torch.backends.cudnn.version()}, nccl "
               f"{'.'.join(map(str, torch.cuda.nccl.version())) if device.type == 'cuda' else '-'}, "
               f"{args.dtype}, heads {args.heads}/{args.kv_heads}, dim {args.headdim}, timing {args.timing}, "
+              f"documents {args.docs}, window {args.window or 'none'}, "
               f"warm-up {args.warmup} calls + {args.warmup_s:g} s",
               flush=True)
     rows = run(args, device)

@@ -72,6 +72,11 @@ class Backend:
         """Block gradients (dq, dk, dv) shaped like (q, k, v), given the merged out and lse."""
         raise NotImplementedError
 
+    def takes_shape(self, rows: int, keys: int) -> bool:
+        """Whether forward/backward take a block of this many query rows and keys (a masked
+        block's call that a kernel refuses runs on the window kernel instead)."""
+        return True
+
     def forward_band(self, q, k, v, left: int, right: int, scale: float):
         raise NotImplementedError(f"{self.name} takes no windows")
 

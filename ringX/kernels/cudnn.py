@@ -19,6 +19,9 @@ class CudnnBackend(Backend):
     def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
         return gpu_reasons(inp, _DTYPES, 128, min_capability=(9, 0), nvidia_only=True)
 
+    def takes_shape(self, rows, keys):
+        return rows > 1 or keys > 1          # "cuDNN Frontend error: s_q = s_kv = 1 is not supported"
+
     def forward(self, q, k, v, causal, scale):
         h = q.shape[2]
         q, k, v = dense_bshd(q), dense_bshd(k), dense_bshd(v)
