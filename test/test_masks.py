@@ -90,3 +90,90 @@ def _strided(rank, world_size, device):
 
 def test_masks_on_strided_subgroups():
     spawn(4, _strided)
+
+
+def _leakage(rank, world_size, device):
+    """A loss on one document's outputs: every other document's q, k and v get gradient exactly
+    0, and that document's outputs do not change when another document's tokens do."""
+    from ringX import VARLEN_FUNCS, expected_layout
+    from ringX.layout import shard
+    S = 8 * world_size
+    docs = (0, 3, 3 + S // 2, S)                     # the middle one crosses ranks
+    cu = torch.tensor(docs, dtype=torch.int32)
+    inside = torch.zeros(S, dtype=torch.bool)
+    inside[docs[1]:docs[2]] = True
+    for algo, fn in VARLEN_FUNCS.items():
+        layout = expected_layout(fn)
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(S, h, 8, generator=g) for h in (4, 2, 2))
+        dout = torch.randn(S, 4, 8, generator=g) * inside.view(S, 1, 1)
+        outs = []
+        for perturb in (False, True):
+            qq, kk, vv = (x.clone() for x in (q, k, v))
+            if perturb:                              # change every token outside the document
+                for x in (qq, kk, vv):
+                    x[~inside] += 3.0
+            loc = [shard(x, layout, rank, world_size, dim=0).requires_grad_() for x in (qq, kk, vv)]
+            out = fn(*loc, cu, S // 2, causal=True, window_size=(5, 0), group=dist.group.WORLD)
+            out.backward(shard(dout, layout, rank, world_size, dim=0))
+            mine = shard(inside, layout, rank, world_size, dim=0)
+            for x in loc:
+                assert torch.equal(x.grad[~mine], torch.zeros_like(x.grad[~mine])), \
+                    f"{algo}: gradient leaked into another document"
+            outs.append(out[mine].detach())
+        assert torch.equal(outs[0], outs[1]), f"{algo}: another document changed this one's output"
+
+
+def test_no_leakage_across_documents():
+    spawn(4, _leakage)
+
+
+def _counts(rank, world_size, device):
+    """Blocks with no visible pair issue no kernel call, and in ringX2 and ringX4 no message:
+    documents that each sit inside one rank (contiguous) or one chunk (zigzag) need no
+    communication at all, and each rank calls its kernel only for its own blocks."""
+    from ringX import VARLEN_FUNCS
+    from ringX.comm import GroupComm
+    from ringX.kernels.cpu_flash import CpuFlashBackend
+    calls, messages = [], []
+    originals = {}
+
+    def wrap(cls, name, log):
+        fn = getattr(cls, name)
+        originals[(cls, name)] = fn
+
+        def counted(self, *a, **kw):
+            log.append(name)
+            return fn(self, *a, **kw)
+        setattr(cls, name, counted)
+    for name in ("forward", "backward", "forward_band", "backward_band", "forward_varlen", "backward_varlen"):
+        wrap(CpuFlashBackend, name, calls)
+    for name in ("broadcast", "reduce", "all_reduce", "reduce_scatter", "all_to_all"):
+        wrap(GroupComm, name, messages)
+    real_exchange = GroupComm.exchange
+
+    def exchange(self, sends, recvs):
+        messages.extend(["send"] * len(sends) + ["recv"] * len(recvs))
+        return real_exchange(self, sends, recvs)
+    GroupComm.exchange = exchange
+    try:
+        S = 8 * world_size
+        for algo, chunk in (("ringX2", 8), ("ringX4", 4)):
+            cu = torch.tensor(list(range(0, S + 1, chunk)), dtype=torch.int32)
+            q, k, v = (torch.randn(8, h, 8, requires_grad=True) for h in (4, 2, 2))
+            calls.clear()
+            messages.clear()
+            out = VARLEN_FUNCS[algo](q, k, v, cu, chunk, causal=True, group=dist.group.WORLD)
+            out.sum().backward()
+            assert not messages, f"{algo}: messages for blocks with no visible pair: {messages}"
+            # one diagonal block per rank, forward and backward: one call each way (varlen for the
+            # two zigzag chunks), nothing for the other ranks' blocks
+            assert len(calls) == 2, f"{algo}: kernel calls {calls}"
+    finally:
+        for (cls, name), fn in originals.items():
+            setattr(cls, name, fn)
+        GroupComm.exchange = real_exchange
+
+
+def test_empty_blocks_cost_no_call_and_no_message():
+    spawn(4, _counts)
