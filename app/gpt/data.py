@@ -5,6 +5,8 @@
   seq_len + 1 tokens are drawn in a deterministic order from ``seed``; ``state()`` / ``load_state``
   give a resumable position.
 - ``encode_bytes``: the byte-level tokenizer (ids 0-255 are bytes, EOT = 256) for raw text files.
+- ``PackedTokenFile``: the same windows of a corpus of documents (app/gpt/corpus.py) with their
+  document boundaries: positions restart at 0 in every document, labels never cross one.
 - ``passkey_batch``: the synthetic passkey-retrieval task: a random 5-digit key hidden at a random
   depth of a long filler text, the question at the end; labels cover only the answer digits.
 """
@@ -72,6 +74,46 @@ class TokenFile:
 
     def load_state(self, state: dict) -> None:
         self.seed, self.position = state["seed"], state["position"]
+
+
+class PackedTokenFile(TokenFile):
+    """TokenFile windows of a packed corpus, with its document index (X.docs.npy beside X.npy:
+    start offsets of the documents, then the total). Documents are cut at window edges (no
+    padding); the piece of a document inside a window is a document of that window."""
+
+    def __init__(self, path: str | Path, seq_len: int, seed: int = 0):
+        super().__init__(path, seq_len, seed)
+        from .corpus import docs_path
+        index = docs_path(path)
+        if not index.exists():
+            raise FileNotFoundError(f"--pack_documents needs the document index {index} beside {path} "
+                                    "(python -m app.gpt.corpus writes both)")
+        self.starts = np.load(index)
+        if self.starts.ndim != 1 or self.starts[0] != 0 or self.starts[-1] != len(self.tokens) or (
+                np.diff(self.starts) <= 0).any():
+            raise ValueError(f"{index}: expected increasing document starts from 0 to {len(self.tokens)}")
+
+    def window(self, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """(tokens, labels, positions) (seq_len,) and the window's cu_seqlens, for the window at
+        token ``start``: labels -100 where the next token begins another document."""
+        s = self.seq_len
+        tok = torch.from_numpy(np.asarray(self.tokens[start:start + s + 1], dtype=np.int64))
+        inner = self.starts[(self.starts > start) & (self.starts <= start + s)] - start
+        labels = tok[1:].clone()
+        labels[torch.from_numpy(inner - 1)] = -100       # the last token of each document
+        cu = [0] + [int(b) for b in inner if b < s] + [s]
+        pos = torch.arange(s) - torch.repeat_interleave(torch.tensor(cu[:-1]), torch.tensor(np.diff(cu)))
+        return tok[:-1].contiguous(), labels, pos, cu
+
+    def next_packed(self, batch: int):
+        """(tokens, labels, positions) each (batch, seq_len) and one cu_seqlens list per row."""
+        rows = []
+        for _ in range(batch):
+            epoch, index = divmod(self.position, self.n_windows)
+            rows.append(self.window(int(self._order(epoch)[index]) * self.seq_len))
+            self.position += 1
+        return (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
+                torch.stack([r[2] for r in rows]), [r[3] for r in rows])
 
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

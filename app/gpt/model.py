@@ -57,16 +57,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: ModelConfig | None = Non
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
                 scaling: ModelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (s,) int64 -> cos, sin (s, head_dim // 2) float32."""
+    """positions (s,) or (b, s) int64 -> cos, sin (..., head_dim // 2) float32."""
     inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
-    ang = positions.double()[:, None] * inv_freq[None, :]
+    ang = positions.double()[..., None] * inv_freq
     return ang.cos().float(), ang.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, s, h, d): rotate pairs (x[2i], x[2i+1]) by the angle of each position (Meta layout)."""
+    """x (b, s, h, d): rotate pairs (x[2i], x[2i+1]) by the angle of each position (Meta layout);
+    cos/sin (s, d/2), or (b, s, d/2) for positions per sequence (packed documents)."""
     xf = x.float().unflatten(-1, (-1, 2))                         # (b, s, h, d/2, 2)
-    c, s_ = cos[None, :, None, :], sin[None, :, None, :]
+    c, s_ = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (
+        cos[:, :, None, :], sin[:, :, None, :])
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * c - x1 * s_, x0 * s_ + x1 * c], dim=-1)
     return out.flatten(-2).type_as(x)
@@ -151,7 +153,8 @@ def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor
 
 
 class Llama(nn.Module):
-    """tokens (B, S_local) int64 + global positions (S_local,) -> logits (B, S_local, vocab), or
+    """tokens (B, S_local) int64 + global positions (S_local,) (or (B, S_local): packed documents,
+    each restarting at 0) -> logits (B, S_local, vocab), or
     with ``labels`` (B, S_local) the summed cross-entropy of the local tokens (float32 scalar).
 
     Memory options (results unchanged): ``mlp_chunk`` tokens per feed-forward chunk, ``loss_chunk``

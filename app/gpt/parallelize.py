@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ringX import ATTN_FUNCS, expected_layout
+from ringX import ATTN_FUNCS, VARLEN_FUNCS, expected_layout
 from ringX.layout import global_positions, shard
 
 from app.common import sharding
@@ -34,6 +34,23 @@ def cp_attention(attn: str, cp_group):
     if attn not in ATTN_FUNCS:
         raise ValueError(f"attention {attn!r} is not a ringX function; valid: {', '.join(ATTN_FUNCS)}")
     return functools.partial(ATTN_FUNCS[attn], causal=True, group=cp_group)
+
+
+def packed_attention(attn: str, cp_group, cu_rows: list[list[int]]):
+    """The attention function for a batch of packed sequences: row b of (B, S/N, h, d) q/k/v is
+    this rank's shard of one packed sequence whose global document boundaries are cu_rows[b];
+    each document attends only to itself (causal), through the ringX varlen function."""
+    if attn not in VARLEN_FUNCS:
+        raise ValueError(f"attention {attn!r} is not a ringX function; valid: {', '.join(VARLEN_FUNCS)}")
+    fn = VARLEN_FUNCS[attn]
+    cus = [torch.tensor(cu, dtype=torch.int32) for cu in cu_rows]
+    longest = [max(b - a for a, b in zip(cu, cu[1:])) for cu in cu_rows]
+
+    def attend(q, k, v):
+        rows = [fn(q[b], k[b], v[b], cus[b], longest[b], causal=True, group=cp_group)
+                for b in range(q.shape[0])]
+        return torch.stack(rows)
+    return attend
 
 
 def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, attn: str, cp_group):
@@ -56,11 +73,11 @@ def draw_positions(seq_len: int, limit: int, generator: torch.Generator) -> torc
 
 
 def shard_positions(positions: torch.Tensor, attn: str, cp_group) -> torch.Tensor:
-    """This cp rank's part of global (S,) ``positions``, in the layout ``attn`` expects."""
+    """This cp rank's part of global (S,) or (B, S) ``positions``, in the layout ``attn`` expects."""
     n = dist.get_world_size(cp_group) if cp_group is not None else 1
     r = dist.get_rank(cp_group) if cp_group is not None else 0
     layout = expected_layout(attn) if attn in ATTN_FUNCS else "contiguous"
-    return shard(positions[None], layout, r, n)[0]
+    return shard(positions[None], layout, r, n)[0] if positions.dim() == 1 else shard(positions, layout, r, n)
 
 
 def cp_loss(local_sum: torch.Tensor, labels: torch.Tensor, cp_group, ignore_index: int = -100):

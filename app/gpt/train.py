@@ -20,7 +20,11 @@ the feed-forward only), --loss_chunk N (the loss never makes more than N tokens 
 memory).
 
 Without --data the embedded passkey-retrieval task is used (byte tokens, the key in the first
-quarter, the question at the end); --data takes a .npy / .bin token file.
+quarter, the question at the end); --data takes a .npy / .bin token file. --pack_documents trains
+on a packed corpus (python -m app.gpt.corpus, e.g. the Python standard library's own files): each
+document attends only to itself through the ringX varlen functions, its RoPE positions restart at
+0, no label crosses into the next document; metrics add docs_per_seq and padding (0: documents
+are cut at window edges).
 
 Metrics go to OUT/metrics.jsonl, one object per step: step, loss, tokens_per_s (whole job),
 tflops_per_gpu and mfu (model FLOPs per step = 6 * non-embedding params * tokens + 6 * layers *
@@ -67,12 +71,13 @@ from app.common.sharding import set_fsdp_divide_factor  # noqa: E402
 from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
                                 run_and_shut_down)
 from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
-from app.gpt.data import BYTE_VOCAB, TokenFile, passkey_batch  # noqa: E402
+from app.gpt.data import BYTE_VOCAB, PackedTokenFile, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activation_checkpointing,  # noqa: E402
                                  apply_fsdp, clip_grad_norm, cp_attention, cp_loss, full_tensors,
-                                 draw_positions, materialize, shard_batch, shard_positions)
+                                 draw_positions, materialize, packed_attention, shard_batch,
+                                 shard_positions)
 from app.gpt import deepspeed_engine  # noqa: E402
 from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
@@ -129,6 +134,10 @@ def parse(argv=None) -> argparse.Namespace:
                    help="the linear warm-up of --warmup steps begins at STEP (a curriculum stage resumed "
                         "from a checkpoint warms its rate up again; steps before STEP run at the full rate)")
     p.add_argument("--data", default=None, help=".npy/.bin token file (default: passkey task)")
+    p.add_argument("--pack_documents", action="store_true",
+                   help="--data is a packed corpus with its document index (python -m app.gpt.corpus): "
+                        "each document attends only to itself (the ringX varlen functions), its "
+                        "positions restart at 0, and no label crosses into the next document")
     p.add_argument("--hf_checkpoint", default=None, help="local Hugging Face Llama checkpoint to start from")
     p.add_argument("--export_hf", default=None, help="write the final weights as a Hugging Face checkpoint")
     p.add_argument("--eval_only", action="store_true", help="evaluate and exit (see above)")
@@ -176,9 +185,12 @@ def param_count(cfg: ModelConfig, embedding: bool = False) -> int:
     return cfg.n_layers * block + cfg.dim + cfg.vocab_size * cfg.dim * (2 if embedding else 1)
 
 
-def step_flops(cfg: ModelConfig, tokens: int) -> float:
-    """Model FLOPs of one training step over ``tokens`` tokens (causal attention counted half)."""
-    return 6.0 * param_count(cfg) * tokens + 6.0 * cfg.n_layers * cfg.dim * cfg.seq_len * tokens
+def step_flops(cfg: ModelConfig, tokens: int, doc_sq: float | None = None) -> float:
+    """Model FLOPs of one training step over ``tokens`` tokens (causal attention counted half;
+    with packed documents, ``doc_sq`` = the mean over sequences of the sum of squared document
+    lengths: attention within documents only)."""
+    attn_sq = cfg.seq_len * tokens if doc_sq is None else doc_sq * tokens / cfg.seq_len
+    return 6.0 * param_count(cfg) * tokens + 6.0 * cfg.n_layers * cfg.dim * attn_sq
 
 
 def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device) -> Llama:
@@ -229,6 +241,9 @@ class Trainer:
         cfg = model_config(args)
         if args.data is None and cfg.vocab_size < BYTE_VOCAB:
             raise ValueError(f"the passkey task needs vocab_size >= {BYTE_VOCAB}, preset has {cfg.vocab_size}")
+        if args.pack_documents and (args.data is None or args.attn == "sdpa" or args.random_positions):
+            raise ValueError("--pack_documents needs --data (a corpus with its document index), a ringX "
+                             "--attn and no --random_positions")
         if args.random_positions and args.random_positions < cfg.seq_len:
             raise ValueError(f"--random_positions {args.random_positions} is shorter than seq_len {cfg.seq_len}")
         self.cfg, self.device = cfg, info.device
@@ -247,7 +262,10 @@ class Trainer:
         else:
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(args.attn, groups.cp)
-        self.data = TokenFile(args.data, cfg.seq_len, seed=args.seed + self.dp_rank) if args.data else None
+        self.data_cls = PackedTokenFile if args.pack_documents else TokenFile
+        self.data = self.data_cls(args.data, cfg.seq_len, seed=args.seed + self.dp_rank) if args.data else None
+        self.batch_attn = None                    # packed documents: this batch's attention
+        self.docs_per_seq = self.doc_sq = None
         self.gen = torch.Generator().manual_seed(args.seed * 1000 + self.dp_rank)
         bf16_autocast = args.dtype == "bfloat16" and args.dp_engine == "allreduce"
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16_autocast else nullcontext()
@@ -301,6 +319,13 @@ class Trainer:
     def batch(self, gen=None, data=None):
         """This rank's (tokens, labels, positions) of the next global batch."""
         data = self.data if data is None else data
+        if self.args.pack_documents:
+            tokens, labels, positions, cus = data.next_packed(self.args.batch)
+            tok, lab, _ = shard_batch(tokens.to(self.device), labels.to(self.device), self.args.attn, self.groups.cp)
+            self.batch_attn = packed_attention(self.args.attn, self.groups.cp, cus)
+            self.docs_per_seq = sum(len(cu) - 1 for cu in cus) / len(cus)
+            self.doc_sq = sum(sum((b - a) ** 2 for a, b in zip(cu, cu[1:])) for cu in cus) / len(cus)
+            return tok, lab, shard_positions(positions.to(self.device), self.args.attn, self.groups.cp)
         if data is not None:
             tokens, labels = data.next_batch(self.args.batch)
         elif self.args.passkey_loss == "answer":
@@ -324,7 +349,7 @@ class Trainer:
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
                    if self.args.offload_activations and torch.is_grad_enabled() else nullcontext())
         with self.autocast, offload:
-            local_sum = (self.engine or self.model)(tok, pos, self.attn_fn, labels=lab)
+            local_sum = (self.engine or self.model)(tok, pos, self.batch_attn or self.attn_fn, labels=lab)
         return cp_loss(local_sum, lab, self.groups.cp)
 
     def step(self, step: int, stop: StopRequest) -> tuple[dict, bool, bool]:
@@ -360,9 +385,12 @@ class Trainer:
         tokens = self.cfg.seq_len * args.batch * dims.dp
         row = {"step": step, "loss": loss_value, "grad_norm": norm_value, "lr": lr,
                "tokens_per_s": tokens / seconds,
-               "tflops_per_gpu": step_flops(self.cfg, tokens) / seconds / self.info.world_size / 1e12,
+               "tflops_per_gpu": step_flops(self.cfg, tokens, self.doc_sq if args.pack_documents else None)
+               / seconds / self.info.world_size / 1e12,
                "max_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None}
         row["mfu"] = row["tflops_per_gpu"] / args.peak_tflops
+        if args.pack_documents:          # documents are cut at window edges: no padding tokens
+            row.update(docs_per_seq=self.docs_per_seq, padding=0.0)
         return row, bad, stop_now
 
     def _deepspeed_update(self, loss, loss_value: float, stop: StopRequest) -> tuple[bool, float, bool]:
@@ -380,7 +408,7 @@ class Trainer:
         args = self.args
         if not args.hf_checkpoint:
             self.restore()
-        held_out = TokenFile(args.data, self.cfg.seq_len, seed=args.seed + 10**6 + self.dp_rank) if args.data else None
+        held_out = self.data_cls(args.data, self.cfg.seq_len, seed=args.seed + 10**6 + self.dp_rank) if args.data else None
         gen = torch.Generator().manual_seed(args.seed + 10**6 + self.dp_rank)
         self.model.eval()
         losses = []
