@@ -368,6 +368,8 @@ def layout_runs(layout: str, rank: int, world_size: int, seqlen_local: int) -> t
         return (Run(rank * s, 1, s),)
     if layout == "zigzag":
         c = s // 2
+        if n == 1:                                   # chunks 0 and 1 of one rank: one run
+            return (Run(0, 1, s),)
         return (Run(rank * c, 1, c), Run((2 * n - 1 - rank) * c, 1, c))
     if layout == "stripe":
         return (Run(rank, n, s),)
