@@ -15,10 +15,9 @@ unshards and gives global positions for it.
 """
 from __future__ import annotations
 
-from .ringX1 import ringX1_attn_func, ringX1_attn_varlen_func
-from .ringX2 import ringX2_attn_func, ringX2_attn_varlen_func
-from .ringX3 import ringX3_attn_func, ringX3_attn_varlen_func
-from .ringX4 import ringX4_attn_func, ringX4_attn_varlen_func
+from .algorithms import (ALGORITHMS, ringX1_attn_func, ringX1_attn_varlen_func, ringX2_attn_func,
+                         ringX2_attn_varlen_func, ringX3_attn_func, ringX3_attn_varlen_func,
+                         ringX4_attn_func, ringX4_attn_varlen_func)
 from .version import __version__
 
 ATTN_FUNCS = {
@@ -33,7 +32,6 @@ VARLEN_FUNCS = {
     "ringX3": ringX3_attn_varlen_func,
     "ringX4": ringX4_attn_varlen_func,
 }
-_LAYOUTS = {"ringX1": "contiguous", "ringX2": "contiguous", "ringX3": "zigzag", "ringX4": "zigzag"}
 
 
 def expected_layout(fn) -> str:
@@ -43,9 +41,9 @@ def expected_layout(fn) -> str:
         (n for table in (ATTN_FUNCS, VARLEN_FUNCS) for n, f in table.items() if f is fn), None)
     for suffix in ("_attn_varlen_func", "_attn_func"):
         name = name[: -len(suffix)] if name and name.endswith(suffix) else name
-    if name not in _LAYOUTS:
+    if name not in ALGORITHMS:
         raise ValueError(f"not a ringX attention function: {fn!r}; valid: {', '.join(ATTN_FUNCS)}")
-    return _LAYOUTS[name]
+    return ALGORITHMS[name].layout
 
 
 __all__ = ["ringX1_attn_func", "ringX2_attn_func", "ringX3_attn_func", "ringX4_attn_func",

@@ -1,7 +1,8 @@
 """What the four ringX functions share: argument checks, backend choice and one autograd.Function.
 
-Each algorithm module (ringX1 .. ringX4) defines an ``Algorithm``: its layout and its forward and
-backward schedules. ``ring_attention`` runs any of them behind the common public signature.
+ringX.algorithms defines each ``Algorithm``: its layout and the choice of its forward and backward
+schedules (ringX.schedules). ``ring_attention`` runs any of them behind the common public
+signature. This module knows no algorithm and no schedule.
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Algorithm:
-    """One ringX algorithm.
+    """One ringX algorithm: a layout and ``choose(run) -> (forward, backward)``, its schedules
+    for this call (ringX.algorithms decides; ringX.schedules holds them).
 
     forward(run, q, k, v) -> (out, lse): out (b, s, h, d) and lse (b, h, s) in run.acc_dtype.
     backward(run, dout, q, k, v, out, lse) -> (dq, dk, dv) in run.acc_dtype.
@@ -150,8 +152,7 @@ class Algorithm:
     name: str
     code: int
     layout: str
-    forward: Callable
-    backward: Callable
+    choose: Callable
     other_layouts: tuple[str, ...] = ()     # layouts accepted besides the default (layout=...)
 
 
@@ -160,18 +161,19 @@ class RingAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, algo: Algorithm, run: RunContext):
-        out_acc, lse = algo.forward(run, q, k, v)
+        forward, backward = algo.choose(run)
+        out_acc, lse = forward(run, q, k, v)
         out = out_acc.to(q.dtype)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(q, k, v, out, lse)
-            ctx.algo, ctx.run = algo, run
+            ctx.backward, ctx.run = backward, run
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.algo.backward(ctx.run, dout.contiguous(), q, k, v, out, lse)
+        dq, dk, dv = ctx.backward(ctx.run, dout.contiguous(), q, k, v, out, lse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 

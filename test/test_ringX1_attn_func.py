@@ -29,7 +29,7 @@ def test_exact_with_the_copy_transport(world_size):
 
 
 def _pair_schedules(rank, world_size, device):
-    """On two ranks the broadcast schedules post no reduce (ringX.pair sends each partial to its
+    """On two ranks the broadcast schedules post no reduce (ringX.schedules.broadcast_pair sends each partial to its
     owner) and every standard case still passes: ringX1 both ways, ringX4's backward."""
     from ringX.comm import GroupComm
     reduce = GroupComm.reduce

@@ -1,4 +1,4 @@
-"""ringX2: causal context-parallel attention, contiguous layout, balanced by pairing ranks.
+"""The paired schedule (ringX2, causal): contiguous layout, balanced by pairing ranks.
 
 Rank r holds tokens [r*S/N, (r+1)*S/N). Of the N(N+1)/2 causal blocks (q_i, kv_j), j <= i, rank r
 computes its diagonal block and then, at steps d = 1 .. N//2, one block of distance d or N-d::
@@ -15,8 +15,9 @@ So every rank computes N/2 blocks (the diagonal counting half): the load is bala
 changing the layout. The backward exchanges the same pairs (kv one way, q/dout/out/lse the other)
 and returns partial dk/dv or dq to their owners. Messages are point-to-point; step d+1's exchange
 is posted before step d's block, and step d's returned partial is merged after step d+1's block.
-Partial outputs, lse and gradients are accumulated in float32 at their owners. With
-causal=False it computes what ringX1 does (its schedules).
+Partial outputs, lse and gradients are accumulated in float32 at their owners. Under a mask a
+step whose blocks have no visible pair sends nothing. For full attention ringX.algorithms picks
+the broadcast schedules instead.
 """
 from __future__ import annotations
 
@@ -24,11 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .varlen import varlen_attention
-from .api import Algorithm, RunContext, ring_attention
-from .comm import wait_all
-from .merge import acc_copy, accumulate_, add_block_, merge_
-from .ringX1 import bcast_kv_backward, bcast_q_forward
+from ..api import RunContext
+from ..comm import wait_all
+from ..merge import acc_copy, accumulate_, add_block_, merge_
 
 
 @dataclass(frozen=True)
@@ -84,8 +83,6 @@ def paired_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
     comm, acc = run.comm, run.acc_dtype
     n, r, s = comm.size, comm.rank, q.shape[1]
-    if not run.causal or n == 1:
-        return bcast_q_forward(run, q, k, v)
     b, _, h, d = q.shape
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
     steps = _steps(r, n, s)
@@ -145,8 +142,6 @@ def paired_backward(run: RunContext, dout, q, k, v, out, lse):
     lse: (b, h, s)."""
     comm, acc = run.comm, run.acc_dtype
     n, r, s = comm.size, comm.rank, q.shape[1]
-    if not run.causal or n == 1:
-        return bcast_kv_backward(run, dout, q, k, v, out, lse)
     b, _, h, d = q.shape
     hk = k.shape[2]
     kv = torch.stack([k, v])
@@ -227,26 +222,3 @@ def _add_back(dq, dkv, works, got, rows, _sends) -> None:
         accumulate_(dkv[1][:, sl], got[0][1])
     else:
         accumulate_(dq[:, sl], got[0])
-
-
-ALGORITHM = Algorithm(name="ringX2", code=2, layout="contiguous", forward=paired_forward,
-                      backward=paired_backward)
-
-
-def ringX2_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
-                     backend=None):
-    """Causal attention over a contiguous split; arguments and returns as ringX1_attn_func."""
-    return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
-                          alibi_slopes, deterministic, return_attn_probs, group, backend)
-
-
-def ringX2_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
-                            causal=False, window_size=(-1, -1), alibi_slopes=None,
-                            deterministic=False, return_attn_probs=False, group=None,
-                            backend=None):
-    """ringX2 over (S/N, heads, headdim) shards of one packed sequence of documents with global
-    ``cu_seqlens``; see ringX.varlen for the contract."""
-    return varlen_attention(ALGORITHM, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                            causal, window_size, alibi_slopes, deterministic, return_attn_probs,
-                            group, backend)

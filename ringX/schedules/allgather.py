@@ -1,4 +1,4 @@
-"""ringX3: causal context-parallel attention, zigzag layout, balanced, all-gather.
+"""The all-gather schedule (ringX3): zigzag (or stripe) layout, balanced.
 
 Rank r of N holds chunks r and 2N-1-r of 2N (two halves of ``half`` tokens). Forward::
 
@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from .varlen import varlen_attention
-from .api import Algorithm, RunContext, ring_attention
-from .comm import wait, wait_all
-from .layout import block_plan
-from .merge import acc_copy, accumulate_, merge_, new_accumulators
+from ..api import RunContext
+from ..comm import wait, wait_all
+from ..layout import block_plan
+from ..merge import acc_copy, accumulate_, merge_, new_accumulators
 
 
 def _keys(gathered: torch.Tensor, ranks: slice, rows: slice) -> torch.Tensor:
@@ -231,29 +230,3 @@ def allgather_backward(run: RunContext, dout, q, k, v, out, lse):
     dk = dkv[:, 0].transpose(0, 1).reshape(b, s, hk, d)
     dv = dkv[:, 1].transpose(0, 1).reshape(b, s, hk, d)
     return dq, dk, dv
-
-
-ALGORITHM = Algorithm(name="ringX3", code=3, layout="zigzag", forward=allgather_forward,
-                      backward=allgather_backward, other_layouts=("stripe",))
-
-
-def ringX3_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
-                     backend=None, layout=None):
-    """Causal attention over a zigzag split (rank r holds chunks r and 2N-1-r of 2N; see
-    ringX.layout). Arguments and returns as ringX1_attn_func; seqlen_local must be even.
-    layout="stripe" takes the striped layout instead (rank r holds tokens r, r+N, ...)."""
-    return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
-                          alibi_slopes, deterministic, return_attn_probs, group, backend,
-                          layout=layout)
-
-
-def ringX3_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
-                            causal=False, window_size=(-1, -1), alibi_slopes=None,
-                            deterministic=False, return_attn_probs=False, group=None,
-                            backend=None, layout=None):
-    """ringX3 over (S/N, heads, headdim) shards of one packed sequence of documents with global
-    ``cu_seqlens``; see ringX.varlen for the contract."""
-    return varlen_attention(ALGORITHM, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                            causal, window_size, alibi_slopes, deterministic, return_attn_probs,
-                            group, backend, layout=layout)

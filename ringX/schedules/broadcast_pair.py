@@ -1,4 +1,4 @@
-"""ringX1's broadcast schedules (also ringX4's backward and ringX2's full attention) on a group of
+"""The broadcast schedules (ringX1's, ringX4's backward, ringX2's full attention) on a group of
 two ranks.
 
 With two ranks, the reduce of a partial result to its owner has one contributor besides the
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .api import RunContext
-from .comm import broadcast_rounds, wait_all
-from .merge import acc_copy, add_block_, merge_
+from ..api import RunContext
+from ..comm import broadcast_rounds, wait_all
+from ..merge import acc_copy, add_block_, merge_
 
 
 def pair_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

@@ -1,6 +1,7 @@
-"""ringX1: bidirectional context-parallel attention, contiguous layout, reduced message load.
+"""The broadcast schedules: each owner rank in turn broadcasts its queries or keys/values, every
+rank computes its block against them, and partial results are reduced to their owner.
 
-Forward, for each owner rank i in turn (i = 0 .. N-1)::
+bcast_q_forward (ringX1's forward, and ringX2's for full attention), for each owner i in turn::
 
     owner i broadcasts q_i                      (posted one step ahead: overlaps step i-1)
     every rank j: (o_ij, lse_ij) = attn(q_i, k_j, v_j)
@@ -9,24 +10,27 @@ Forward, for each owner rank i in turn (i = 0 .. N-1)::
     reduce SUM of the packs to owner i          (async, double-buffered)
     owner i: out_i = sum(o w) / sum(w), lse_i = m_i + log(sum(w))
 
-Backward, for each owner rank i in turn: owner i broadcasts its fused [k_i; v_i] (one message,
-kv heads unexpanded); every rank accumulates its own dq locally and its partial [dk_i; dv_i]
-(float32), which is reduced to owner i. The same backward serves ringX2 and ringX4.
+bcast_kv_forward (ringX4's forward): each owner in turn broadcasts its fused [k; v] (unexpanded,
+received into up to three buffers, each broadcast posted as soon as its buffer is free); every
+rank first attends its local q to its own k/v (the diagonal block, while the first broadcasts
+travel), then to each other owner's, merging the partials in float32.
 
-Per-rank memory is O(S/N); messages are q-sized forward and kv-sized backward. On two ranks
-each reduce is one message from the peer, and the partials travel as the kernel wrote them
-(ringX.pair).
+bcast_kv_backward (ringX1's, ringX2's for full attention, ringX4's): owner i broadcasts its fused
+[k_i; v_i] (one message, kv heads unexpanded); every rank accumulates its own dq locally and its
+partial [dk_i; dv_i] (float32), which is reduced to owner i.
+
+Per-rank memory is O(S/N). Under a mask an owner whose tensor no other rank needs is left out of
+the broadcasts and reduces (RunContext.owners). On two ranks ringX.schedules.broadcast_pair
+replaces the reduces by point-to-point partials.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from .varlen import varlen_attention
-from .api import Algorithm, RunContext, ring_attention
-from .comm import broadcast_rounds, wait
-from .merge import add_block_, weigh_
-from .pair import pair_kv_backward, pair_q_forward
+from ..api import RunContext
+from ..comm import broadcast_rounds, wait
+from ..merge import acc_copy, add_block_, merge_, weigh_
 
 
 class _Pack:
@@ -43,8 +47,6 @@ class _Pack:
 def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Broadcast-q forward. q: (b, s, h, d), k/v: (b, s, hk, d) local shards ->
     (out (b, s, h, d), lse (b, h, s)) in run.acc_dtype for this rank's queries."""
-    if run.comm.size == 2:
-        return pair_q_forward(run, q, k, v)
     comm, acc = run.comm, run.acc_dtype
     r = comm.rank
     b, s, h, d = q.shape
@@ -105,8 +107,6 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
 def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     """Broadcast-kv backward. dout/q/out: (b, s, h, d), k/v: (b, s, hk, d), lse: (b, h, s) ->
     (dq, dk, dv) in run.acc_dtype. Works for any layout that has a block plan."""
-    if run.comm.size == 2:
-        return pair_kv_backward(run, dout, q, k, v, out, lse)
     comm, acc = run.comm, run.acc_dtype
     r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
@@ -150,51 +150,20 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     return dq, dkv_own[0], dkv_own[1]
 
 
-ALGORITHM = Algorithm(name="ringX1", code=1, layout="contiguous", forward=bcast_q_forward,
-                      backward=bcast_kv_backward)
 
-
-def ringX1_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                     alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
-                     backend=None):
-    """Exact attention over a sequence split contiguously across the ranks of ``group``.
-
-    Args:
-        q: (batch, seqlen_local, heads, headdim); rank r of N holds tokens [r*S/N, (r+1)*S/N).
-        k, v: (batch, seqlen_local, kv_heads, headdim), heads % kv_heads == 0 (GQA/MQA; k/v
-            travel between ranks unexpanded).
-        dropout_p: must be 0.0 (NotImplementedError otherwise).
-        softmax_scale: default headdim ** -0.5.
-        causal: mask keys after the query's global position. Causal blocks are square and
-            aligned on the diagonal (query t sees keys 0..t of the global sequence)::
-
-                q\\k  r0 r1 r2
-                r0   \\  .  .        \\ = causal diagonal block, # = full block, . = skipped
-                r1   #  \\  .
-                r2   #  #  \\
-        window_size: must be (-1, -1); alibi_slopes: must be None (NotImplementedError).
-        deterministic: accepted; ringX's own reductions run in a fixed order, and kernel
-            determinism follows torch.use_deterministic_algorithms.
-        return_attn_probs: also return lse.
-        group: any torch.distributed process group (strided sub-groups too); None = default
-            group (or a single process when torch.distributed is not initialised).
-        backend: force a local kernel backend by name (see ringX.kernels); default: the first
-            that supports the inputs, or $RINGX_BACKEND.
-
-    Returns:
-        out (batch, seqlen_local, heads, headdim) in q's dtype, or (out, lse, None) with
-        lse (batch, heads, seqlen_local) float32 (natural log) if return_attn_probs.
-    """
-    return ring_attention(ALGORITHM, q, k, v, dropout_p, softmax_scale, causal, window_size,
-                          alibi_slopes, deterministic, return_attn_probs, group, backend)
-
-
-def ringX1_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
-                            causal=False, window_size=(-1, -1), alibi_slopes=None,
-                            deterministic=False, return_attn_probs=False, group=None,
-                            backend=None):
-    """ringX1 over (S/N, heads, headdim) shards of one packed sequence of documents with global
-    ``cu_seqlens``; see ringX.varlen for the contract."""
-    return varlen_attention(ALGORITHM, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                            causal, window_size, alibi_slopes, deterministic, return_attn_probs,
-                            group, backend)
+def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
+    comm = run.comm
+    r = comm.rank
+    kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
+    out = lse = None
+    for i, kv_i in broadcast_rounds(comm, kv, own_first=True, owners=run.owners("kv", q.shape[1])):
+        for blk in run.blocks(r, i, q.shape[1]):
+            qs = blk.q_rows
+            o, l = run.block_forward(blk, q, kv_i[0], kv_i[1])
+            if out is None:               # the own (diagonal) block comes first and covers every row
+                out = acc_copy(o, run.acc_dtype)
+                lse = torch.empty(l.shape, dtype=run.acc_dtype, device=l.device).copy_(l)
+            else:
+                merge_(out[:, qs], lse[:, :, qs], o, l)
+    return out, lse
