@@ -162,8 +162,10 @@ def broadcast_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool = Fal
     """
     n, r = comm.size, comm.rank
     owners = range(n) if owners is None else sorted(owners)
-    if comm.peer is not None and n > 1:
-        yield from _peer_rounds(comm, local, own_first)
+    if comm.peer is not None and n > 1:               # pulls every owner; yields those asked for
+        for i, t in _peer_rounds(comm, local, own_first):
+            if i == r or i in owners:
+                yield i, t
         return
     posted = [i for i in owners]                      # broadcasts, in owner order on every rank
     foreign = [i for i in posted if i != r]
