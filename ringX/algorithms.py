@@ -9,7 +9,7 @@ their public functions, dense and varlen.
 | ringX4 | zigzag (or stripe)          | broadcast kv / broadcast kv  | broadcast kv / broadcast kv |
 
 On two ranks the broadcast schedules send each partial to its owner point to point
-(schedules.broadcast_pair). Which schedule runs is decided here and nowhere else: ``choose_*``.
+(schedules.broadcast_pair); on one rank every algorithm is the plain kernel (schedules.solo). Which schedule runs is decided here and nowhere else: ``choose_*``.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .schedules.allgather import allgather_backward, allgather_forward
 from .schedules.broadcast import bcast_kv_backward, bcast_kv_forward, bcast_q_forward
 from .schedules.broadcast_pair import pair_kv_backward, pair_q_forward
 from .schedules.paired import paired_backward, paired_forward
+from .schedules.solo import solo_backward, solo_forward
 from .varlen import varlen_attention
 
 
@@ -30,6 +31,15 @@ def _broadcast_q(run: RunContext):
     return (pair_q_forward if run.comm.size == 2 else bcast_q_forward), _kv_backward(run)
 
 
+def _one_rank(choose):
+    """On a group of one rank every algorithm is the plain kernel (schedules.solo)."""
+    def chosen(run: RunContext):
+        return (solo_forward, solo_backward) if run.comm.size == 1 else choose(run)
+    chosen.__doc__ = choose.__doc__
+    return chosen
+
+
+@_one_rank
 def choose_ringX1(run: RunContext):
     """Full attention: the broadcast schedules. Causal: the balanced paired schedule of the same
     contiguous layout (the broadcast one leaves each causal round to the ranks after its owner:
@@ -37,16 +47,19 @@ def choose_ringX1(run: RunContext):
     return choose_ringX2(run)
 
 
+@_one_rank
 def choose_ringX2(run: RunContext):
     if run.causal and run.comm.size > 1:
         return paired_forward, paired_backward
     return _broadcast_q(run)
 
 
+@_one_rank
 def choose_ringX3(run: RunContext):
     return allgather_forward, allgather_backward
 
 
+@_one_rank
 def choose_ringX4(run: RunContext):
     return bcast_kv_forward, _kv_backward(run)
 
