@@ -194,7 +194,27 @@ def ring_attention(algo: Algorithm, q, k, v, dropout_p=0.0, softmax_scale=None, 
     """Run ``algo`` with the public ringX signature (see ringX1_attn_func for the contract).
 
     cu_seqlens (varlen functions): global document boundaries of the packed sequence (q, k, v
-    then carry a batch of one); layout: one of the algorithm's layouts (default its own)."""
+    then carry a batch of one); layout: one of the algorithm's layouts (default its own).
+    Under torch.compile the call goes through the custom op ``ringx::attention`` (ringX.ops),
+    which runs this same code eagerly, so a compiled model has no graph break here."""
+    if torch.compiler.is_compiling():
+        from .ops import compiled_attention
+        out, lse = compiled_attention(algo, q, k, v, dropout_p, softmax_scale, causal, window_size,
+                                      alibi_slopes, deterministic, group, backend, cu_seqlens,
+                                      max_seqlen, layout)
+        return (out, lse, None) if return_attn_probs else out
+    run = prepare_run(algo, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                      deterministic, return_attn_probs, group, backend, cu_seqlens, max_seqlen, layout)
+    out, lse = RingAttnFunction.apply(q, k, v, algo, run)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def prepare_run(algo: Algorithm, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                return_attn_probs=False, group=None, backend: str | None = None,
+                cu_seqlens=None, max_seqlen=None, layout: str | None = None) -> RunContext:
+    """Check the arguments on every rank of the group (one small collective) and build the
+    RunContext of this call: kernels, scale, mask, layout. Raises on every rank alike."""
     varlen = cu_seqlens is not None
     fn_name = f"{algo.name}_attn_{'varlen_' if varlen else ''}func"
     comm = GroupComm(group)
@@ -245,5 +265,4 @@ def ring_attention(algo: Algorithm, q, k, v, dropout_p=0.0, softmax_scale=None, 
     run = RunContext(comm=comm, kernel=kernel, scale=float(softmax_scale), causal=bool(causal),
                      layout=layout, acc_dtype=acc_dtype, mask=mask if masked else None,
                      band_kernel=band_kernel, varlen_min=varlen_min)
-    out, lse = RingAttnFunction.apply(q, k, v, algo, run)
-    return (out, lse, None) if return_attn_probs else out
+    return run

@@ -232,3 +232,53 @@ def test_vit_submit_script_cpu_mode(tmp_path):
     metrics = glob.glob(str(runs / "debug_*" / "metrics.jsonl"))
     assert len(metrics) == 1 and len(open(metrics[0]).read().splitlines()) == 3, logs
     assert "# ringx-vit: preset=debug platform=cpu" in logs
+
+
+DEBUG_GPT = "dim=64,n_layers=2,n_heads=4,n_kv_heads=2,ffn_dim=128,vocab_size=512"
+DEBUG_VIT = "lat=32,lon=64,patch=4,embed=64,depth=2,heads=4"
+
+
+def test_seed_gpt_command_runs_the_1m_run_preset(tmp_path):
+    """The seed README's `cd app/gpt/train; sbatch job.sb xforge/llama3-8b-1m` under the real
+    Slurm in CPU mode: the run preset brings its cp = 8, ringX4, full checkpointing and chunking;
+    a debug-sized --override of the model (and a short --seq_len and --steps) is all that is
+    added."""
+    _need("srun", "sbatch")
+    runs = tmp_path / "runs"
+    rc, out = _run(["sbatch", "--wait", "-o", str(tmp_path / "job-%j.out"), "job.sb", "xforge/llama3-8b-1m",
+                    "--override", DEBUG_GPT, "--seq_len", "1024", "--steps", "2", "--dtype", "float32",
+                    "--checkpoint_every", "0"],
+                   cwd=ROOT / "app" / "gpt" / "train", RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="8",
+                   RINGX_RUN_DIR=str(runs), RINGX_PYTHON=sys.executable, timeout=600)
+    logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert rc == 0, out + logs[-3000:]
+    assert "# ringx-gpt: preset=xforge/llama3-8b-1m platform=cpu" in logs, logs[-3000:]
+    runs_made = glob.glob(str(runs / "xforge" / "llama3-8b-1m_*"))
+    assert len(runs_made) == 1, logs[-3000:]
+    rows = [__import__("json").loads(line) for line in open(Path(runs_made[0]) / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1]
+    args = __import__("json").loads((Path(runs_made[0]) / "args.json").read_text())
+    assert (args["context_parallel"], args["attn"], args["ac"], args["loss_chunk"], args["mlp_chunk"]) == \
+        (8, "ringX4", "full", 8192, 65536), args
+
+
+def test_seed_vit_inference_command_finds_the_newest_checkpoint(tmp_path):
+    """The seed README's ViT inference command, from app/vit under the real Slurm, with a
+    debug-sized --override: inference-cp8.py at cp = 8 finds the newest complete checkpoint of
+    its preset's run (trained here by submit_frontier_cp.sh at cp = 2) and writes its forecast."""
+    _need("srun", "sbatch")
+    runs = tmp_path / "runs"
+    env = dict(RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="2", RINGX_RUN_DIR=str(runs), RINGX_PYTHON=sys.executable)
+    rc, out = _run(["sbatch", "--wait", "-o", str(tmp_path / "job-%j.out"), "submit_frontier_cp.sh",
+                    "mp_p2_ringX", "--override", DEBUG_VIT, "--context_parallel", "2", "--steps", "3",
+                    "--dtype", "float32"], cwd=ROOT / "app" / "vit", timeout=600, **env)
+    logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert rc == 0, out + logs[-3000:]
+    rc, out = _run(["srun", "-n8", "--kill-on-bad-exit=1", "bash", "-c",
+                    "source export_DDP_vars.sh; python inference-cp8.py --config=mp_p2_ringX --tensor_parallel=1 "
+                    f"--context_parallel=8 --parallel_order=cp-tp-dp --override {DEBUG_VIT} --dtype float32"],
+                   cwd=ROOT / "app" / "vit", timeout=600, **env)
+    assert rc == 0, out[-3000:]
+    (run,) = glob.glob(str(runs / "mp_p2_ringX_*"))
+    assert f"using the newest run of mp_p2_ringX: {run}" in out, out[-3000:]
+    assert (Path(run) / "inference" / "forecast.png").stat().st_size > 10_000

@@ -26,7 +26,8 @@ document attends only to itself through the ringX varlen functions, its RoPE pos
 0, no label crosses into the next document; metrics add docs_per_seq and padding (0: documents
 are cut at window edges).
 
-Metrics go to OUT/metrics.jsonl, one object per step: step, loss, tokens_per_s (whole job),
+OUT/args.json records the settings of the run (a run preset's included). Metrics go to
+OUT/metrics.jsonl, one object per step: step, loss, tokens_per_s (whole job),
 tflops_per_gpu and mfu (model FLOPs per step = 6 * non-embedding params * tokens + 6 * layers *
 dim * seq_len * tokens for causal attention, recomputation not counted, over --peak_tflops),
 max_mem_gb, skipped (steps skipped so far for a non-finite loss or gradient); every --eval_every
@@ -70,7 +71,8 @@ from app.common import checkpoint  # noqa: E402
 from app.common.sharding import set_fsdp_divide_factor  # noqa: E402
 from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
                                 run_and_shut_down)
-from app.gpt.config import ModelConfig, load_preset, presets  # noqa: E402
+from app.common.presets import apply_run_settings, parse_overrides  # noqa: E402
+from app.gpt.config import CONFIG_DIR, ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, PackedTokenFile, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
@@ -110,7 +112,9 @@ def extend_rope(cfg: ModelConfig, trained_len: int) -> ModelConfig:
 def model_config(args) -> ModelConfig:
     """The preset with its overrides, then the architecture of --hf_checkpoint, then the RoPE
     extension of --rope_scale_from (last, so that a checkpoint's own RoPE is what gets extended)."""
-    cfg = load_preset(args.config, seq_len=args.seq_len, n_layers=args.n_layers)
+    cfg = load_preset(args.config, **{**parse_overrides(args.override, ModelConfig),
+                                      **{k: v for k, v in (("seq_len", args.seq_len), ("n_layers", args.n_layers))
+                                         if v is not None}})
     if args.hf_checkpoint:
         cfg = config_from_hf(args.hf_checkpoint, base=cfg)
     return extend_rope(cfg, args.rope_scale_from) if args.rope_scale_from else cfg
@@ -123,6 +127,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tensor_parallel", type=int, default=1)
     p.add_argument("--parallel_order", default="tp-cp-dp")
     p.add_argument("--attn", choices=ATTN_CHOICES, default="ringX3")
+    p.add_argument("--override", default=None, metavar="FIELD=VALUE,...",
+                   help="set model fields of the preset (e.g. dim=64,n_layers=2: a run preset's parallel "
+                        "and memory settings at a debug size)")
     p.add_argument("--seq_len", type=int, default=None, help="override the preset's seq_len")
     p.add_argument("--n_layers", type=int, default=None,
                    help="override the preset's depth (memory and time probes of a long sequence)")
@@ -174,6 +181,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100/H200 bf16 dense)")
     p.add_argument("--out", default="runs/gpt")
     p.add_argument("--seed", type=int, default=0)
+    apply_run_settings(p, CONFIG_DIR, argv)      # a run preset's flags, overridden by the command line
     return p.parse_args(argv)
 
 
@@ -273,6 +281,9 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.flag_device = GroupComm(dist.group.WORLD).collective_device()
         self.is_root = info.rank == 0
+        if self.is_root:                          # the settings this run used (run presets included)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "args.json").write_text(json.dumps(vars(args), indent=1, default=str) + "\n")
 
     def say(self, msg: str) -> None:
         if self.is_root:

@@ -5,7 +5,8 @@
         --tensor_parallel=1 --context_parallel=8 --parallel_order=cp-tp-dp --checkpoint runs/vit"
 
 --checkpoint is a run directory (its newest complete checkpoint is used) or one checkpoint
-directory. The first --samples validation samples are predicted one step ahead with the same
+directory; without it, the run of --config with the newest complete checkpoint (under
+$RINGX_RUN_DIR or runs/vit) is used. app/vit/inference-cp8.py is this script under the seed's name. The first --samples validation samples are predicted one step ahead with the same
 parallel layout flags as train.py (any cp degree: checkpoints reshard). Writes to --out:
 predictions.npy and truth.npy ((samples, channels, lat, lon), physical units), scores.json
 (latitude-weighted RMSE and ACC per channel, and those of persistence for comparison), and
@@ -36,7 +37,9 @@ from ringX.launch import leave  # noqa: E402
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--checkpoint", default=None,
+                   help="run directory or checkpoint directory (default: the run of --config with the newest "
+                        "complete checkpoint under $RINGX_RUN_DIR or runs/vit, as the job scripts name them)")
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--channel", type=int, default=2, help="channel to plot (2: vorticity)")
     p.add_argument("--out", default=None, help="default: CHECKPOINT/inference")
@@ -68,10 +71,43 @@ def plot(path: Path, truth: np.ndarray, pred: np.ndarray, name: str) -> None:
     plt.close(fig)
 
 
+def newest_run(config: str, roots=None) -> Path | None:
+    """The run directory of preset ``config`` whose newest complete checkpoint is the newest:
+    <root>/<config>_<job id> (the job scripts' name), <root>/<config>, and <root> itself
+    (train.py's default --out), for root in $RINGX_RUN_DIR and runs/vit. Rank 0 looks (so a
+    checkpoint being written elsewhere cannot make ranks disagree); the others are told."""
+    import os
+    choice = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        roots = roots or [Path(r) for r in (os.environ.get("RINGX_RUN_DIR"), "runs/vit") if r]
+        best = None
+        for root in roots:
+            for run in [*root.glob(f"{config}_*"), root / config, root]:
+                steps = [m for m in run.glob(f"checkpoints/step_*/{checkpoint.MANIFEST}") if m.is_file()]
+                if steps:
+                    newest = max(m.stat().st_mtime for m in steps)
+                    if best is None or newest > best[0]:
+                        best = (newest, run)
+        choice = str(best[1]) if best else None
+    if dist.is_initialized():
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    return Path(choice) if choice else None
+
+
 def infer(args) -> None:
     """Predict, score and plot (see the module docstring); a collective over all ranks."""
     s = Setup(args)
     cfg = s.cfg
+    if args.checkpoint is None:
+        found = newest_run(args.config)
+        if found is None:
+            raise FileNotFoundError(f"no run of preset {args.config!r} with a complete checkpoint under "
+                                    "$RINGX_RUN_DIR or runs/vit; train one or pass --checkpoint")
+        args.checkpoint = str(found)
+        if s.is_root:
+            print(f"using the newest run of {args.config}: {found}", flush=True)
     path = Path(args.checkpoint)
     if not (path / checkpoint.MANIFEST).exists():
         path = checkpoint.latest(path / "checkpoints", log=lambda m: s.is_root and print(m, flush=True))

@@ -43,7 +43,8 @@ from app.common import checkpoint  # noqa: E402
 from app.common.sharding import apply_fsdp, checkpoint_blocks, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
 from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
                                 run_and_shut_down)
-from app.vit.config import load_preset, presets  # noqa: E402
+from app.common.presets import parse_overrides  # noqa: E402
+from app.vit.config import ViTConfig, load_preset, presets  # noqa: E402
 from app.vit.data import ClimateData  # noqa: E402
 from app.vit.metrics import ForecastScore, patch_weights  # noqa: E402
 from app.vit.model import ClimateViT  # noqa: E402
@@ -83,6 +84,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="debug", help=f"preset: {', '.join(presets())}")
     p.add_argument("--embed", type=int, default=None, help="override the preset's width (1024, 2048, 4096)")
     p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--override", default=None, metavar="FIELD=VALUE,...",
+                   help="set fields of the preset (e.g. lat=32,lon=64,patch=4,embed=64,depth=2: a preset's "
+                        "parallel setup at a debug size)")
     p.add_argument("--attn", choices=ATTN_CHOICES, default=None, help="override the preset's attention")
     p.add_argument("--tensor_parallel", type=int, default=1)
     p.add_argument("--context_parallel", type=int, default=1)
@@ -101,7 +105,9 @@ class Setup:
         self.dims = ParallelDims(dp=-1, cp=args.context_parallel, tp=args.tensor_parallel,
                                  order=args.parallel_order, world_size=info.world_size)
         self.groups = self.dims.build(names=("cp", "tp", "dp", "dp_cp"))
-        self.cfg = cfg = load_preset(args.config, embed=args.embed, heads=args.heads, attn=args.attn)
+        self.cfg = cfg = load_preset(args.config, **{**parse_overrides(getattr(args, "override", None), ViTConfig),
+                                                     **{k: v for k, v in (("embed", args.embed), ("heads", args.heads),
+                                                                          ("attn", args.attn)) if v is not None}})
         coords = self.dims.coords(info.rank)
         self.device, self.dp_rank, self.cp_rank, self.tp_rank = info.device, coords["dp"], coords["cp"], coords["tp"]
         self.is_root = info.rank == 0
