@@ -172,6 +172,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--zero_stage", type=int, choices=deepspeed_engine.ZERO_STAGES, default=2,
                    help="--dp_engine deepspeed: ZeRO stage")
     p.add_argument("--ac", choices=AC_MODES, default="none", help="activation checkpointing")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every transformer block (fullgraph: the ringX functions are custom ops)")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--loss_chunk", type=int, default=0, help="tokens per logits chunk in the loss (0: all)")
     p.add_argument("--mlp_chunk", type=int, default=0, help="tokens per feed-forward chunk (0: all)")
     p.add_argument("--offload_activations", action="store_true", help="keep saved activations in CPU memory")
@@ -208,6 +211,9 @@ def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device) -> L
         model = Llama(cfg, mlp_chunk=args.mlp_chunk, loss_chunk=args.loss_chunk)
     apply_tensor_parallel(model, groups.tp)
     apply_activation_checkpointing(model, args.ac)
+    if args.compile:                      # each block on its own (the attention is a custom op)
+        for block in model.layers:        # in place: parameter names stay the plain model's
+            block.compile(fullgraph=True, backend=args.compile_backend)
     if args.dp_engine == "fsdp":
         from torch.distributed.device_mesh import DeviceMesh
         apply_fsdp(model, DeviceMesh.from_group(groups["dp_cp"], device.type), args.dtype == "bfloat16")
@@ -249,6 +255,9 @@ class Trainer:
         cfg = model_config(args)
         if args.data is None and cfg.vocab_size < BYTE_VOCAB:
             raise ValueError(f"the passkey task needs vocab_size >= {BYTE_VOCAB}, preset has {cfg.vocab_size}")
+        if args.compile and args.pack_documents:
+            raise ValueError("--compile with --pack_documents would recompile every step (the document "
+                             "boundaries change with each batch); use one or the other")
         if args.pack_documents and (args.data is None or args.attn == "sdpa" or args.random_positions):
             raise ValueError("--pack_documents needs --data (a corpus with its document index), a ringX "
                              "--attn and no --random_positions")
