@@ -15,9 +15,8 @@ from .checks import check_across_ranks, documents_problem, local_problem, signat
 from .comm import GroupComm, GroupStates
 from .execute import calls_backward, calls_forward
 from .kernels import Backend, select_backend, select_band_backend
-from .layout import Block, block_plan
 from .merge import new_accumulators
-from .plan import Mask, Run, layout_runs, plan_block, restrict
+from .plan import Block, Mask, Run, block_of, layout_runs, restrict
 from .peer import ENV_VAR as TRANSPORT_ENV, TRANSPORTS, PeerWorkspace, requested_transport
 
 # The only state ringX keeps between calls: per group, the input signatures already checked and
@@ -30,9 +29,9 @@ class RunContext:
     """Everything a schedule needs besides the tensors.
 
     ``mask`` is None for full or plain causal attention over one sequence in the contiguous or
-    zigzag layout (the schedules' own block plans, ringX.layout.block_plan); otherwise the global
-    mask (documents, window, or the stripe layout), planned per block by ringX.plan. FULL and
-    CAUSAL calls run on ``kernel``, window and varlen calls on ``band_kernel``.
+    zigzag layout (the schedules keep their unmasked fast paths), otherwise the global mask
+    (documents, window, or the stripe layout). Either way every block is planned by ringX.plan;
+    FULL and CAUSAL calls run on ``kernel``, window and varlen calls on ``band_kernel``.
     """
 
     comm: GroupComm
@@ -50,33 +49,22 @@ class RunContext:
         runs = layout_runs(self.layout, rank, self.comm.size, seqlen_local)
         return runs if rows is None else restrict(runs, rows)
 
+    @property
+    def plan_mask(self) -> Mask:
+        """The mask the planner works from (plain full or causal when ``mask`` is None)."""
+        return self.mask if self.mask is not None else Mask(self.causal)
+
     def runs_block(self, q_runs: tuple[Run, ...], k_runs: tuple[Run, ...]) -> Block | None:
-        """The masked block of queries at q_runs against keys at k_runs (rows and keys in the
-        order of the runs), or None when no pair is visible."""
-        plan = plan_block(q_runs, k_runs, self.mask, self.band_kernel is self.kernel, self.varlen_min)
-        if plan is None:
-            return None
-        rows, keys = plan.rows, plan.keys
-        calls = tuple(c.__class__(c.kind, c.r0 - rows.start, c.r1 - rows.start, c.k0 - keys.start,
-                                  c.k1 - keys.start, c.left, c.right,
-                                  tuple((a - rows.start, b - rows.start) for a, b in c.pieces))
-                      for c in plan.calls)
-        return Block(rows, keys, False, calls)
+        """The block of queries at q_runs against keys at k_runs (rows and keys in the order of
+        the runs), or None when no pair is visible (ringX.plan.block_of, cached)."""
+        return block_of(q_runs, k_runs, self.plan_mask, self.band_kernel is self.kernel, self.varlen_min)
 
     def blocks(self, q_rank: int, kv_rank: int, seqlen_local: int, q_rows: slice | None = None) -> list[Block]:
         """The blocks in which rank q_rank's queries (all, or its local rows ``q_rows``, then
         numbered from 0) attend rank kv_rank's keys; [] when no pair is visible."""
-        s = seqlen_local
         if q_rows is not None and q_rows.stop <= q_rows.start:
             return []
-        if self.mask is None:
-            plan = block_plan(self.layout, self.causal, q_rank, kv_rank, s)
-            if q_rows is None:
-                return plan
-            # a row range of a whole block (ringX2's split steps): never a causal diagonal
-            assert all(not b.causal and b.q_rows == slice(0, s) for b in plan)
-            return [Block(slice(0, q_rows.stop - q_rows.start), b.kv_rows, False) for b in plan]
-        blk = self.runs_block(self.runs(q_rank, s, q_rows), self.runs(kv_rank, s))
+        blk = self.runs_block(self.runs(q_rank, seqlen_local, q_rows), self.runs(kv_rank, seqlen_local))
         return [] if blk is None else [blk]
 
     def result_dtype(self, blk: Block, dtype: torch.dtype, rows: int | None = None) -> torch.dtype:

@@ -12,9 +12,10 @@ All helpers act on dimension ``dim`` (1 for (batch, seqlen, heads, headdim) tens
 
 Block plans
 -----------
-``block_plan`` says which part of a rank's local queries attends which part of another rank's
-local keys/values, and whether that sub-block needs a causal mask. Kernels only ever see full
-blocks or square diagonal blocks, so the different causal alignments of backends never matter::
+``block_plan`` (through ringX.plan) says which part of a rank's local queries attends which part
+of another rank's local keys/values, and whether that sub-block needs a causal mask. Kernels
+only ever see full blocks or square diagonal blocks, so the different causal alignments of
+backends never matter::
 
     zigzag, N=2, S=8 chunks c0..c3: rank0 = [c0, c3], rank1 = [c1, c2]
     q rank 1 vs kv rank 0:  [c1, c2] x [c0, c3] -> whole q attends first half (c0)
@@ -23,9 +24,9 @@ blocks or square diagonal blocks, so the different causal alignments of backends
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from .plan import Block, Mask, block_of, layout_runs
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")
 
@@ -86,34 +87,15 @@ def unshard(parts: list[torch.Tensor], layout: str, dim: int = 1) -> torch.Tenso
     return cat.index_select(dim, inverse.to(cat.device))
 
 
-@dataclass(frozen=True)
-class Block:
-    """One sub-block of work: ``q[:, q_rows]`` attends ``kv[:, kv_rows]`` (causal if ``causal``).
-    A masked block (documents, windows, stripes) carries the planner's ``calls`` instead, in rows
-    and keys relative to q_rows.start and kv_rows.start (ringX.plan, ringX.execute)."""
+def block_plan(layout: str, causal: bool, q_rank: int, kv_rank: int, seqlen_local: int,
+               world_size: int | None = None) -> list[Block]:
+    """The blocks in which rank ``q_rank``'s queries attend rank ``kv_rank``'s keys, full or plain
+    causal attention (ringX.plan's planner; for other masks see RunContext.blocks).
 
-    q_rows: slice
-    kv_rows: slice
-    causal: bool
-    calls: tuple | None = None
-
-
-def block_plan(layout: str, causal: bool, q_rank: int, kv_rank: int, seqlen_local: int) -> list[Block]:
-    """The sub-blocks in which rank ``q_rank``'s queries attend rank ``kv_rank``'s keys.
-
-    Returns [] when every query is masked from every key of ``kv_rank``. A causal diagonal
-    block (q_rank == kv_rank) is square; all other blocks are unmasked.
-    """
-    whole = slice(0, seqlen_local)
-    if not causal:
-        return [Block(whole, whole, False)]
-    if q_rank == kv_rank:
-        return [Block(whole, whole, True)]
-    if layout == "contiguous":
-        return [Block(whole, whole, False)] if kv_rank < q_rank else []
-    if layout == "zigzag":
-        half = seqlen_local // 2
-        if kv_rank < q_rank:
-            return [Block(whole, slice(0, half), False)]
-        return [Block(slice(half, seqlen_local), whole, False)]
-    raise ValueError(f"no causal block plan for layout {layout!r}")
+    Returns [] when every query is masked from every key of ``kv_rank``. Plain causal blocks are
+    one kernel call each: unmasked, or square causal on the diagonal. Their shape depends only on
+    the order of the two ranks, so ``world_size`` may be left out."""
+    n = world_size or max(q_rank, kv_rank) + 1
+    blk = block_of(layout_runs(layout, q_rank, n, seqlen_local), layout_runs(layout, kv_rank, n, seqlen_local),
+                   Mask(bool(causal)))
+    return [] if blk is None else [blk]

@@ -112,6 +112,18 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Block:
+    """One block of a schedule's work: ``q[:, q_rows]`` attends ``kv[:, kv_rows]``, as ONE plain
+    kernel call (square-causal if ``causal``) when ``calls`` is None, else as the planner's
+    ``calls``, in rows and keys relative to q_rows.start and kv_rows.start (ringX.execute)."""
+
+    q_rows: slice
+    kv_rows: slice
+    causal: bool
+    calls: tuple | None = None
+
+
+@dataclass(frozen=True)
 class BlockPlan:
     """The calls of one block, in local rows/keys of the block's q and k tensors; ``pairs`` is the
     number of visible (row, key) pairs (for FLOP counts)."""
@@ -288,21 +300,25 @@ def _replan(r0, r1, k0, k1, lo, hi) -> list[Call]:
 def _coalesce(calls: list[Call]) -> list[Call]:
     """Merge FULL calls over the same rows with adjacent keys (e.g. the keys of several ranks
     concatenated), then over the same keys with adjacent rows."""
+    by_keys = _join_full(calls, lambda c: (c.r0, c.r1, c.k0),
+                         lambda p, c: (p.r0, p.r1) == (c.r0, c.r1) and p.k1 == c.k0,
+                         lambda p, c: Call(FULL, p.r0, p.r1, p.k0, c.k1))
+    return _join_full(by_keys, lambda c: (c.k0, c.k1, c.r0),
+                      lambda p, c: (p.k0, p.k1) == (c.k0, c.k1) and p.r1 == c.r0,
+                      lambda p, c: Call(FULL, p.r0, c.r1, p.k0, p.k1))
+
+
+def _join_full(calls: list[Call], order, adjacent, join) -> list[Call]:
+    """One pass of _coalesce: FULL calls sorted by ``order``, each joined to the one before it
+    when ``adjacent``."""
     out: list[Call] = []
-    for c in sorted(calls, key=lambda c: (c.kind != FULL, c.r0, c.r1, c.k0)):
+    for c in sorted(calls, key=lambda c: (c.kind != FULL,) + order(c)):
         p = out[-1] if out else None
-        if p and c.kind == FULL and p.kind == FULL and (p.r0, p.r1) == (c.r0, c.r1) and p.k1 == c.k0:
-            out[-1] = Call(FULL, p.r0, p.r1, p.k0, c.k1)
+        if p is not None and c.kind == FULL and p.kind == FULL and adjacent(p, c):
+            out[-1] = join(p, c)
         else:
             out.append(c)
-    done: list[Call] = []
-    for c in sorted(out, key=lambda c: (c.kind != FULL, c.k0, c.k1, c.r0)):
-        p = done[-1] if done else None
-        if p and c.kind == FULL and p.kind == FULL and (p.k0, p.k1) == (c.k0, c.k1) and p.r1 == c.r0:
-            done[-1] = Call(FULL, p.r0, c.r1, p.k0, p.k1)
-        else:
-            done.append(c)
-    return done
+    return out
 
 
 def _pack_varlen(calls: list[Call], min_pieces: int) -> list[Call]:
@@ -346,6 +362,9 @@ def plan_block(q_runs: tuple[Run, ...], k_runs: tuple[Run, ...], mask: Mask, ban
     left bound is split into FULL/CAUSAL calls and other bands are marked for a window kernel);
     varlen_min: pack diagonal document pieces into VARLEN calls when at least this many
     (0 = never). Cached: the same blocks recur in every layer and step."""
+    if _increasing_square(q_runs, k_runs, mask):
+        n = sum(r.count for r in q_runs)
+        return BlockPlan((Call(CAUSAL, 0, n, 0, n),), n * (n + 1) // 2)
     pieces = _pieces(q_runs, k_runs, mask)
     if not pieces:
         return None
@@ -359,6 +378,39 @@ def plan_block(q_runs: tuple[Run, ...], k_runs: tuple[Run, ...], mask: Mask, ban
     if varlen_min:
         calls = _pack_varlen(calls, varlen_min)
     return BlockPlan(tuple(sorted(calls, key=lambda c: (c.r0, c.k0))), pairs)
+
+
+def _increasing_square(q_runs, k_runs, mask: Mask) -> bool:
+    """Plain causal attention of positions that increase along the block onto themselves (a
+    zigzag rank's two chunks): key b is visible to row a iff b <= a, one square causal call."""
+    if not (mask.causal and mask.docs is None and mask.left is None and q_runs == k_runs):
+        return False
+    last = None
+    for r in q_runs:
+        if r.count and (r.step <= 0 or (last is not None and r.start <= last)):
+            return False
+        last = r.position(r.count - 1) if r.count else last
+    return True
+
+
+@lru_cache(maxsize=4096)
+def block_of(q_runs: tuple[Run, ...], k_runs: tuple[Run, ...], mask: Mask, band_ok: bool = False,
+             varlen_min: int = 0) -> Block | None:
+    """The Block of q_runs x k_runs (None when no pair is visible): its bounding rows and keys,
+    and either one plain kernel call (a FULL or square-CAUSAL block of more than one row or key)
+    or the planner's calls relative to the bounding box. Cached."""
+    plan = plan_block(q_runs, k_runs, mask, band_ok, varlen_min)
+    if plan is None:
+        return None
+    rows, keys = plan.rows, plan.keys
+    if len(plan.calls) == 1 and plan.calls[0].kind in (FULL, CAUSAL) and (
+            rows.stop - rows.start > 1 or keys.stop - keys.start > 1):
+        return Block(rows, keys, plan.calls[0].kind == CAUSAL)
+    calls = tuple(Call(c.kind, c.r0 - rows.start, c.r1 - rows.start, c.k0 - keys.start,
+                       c.k1 - keys.start, c.left, c.right,
+                       tuple((a - rows.start, b - rows.start) for a, b in c.pieces))
+                  for c in plan.calls)
+    return Block(rows, keys, False, calls)
 
 
 def layout_runs(layout: str, rank: int, world_size: int, seqlen_local: int) -> tuple[Run, ...]:

@@ -96,22 +96,28 @@ def _max_over(x: float, group) -> float:
 
 def document_boundaries(spec: str, seqlen: int, seed: int) -> tuple[int, ...] | None:
     """Global cu_seqlens of a packed sequence from --docs: "none", "fixed:L" (documents of L
-    tokens, the last one shorter) or "lognormal:MEAN" (lengths drawn lognormal with that mean,
-    sigma 1, from ``seed``; the last one cut at S)."""
+    tokens, the last one shorter), "lognormal:MEAN" (lengths drawn lognormal with that mean,
+    sigma 1, from ``seed``; the last one cut at S) or "corpus:X.docs.npy" (the document lengths
+    of a real corpus, app/gpt/corpus.py's index, in order from its first document)."""
     if spec in (None, "", "none"):
         return None
     kind, _, value = spec.partition(":")
-    if kind not in ("fixed", "lognormal") or not value.isdigit() or int(value) < 1:
-        raise ValueError(f"--docs must be none, fixed:LENGTH or lognormal:MEAN, got {spec!r}")
-    mean = int(value)
+    if kind == "corpus":
+        import numpy as np
+        lengths = iter(np.diff(np.load(value)).tolist())
+    elif kind not in ("fixed", "lognormal") or not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--docs must be none, fixed:LENGTH, lognormal:MEAN or corpus:X.docs.npy, got {spec!r}")
+    mean = int(value) if kind != "corpus" else 0
     g = torch.Generator().manual_seed(seed)
     cuts, x = [0], 0
     while x < seqlen:
         if kind == "fixed":
             step = mean
+        elif kind == "corpus":
+            step = next(lengths, seqlen)                  # a corpus shorter than S: one last document
         else:                                             # E[exp(N(mu, 1))] = exp(mu + 1/2) = mean
             step = max(1, int(torch.empty(1).log_normal_(math.log(mean) - 0.5, 1.0, generator=g)))
-        x = min(seqlen, x + step)
+        x = min(seqlen, x + int(step))
         cuts.append(x)
     return tuple(cuts)
 
@@ -333,7 +339,8 @@ def parse(argv=None):
     p.add_argument("--check-tol", type=float, default=2e-2, help="max rel L2 error vs single device")
     p.add_argument("--backend", default=None, help="local kernel backend (default: registry choice)")
     p.add_argument("--docs", default="none",
-                   help="packed documents: none, fixed:LENGTH or lognormal:MEAN (batch 1; ringX through "
+                   help="packed documents: none, fixed:LENGTH, lognormal:MEAN or corpus:X.docs.npy (a real "
+                        "corpus's document lengths, python -m app.gpt.corpus) (batch 1; ringX through "
                         "its varlen function; ideal = the single device's varlen time of the same "
                         "mask / N)")
     p.add_argument("--window", type=int, default=0,

@@ -29,7 +29,6 @@ import torch
 
 from ..api import RunContext
 from ..comm import wait, wait_all
-from ..layout import block_plan
 from ..merge import acc_copy, accumulate_, merge_, new_accumulators
 
 
@@ -50,7 +49,7 @@ def _calls(run: RunContext, r: int, n: int, s: int) -> list[tuple[slice, slice, 
 
 
 def _diagonal(run: RunContext, r: int, s: int):
-    return block_plan(run.layout, run.causal, r, r, s)
+    return run.blocks(r, r, s)
 
 
 def _gather_kv(run: RunContext, k: torch.Tensor, v: torch.Tensor):
