@@ -165,6 +165,12 @@ class RingAttnFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+def bytes_sent(group=None) -> int:
+    """Payload bytes this rank has sent in ringX calls on ``group`` so far (data messages, not
+    the input checks; see GroupComm.tally). The difference around a call is what it sent."""
+    return _STATE.of(GroupComm(group)).sent_bytes
+
+
 def transport_workspace_bytes(group=None) -> int:
     """Device memory held by ``group``'s copy-transport staging buffer (0 if it has none). It
     comes from CUDA's virtual memory API, outside PyTorch's allocator statistics."""
@@ -207,6 +213,7 @@ def prepare_run(algo: Algorithm, q, k, v, dropout_p=0.0, softmax_scale=None, cau
     fn_name = f"{algo.name}_attn_{'varlen_' if varlen else ''}func"
     comm = GroupComm(group)
     state = _STATE.of(comm)
+    comm.tally = state
     transport = requested_transport()
     layout = algo.layout if layout is None else layout
     layouts = (algo.layout,) + algo.other_layouts

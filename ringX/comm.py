@@ -38,11 +38,20 @@ class GroupComm:
     Attributes: ``group`` (the process group, or None for a process without torch.distributed),
     ``rank`` (this process's group rank), ``size`` (group size), ``global_ranks`` (group rank ->
     global rank), ``peer`` (None, or the group's ringX.peer.PeerWorkspace: broadcast_rounds then
-    copies through the copy engines instead of posting broadcasts).
+    copies through the copy engines instead of posting broadcasts), ``tally`` (None, or the
+    GroupState that counts the payload bytes this rank puts on the wire: a broadcast's source its
+    tensor, a reduce's contributors theirs, all-gather its input, reduce-scatter and all-to-all
+    the (N-1)/N of the input that leaves, point-to-point its sends; copy-engine pulls are not
+    counted).
     """
+
+    def _sent(self, nbytes: int) -> None:
+        if self.tally is not None:
+            self.tally.sent_bytes += int(nbytes)
 
     def __init__(self, group: "dist.ProcessGroup | None" = None):
         self.peer = None    # a ringX.peer.PeerWorkspace when broadcasts go through the copy engines
+        self.tally = None   # a GroupState whose sent_bytes counts this rank's data messages
         if group is None and not dist.is_initialized():
             self.group, self.rank, self.size, self.global_ranks = None, 0, 1, [0]
             return
@@ -73,17 +82,20 @@ class GroupComm:
         """Broadcast ``tensor`` from group rank ``src`` into ``tensor`` on every other rank."""
         if self.size == 1:
             return None
+        self._sent(tensor.nbytes if src == self.rank else 0)
         return dist.broadcast(tensor, src=self.global_ranks[src], group=self.group, async_op=async_op)
 
     def reduce(self, tensor: torch.Tensor, dst: int, op=dist.ReduceOp.SUM, async_op: bool = True):
         """Reduce ``tensor`` of every rank into ``tensor`` on group rank ``dst``."""
         if self.size == 1:
             return None
+        self._sent(tensor.nbytes if dst != self.rank else 0)
         return dist.reduce(tensor, dst=self.global_ranks[dst], op=op, group=self.group, async_op=async_op)
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = True):
         if self.size == 1:
             return None
+        self._sent(tensor.nbytes)
         return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
@@ -91,6 +103,7 @@ class GroupComm:
         if self.size == 1:
             out[0].copy_(inp)
             return None
+        self._sent(inp.nbytes)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         return gather(out.view(-1), inp.reshape(-1), group=self.group, async_op=async_op)
 
@@ -100,6 +113,7 @@ class GroupComm:
         if self.size == 1:
             out.copy_(inp[0])
             return None
+        self._sent(inp.nbytes * (self.size - 1) // self.size)
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         return scatter(out.view(-1), inp.reshape(-1), group=self.group, async_op=async_op)
 
@@ -110,6 +124,7 @@ class GroupComm:
         if self.size == 1:
             out.copy_(inp)
             return None
+        self._sent(inp.nbytes * (self.size - 1) // self.size)
         return dist.all_to_all_single(out, inp, group=self.group, async_op=async_op)
 
     def exchange(self, sends: list, recvs: list) -> list:
@@ -117,6 +132,8 @@ class GroupComm:
         contiguous tensors) as one batch; returns their work handles (see wait_all). Every rank
         must post its batches in the same order, each batch's sends matched by its peers'
         receives in theirs."""
+        if self.size > 1:
+            self._sent(sum(t.nbytes for t, _ in sends))
         ops = ([dist.P2POp(dist.isend, t, self.global_ranks[p], self.group) for t, p in sends]
                + [dist.P2POp(dist.irecv, t, self.global_ranks[p], self.group) for t, p in recvs])
         return dist.batch_isend_irecv(ops) if ops and self.size > 1 else []
@@ -127,7 +144,8 @@ class GroupComm:
             return values.view(1, -1).cpu()
         dev = self.collective_device()
         out = torch.empty((self.size, values.numel()), dtype=values.dtype, device=dev)
-        self.all_gather(out, values.to(dev), async_op=False)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out.view(-1), values.to(dev), group=self.group)      # a control message: not tallied
         return out.cpu()
 
 
@@ -246,11 +264,13 @@ def _peer_rounds(comm: GroupComm, local: torch.Tensor, own_first: bool):
 
 class GroupState:
     """What ringX keeps between calls for one process group: the input signatures already
-    checked, and the copy transport's workspace (ringX.peer.PeerWorkspace) once one is made."""
+    checked, the copy transport's workspace (ringX.peer.PeerWorkspace) once one is made, and the
+    bytes this rank has sent (ringX.api.bytes_sent)."""
 
     def __init__(self):
         self.checked: set = set()
         self.peer = None
+        self.sent_bytes = 0     # payload bytes this rank sent in ringX calls on the group
 
 
 class GroupStates:

@@ -177,3 +177,22 @@ def _counts(rank, world_size, device):
 
 def test_empty_blocks_cost_no_call_and_no_message():
     spawn(4, _counts)
+
+
+def _window_bytes(rank, world_size, device):
+    """A sliding window shorter than a shard: ringX2 sends each rank's k/v to the next rank only,
+    forward (ringX.api.bytes_sent), whatever the number of ranks; the last rank sends nothing."""
+    from ringX import ringX2_attn_func
+    from ringX.api import bytes_sent
+    group = dist.group.WORLD
+    q, k, v = (torch.randn(1, 16, h, 8) for h in (4, 2, 2))
+    before = bytes_sent(group)
+    with torch.no_grad():
+        ringX2_attn_func(q, k, v, causal=True, window_size=(5, 0), group=group)
+    sent = bytes_sent(group) - before
+    kv = 2 * k.nbytes
+    assert sent == (kv if rank < world_size - 1 else 0), (rank, sent, kv)
+
+
+def test_bytes_sent_are_bounded_by_the_window():
+    spawn(4, _window_bytes)

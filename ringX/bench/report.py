@@ -8,7 +8,7 @@ import os
 COLUMNS = ("method", "world_size", "batch", "seqlen", "heads", "kv_heads", "headdim", "dtype",
            "causal", "docs", "num_docs", "window", "mode", "timing", "warmup_s", "time_ms", "tflops_per_gpu", "efficiency",
            "speedup_vs_native",
-           "peak_mem_gb", "single_mem_gb", "check_err", "ideal_ms", "ideal_source", "note",
+           "peak_mem_gb", "single_mem_gb", "sent_mb", "check_err", "ideal_ms", "ideal_source", "note",
            "prof_span_ms", "prof_compute_ms", "prof_comm_ms", "prof_exposed_comm_ms", "prof_idle_ms")
 
 
@@ -60,7 +60,7 @@ def _fmt(v, spec):
 
 def table(rows: list[dict]) -> str:
     head = (f"{'method':18} {'S':>8} {'b':>2} {'causal':>6} {'mode':>7} {'ms':>9} {'TF/s/gpu':>8} "
-            f"{'eff':>5} {'x native':>8} {'mem GB':>7} {'1gpu@S/N':>8} {'err':>8}  note")
+            f"{'eff':>5} {'x native':>8} {'mem GB':>7} {'1gpu@S/N':>8} {'sent MB':>8} {'err':>8}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -68,7 +68,7 @@ def table(rows: list[dict]) -> str:
             f"{_fmt(r.get('time_ms'), '9.2f')} {_fmt(r.get('tflops_per_gpu'), '8.1f')} "
             f"{_fmt(r.get('efficiency'), '5.2f')} {_fmt(r.get('speedup_vs_native'), '8.2f')} "
             f"{_fmt(r.get('peak_mem_gb'), '7.2f')} {_fmt(r.get('single_mem_gb'), '8.2f')} "
-            f"{_fmt(r.get('check_err'), '8.1e')}  {r.get('note', '')}")
+            f"{_fmt(r.get('sent_mb'), '8.2f')} {_fmt(r.get('check_err'), '8.1e')}  {r.get('note', '')}")
     return "\n".join(lines)
 
 
