@@ -2,7 +2,7 @@
 
 Four interchangeable functions with one signature (see ringX1_attn_func):
 
-    ringX1_attn_func  bidirectional, contiguous layout, broadcast q / reduce out
+    ringX1_attn_func  bidirectional, contiguous layout, broadcast q / reduce out (causal: as ringX2)
     ringX2_attn_func  causal, contiguous layout, paired point-to-point steps (balanced)
     ringX3_attn_func  causal, zigzag layout, all-gather kv / reduce-scatter dkv (balanced)
     ringX4_attn_func  causal, zigzag layout, broadcast kv / reduce dkv (balanced)
