@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .merge import add_block_, merge_, new_accumulators
-from .plan import BAND, CAUSAL, FULL, VARLEN, Call
+from .plan import CAUSAL, FULL, VARLEN, Call
 
 
 def _varlen_args(call: Call, device) -> tuple[torch.Tensor, int]:
@@ -20,28 +20,36 @@ def _varlen_args(call: Call, device) -> tuple[torch.Tensor, int]:
     return torch.tensor(cu, dtype=torch.int32, device=device), longest
 
 
+def _window(kernel, call: Call, rows: int, keys: int) -> tuple[int, int] | None:
+    """None when the block's kernel runs ``call`` (a FULL or CAUSAL call of a shape it takes),
+    else the flash-attn window (left, right) the window kernel runs it with (-1 unbounded)."""
+    if call.kind in (FULL, CAUSAL):
+        if kernel.takes_shape(rows, keys):
+            return None
+        return -1, 0 if call.kind == CAUSAL else -1         # the window kernel takes any shape
+    return call.left, call.right
+
+
 def call_forward(kernel, band_kernel, call: Call, q, k, v, scale: float):
     """(out, lse) of one call; q (b, rows, h, d) and k/v (b, keys, hk, d) already cut to it."""
-    if call.kind in (FULL, CAUSAL) and kernel.takes_shape(q.shape[1], k.shape[1]):
+    window = _window(kernel, call, q.shape[1], k.shape[1])
+    if window is None:
         return kernel.forward(q, k, v, call.kind == CAUSAL, scale)
-    if call.kind in (FULL, CAUSAL):                          # the window kernel takes any shape
-        return band_kernel.forward_band(q, k, v, -1, 0 if call.kind == CAUSAL else -1, scale)
-    if call.kind == BAND:
-        return band_kernel.forward_band(q, k, v, call.left, call.right, scale)
-    assert call.kind == VARLEN
-    cu, longest = _varlen_args(call, q.device)
-    return band_kernel.forward_varlen(q, k, v, cu, longest, call.left, call.right, scale)
+    if call.kind == VARLEN:
+        cu, longest = _varlen_args(call, q.device)
+        return band_kernel.forward_varlen(q, k, v, cu, longest, *window, scale)
+    return band_kernel.forward_band(q, k, v, *window, scale)
 
 
 def call_backward(kernel, band_kernel, call: Call, dout, q, k, v, out, lse, scale: float):
-    if call.kind in (FULL, CAUSAL) and kernel.takes_shape(q.shape[1], k.shape[1]):
+    """(dq, dk, dv) of one call given its rows' merged out and lse."""
+    window = _window(kernel, call, q.shape[1], k.shape[1])
+    if window is None:
         return kernel.backward(dout, q, k, v, out, lse, call.kind == CAUSAL, scale)
-    if call.kind in (FULL, CAUSAL):
-        return band_kernel.backward_band(dout, q, k, v, out, lse, -1, 0 if call.kind == CAUSAL else -1, scale)
-    if call.kind == BAND:
-        return band_kernel.backward_band(dout, q, k, v, out, lse, call.left, call.right, scale)
-    cu, longest = _varlen_args(call, q.device)
-    return band_kernel.backward_varlen(dout, q, k, v, out, lse, cu, longest, call.left, call.right, scale)
+    if call.kind == VARLEN:
+        cu, longest = _varlen_args(call, q.device)
+        return band_kernel.backward_varlen(dout, q, k, v, out, lse, cu, longest, *window, scale)
+    return band_kernel.backward_band(dout, q, k, v, out, lse, *window, scale)
 
 
 def calls_forward(run, calls: tuple[Call, ...], q, k, v):

@@ -141,12 +141,13 @@ class BlockPlan:
         return slice(min(c.k0 for c in self.calls), max(c.k1 for c in self.calls))
 
 
-def _floordiv(a: int, b: int) -> int:
-    return a // b
-
-
 def _ceildiv(a: int, b: int) -> int:
     return -((-a) // b)
+
+
+def _all_visible(m: int, n: int, lo, hi) -> bool:
+    """Whether every row of an m x n piece sees every key under lo <= b - a <= hi."""
+    return (lo is None or lo <= -(m - 1)) and (hi is None or hi >= n - 1)
 
 
 def _band_pieces(m: int, n: int, lo, hi, r_off: int, k_off: int, out: list) -> None:
@@ -210,7 +211,7 @@ def _run_pair(qr: Run, kr: Run, mask: Mask, r_off: int, k_off: int, out: list) -
             if ra >= rb or ka >= kb:
                 continue
         lo = None if left is None else _ceildiv(d - left, step)
-        hi = None if right is None else _floordiv(d + right, step)
+        hi = None if right is None else (d + right) // step
         # local piece coordinates: b' - a' = (b - a) - (ka - ra)
         shift = ka - ra
         _band_pieces(rb - ra, kb - ka, None if lo is None else lo - shift,
@@ -219,7 +220,7 @@ def _run_pair(qr: Run, kr: Run, mask: Mask, r_off: int, k_off: int, out: list) -
 
 def _pairs(m: int, n: int, lo, hi) -> int:
     """Visible pairs of an m x n piece with band lo <= b - a <= hi (None = unbounded)."""
-    if (lo is None or lo <= -(m - 1)) and (hi is None or hi >= n - 1):
+    if _all_visible(m, n, lo, hi):
         return m * n
     import torch
     a = torch.arange(m, dtype=torch.int64)
@@ -232,7 +233,7 @@ def _lower(piece, band_ok: bool) -> list[Call]:
     """Elementary calls of one trimmed piece (block coordinates)."""
     r0, r1, k0, k1, lo, hi = piece
     m, n = r1 - r0, k1 - k0
-    if (lo is None or lo <= -(m - 1)) and (hi is None or hi >= n - 1):
+    if _all_visible(m, n, lo, hi):
         return [Call(FULL, r0, r1, k0, k1)]
     if m == n and hi == 0 and (lo is None or lo <= -(m - 1)):
         return [Call(CAUSAL, r0, r1, k0, k1)]
@@ -289,8 +290,7 @@ def _replan(r0, r1, k0, k1, lo, hi) -> list[Call]:
     out = []
     for p in sub:
         a0, a1, b0, b1, lo2, hi2 = p
-        m, n = a1 - a0, b1 - b0
-        if (lo2 is None or lo2 <= -(m - 1)) and (hi2 is None or hi2 >= n - 1):
+        if _all_visible(a1 - a0, b1 - b0, lo2, hi2):
             out.append(Call(FULL, a0, a1, b0, b1))
         else:
             out += _fa_band(a0, a1, b0, b1, lo2, hi2)

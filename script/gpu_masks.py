@@ -184,26 +184,18 @@ def speeds(device) -> None:
         cases = [("cuDNN full", Mask(False)), ("cuDNN causal", Mask(True)),
                  (f"flash window {s // 4} causal", Mask(True, (s // 4 - 1, -1))),
                  (f"flash varlen {len(docs) - 1} docs causal", Mask(True, (-1, -1), docs))]
-        for name, mask in cases:
-            plan = plan_block(whole, whole, mask, False, 2)
-
-            def step():
-                o, l = calls_forward(run, plan.calls, q, k, v)
-                calls_backward(run, plan.calls, do, q, k, v, o.to(q.dtype), l)
+        # the planner's calls (varlen packing on), then the same documents as one cuDNN call each
+        rows = [(f"{name} ({'+'.join(c.kind for c in plan.calls)})", plan)
+                for name, mask in cases for plan in [plan_block(whole, whole, mask, False, 2)]]
+        per_doc = plan_block(whole, whole, Mask(True, (-1, -1), docs), False, 0)
+        rows.append((f"cuDNN one call per document ({len(per_doc.calls)} calls)", per_doc))
+        for name, plan in rows:
+            def step(calls=plan.calls):
+                o, l = calls_forward(run, calls, q, k, v)
+                calls_backward(run, calls, do, q, k, v, o.to(q.dtype), l)
             ms = bench(step)
             flops = 4.0 * plan.pairs * heads * d * 3.5
-            print(f"| {name} ({'+'.join(c.kind for c in plan.calls)}) | {s} x {s} | {ms:.3f} | "
-                  f"{flops / ms / 1e9:.0f} |", flush=True)
-        # the same documents, one flash varlen call vs one call per document on cuDNN
-        plan_cudnn = plan_block(whole, whole, Mask(True, (-1, -1), docs), False, 0)
-
-        def per_doc():
-            o, l = calls_forward(run, plan_cudnn.calls, q, k, v)
-            calls_backward(run, plan_cudnn.calls, do, q, k, v, o.to(q.dtype), l)
-        ms = bench(per_doc)
-        flops = 4.0 * plan_cudnn.pairs * heads * d * 3.5
-        print(f"| cuDNN one call per document ({len(plan_cudnn.calls)} calls) | {s} x {s} | {ms:.3f} | "
-              f"{flops / ms / 1e9:.0f} |", flush=True)
+            print(f"| {name} | {s} x {s} | {ms:.3f} | {flops / ms / 1e9:.0f} |", flush=True)
 
 
 def main() -> int:

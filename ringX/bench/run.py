@@ -283,10 +283,11 @@ def _measure_method(row, method, prep, cfg: _Config) -> None:
         err = global_rel_err(m["out"], shard(ref_out, prep.layout, r, n), group)
     elif ref_out is not None and hasattr(prep, "to_full"):
         err = global_rel_err(prep.to_full(m["out"]), ref_out)
-    sent = bytes_sent(group)
-    prep.step(cfg.mode == "fwd")                  # one more call: the bytes it puts on the wire
-    counted = method in M.ATTN_FUNCS or method in M.COPY           # ringX calls tally their bytes
-    row["sent_mb"] = _max_over((bytes_sent(group) - sent) / 2**20, group) if counted else None
+    row["sent_mb"] = None
+    if method in M.ATTN_FUNCS or method in M.COPY:          # ringX calls tally their bytes
+        sent = bytes_sent(group)
+        prep.step(cfg.mode == "fwd")              # one more call: the bytes it puts on the wire
+        row["sent_mb"] = _max_over((bytes_sent(group) - sent) / 2**20, group)
     row.update(time_ms=m["seconds"] * 1e3, tflops_per_gpu=cfg.flops / n / m["seconds"] / 1e12,
                peak_mem_gb=m["mem"], single_mem_gb=cfg.single_local["mem"], check_err=err, note=prep.note)
     if cfg.ideal is not None:
