@@ -132,3 +132,15 @@ def compiled_attention(algo, q, k, v, dropout_p, softmax_scale, causal, window_s
     return attention(q, k, v, cu_seqlens, algo.name, bool(causal), int(left), int(right),
                      float(softmax_scale) if softmax_scale else -1.0, _group_name(group),
                      backend or "", layout or "", int(max_seqlen or 0))
+
+
+def attention_through_op(fn: str, q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
+                         group=None, backend=None, layout=None, cu_seqlens=None, max_seqlen=None):
+    """The function ``fn`` ("ringX1".."ringX4") called through ``ringx::attention`` in eager
+    mode as well: (b, s, h, d) q and (b, s, hk, d) k, v shards -> out like q (with
+    ``cu_seqlens``: the varlen function on a batch of one packed sequence). A selective
+    activation-checkpointing policy then sees one op whose outputs (out, lse) it can keep."""
+    from .algorithms import ALGORITHMS
+    out, _ = compiled_attention(ALGORITHMS[fn], q, k, v, 0.0, softmax_scale, causal, window_size,
+                                None, False, group, backend, cu_seqlens, max_seqlen, layout)
+    return out

@@ -168,9 +168,46 @@ def test_memory_options_and_engines_give_the_same_losses(tmp_path):
     full = [r["loss"] for r in _train(tmp_path / "b", 4, *common, "--ac", "full", "--loss_chunk", "48",
                                       "--mlp_chunk", "40", "--offload_activations")]
     selective = [r["loss"] for r in _train(tmp_path / "c", 4, *common, "--ac", "selective")]
-    for other in (full, selective):
+    attention = [r["loss"] for r in _train(tmp_path / "d", 4, *common, "--ac", "attention")]
+    for other in (full, selective, attention):
         assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(other, base)), (other, base)
     assert base[-1] < base[0]
+
+
+@pytest.mark.parametrize("attn", ["ringX3", "sdpa"])
+def test_ac_attention_keeps_the_attention_and_recomputes_the_rest(attn):
+    """--ac attention: one attention kernel run per block (its outputs are kept through backward,
+    where full checkpointing runs it twice), and the loss and gradients of no checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from app.common.sharding import _attention_ops
+    from app.gpt.parallelize import apply_activation_checkpointing
+    from app.gpt.model import sdpa_causal
+    ops = _attention_ops()
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.runs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.runs += func in ops
+            return func(*args, **(kwargs or {}))
+
+    cfg, model, tokens, labels = _model_and_batch()
+    positions = torch.arange(tokens.shape[1])
+    results = {}
+    for mode in ("none", "attention", "full"):
+        m = apply_activation_checkpointing(copy.deepcopy(model), mode)
+        fn = sdpa_causal if attn == "sdpa" else cp_attention(attn, None, as_op=mode == "attention")
+        with Count() as count:
+            loss = m(tokens, positions, fn, labels=labels)
+            loss.backward()
+        results[mode] = (count.runs, loss.detach(), {n.replace("inner.", ""): p.grad for n, p in m.named_parameters()})
+    runs, loss, grads = results["attention"]
+    assert results["full"][0] == 2 * cfg.n_layers and runs == cfg.n_layers, (results["full"][0], runs)
+    assert torch.equal(loss, results["none"][1])
+    for name, g in results["none"][2].items():
+        assert _rel(grads[name], g) <= 1e-6, name
 
 
 def test_eval_only_reads_the_newest_checkpoint(tmp_path):

@@ -3,6 +3,7 @@ checkpointing of blocks, FSDP2 over the ranks that share the weights (dp x cp), 
 clipping that is global across tensor-parallel slices and FSDP shards."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -14,15 +15,43 @@ from .weights import canonical_name
 
 
 class Checkpointed(nn.Module):
-    """Runs ``inner`` under non-reentrant activation checkpointing (recomputed in backward).
+    """Runs ``inner`` under non-reentrant activation checkpointing (recomputed in backward);
+    ``context_fn`` as torch.utils.checkpoint's (a selective policy, e.g. keep_attention_context).
     Checkpoint names drop the ``inner`` level, so runs resume across checkpointing modes."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, context_fn: Callable | None = None):
         super().__init__()
-        self.inner = inner
+        self.inner, self.context_fn = inner, context_fn
 
     def forward(self, *args):
-        return checkpoint(self.inner, *args, use_reentrant=False)
+        if self.context_fn is None:
+            return checkpoint(self.inner, *args, use_reentrant=False)
+        return checkpoint(self.inner, *args, use_reentrant=False, context_fn=self.context_fn)
+
+
+def _attention_ops() -> set:
+    """The attention ops whose outputs a selective checkpoint keeps: ringX's custom op and the
+    scaled-dot-product kernels of every backend."""
+    import ringX.ops  # noqa: F401  (registers torch.ops.ringx)
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward")
+    return {torch.ops.ringx.attention.default} | {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def keep_attention_policy(ops: set, ctx, func, *args, **kwargs):
+    """Selective checkpointing policy: keep the outputs of the ops in ``ops`` (attention out and
+    lse), recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE if func in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def keep_attention_context():
+    """context_fn for torch.utils.checkpoint: the attention's outputs are kept, the rest of the
+    block is recomputed in backward."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(functools.partial(keep_attention_policy, _attention_ops()))
 
 
 def checkpoint_blocks(blocks: nn.ModuleList) -> None:

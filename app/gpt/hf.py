@@ -133,6 +133,11 @@ def export_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], pat
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """The Hugging Face config.json of a LlamaForCausalLM with ``cfg``'s shapes."""
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
               "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
               "num_key_value_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size,
@@ -144,4 +149,4 @@ def export_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], pat
                                   "low_freq_factor": cfg.rope_low_freq_factor,
                                   "high_freq_factor": cfg.rope_high_freq_factor,
                                   "original_max_position_embeddings": cfg.rope_original_max_pos}
-    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return config

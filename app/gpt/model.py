@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from app.common.weights import copy_parameters
 
 from .config import ModelConfig
+from .kernels import Kernels
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -29,14 +30,15 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """(..., dim) -> (..., dim) through ``kernels.rms_norm`` (float32 statistics, Llama's casting)."""
+
+    def __init__(self, dim: int, eps: float, kernels: Kernels = Kernels()):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernel = eps, kernels.rms_norm
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return self.kernel(x, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: ModelConfig | None = None,
@@ -98,15 +100,15 @@ class FeedForward(nn.Module):
     recomputed in backward, so the (B, S, ffn_dim) hidden activations never exist whole
     (blockwise feed-forward); the result is the same."""
 
-    def __init__(self, cfg: ModelConfig, chunk: int = 0):
+    def __init__(self, cfg: ModelConfig, chunk: int = 0, kernels: Kernels = Kernels()):
         super().__init__()
-        self.chunk = chunk
+        self.chunk, self.silu_mul = chunk, kernels.silu_mul
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
 
     def _mlp(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.silu_mul(self.w1(x), self.w3(x)))
 
     def forward(self, x):                                          # x: (B, S, dim)
         if not self.chunk or x.shape[1] <= self.chunk:
@@ -117,12 +119,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mlp_chunk: int = 0):
+    def __init__(self, cfg: ModelConfig, mlp_chunk: int = 0, kernels: Kernels = Kernels()):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, kernels)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg, mlp_chunk)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, kernels)
+        self.feed_forward = FeedForward(cfg, mlp_chunk, kernels)
 
     def forward(self, x, cos, sin, attn_fn: AttnFn):
         x = x + self.attention(self.attention_norm(x), cos, sin, attn_fn)
@@ -136,36 +138,22 @@ def init_std(name: str, n_layers: int) -> float | None:
     return 0.02 / (2 * n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight")) else 0.02
 
 
-def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int,
-                          ignore_index: int = -100) -> torch.Tensor:
-    """Sum of cross-entropy of ``head(h)`` against ``labels`` ((B, S, dim), (B, S) -> scalar
-    float32). With ``chunk`` > 0 the logits of ``chunk`` tokens at a time are made, reduced and
-    freed, and remade in backward, so (B, S, vocab) logits never exist whole."""
-    def part(hc, lc):
-        return F.cross_entropy(head(hc).flatten(0, 1).float(), lc.flatten(), reduction="sum",
-                               ignore_index=ignore_index)
-    if not chunk or h.shape[1] <= chunk:
-        return part(h, labels)
-    total = h.new_zeros((), dtype=torch.float32)
-    for hc, lc in zip(h.split(chunk, dim=1), labels.split(chunk, dim=1)):
-        total = total + (checkpoint(part, hc, lc, use_reentrant=False) if torch.is_grad_enabled() else part(hc, lc))
-    return total
-
-
 class Llama(nn.Module):
     """tokens (B, S_local) int64 + global positions (S_local,) (or (B, S_local): packed documents,
     each restarting at 0) -> logits (B, S_local, vocab), or
     with ``labels`` (B, S_local) the summed cross-entropy of the local tokens (float32 scalar).
 
     Memory options (results unchanged): ``mlp_chunk`` tokens per feed-forward chunk, ``loss_chunk``
-    tokens per logits chunk of the loss (0: whole)."""
+    tokens per logits chunk of the torch loss (0: whole). ``kernels``: the implementations of
+    RMSNorm, SwiGLU and the linear cross-entropy (app/gpt/kernels.py; plain PyTorch by default)."""
 
-    def __init__(self, cfg: ModelConfig, mlp_chunk: int = 0, loss_chunk: int = 0):
+    def __init__(self, cfg: ModelConfig, mlp_chunk: int = 0, loss_chunk: int = 0,
+                 kernels: Kernels = Kernels()):
         super().__init__()
-        self.cfg, self.loss_chunk = cfg, loss_chunk
+        self.cfg, self.loss_chunk, self.kernels = cfg, loss_chunk, kernels
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, mlp_chunk) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, mlp_chunk, kernels) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, kernels)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     @staticmethod
@@ -198,4 +186,5 @@ class Llama(nn.Module):
         h = self.hidden(tokens, positions, attn_fn)
         if labels is None:
             return self.output(h)
-        return chunked_cross_entropy(h, self.output, labels, self.loss_chunk)
+        return self.kernels.linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(),
+                                                 self.loss_chunk)

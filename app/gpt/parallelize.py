@@ -29,17 +29,23 @@ ATTN_CHOICES = tuple(ATTN_FUNCS) + ("sdpa",)
 # group is the set of ranks holding the same heads for other parts of the sequence.
 
 
-def cp_attention(attn: str, cp_group):
-    """The attention function for the model: a ringX function bound to ``cp_group`` (causal)."""
+def cp_attention(attn: str, cp_group, as_op: bool = False):
+    """The attention function for the model: a ringX function bound to ``cp_group`` (causal).
+    ``as_op``: call it through the custom op ``ringx::attention`` in eager mode too, so that a
+    selective checkpointing policy sees one op whose outputs it can keep (``--ac attention``)."""
     if attn not in ATTN_FUNCS:
         raise ValueError(f"attention {attn!r} is not a ringX function; valid: {', '.join(ATTN_FUNCS)}")
+    if as_op:
+        from ringX.ops import attention_through_op
+        return functools.partial(attention_through_op, attn, causal=True, group=cp_group)
     return functools.partial(ATTN_FUNCS[attn], causal=True, group=cp_group)
 
 
-def packed_attention(attn: str, cp_group, cu_rows: list[list[int]]):
+def packed_attention(attn: str, cp_group, cu_rows: list[list[int]], as_op: bool = False):
     """The attention function for a batch of packed sequences: row b of (B, S/N, h, d) q/k/v is
     this rank's shard of one packed sequence whose global document boundaries are cu_rows[b];
-    each document attends only to itself (causal), through the ringX varlen function."""
+    each document attends only to itself (causal), through the ringX varlen function
+    (``as_op``: through the custom op, as cp_attention)."""
     if attn not in VARLEN_FUNCS:
         raise ValueError(f"attention {attn!r} is not a ringX function; valid: {', '.join(VARLEN_FUNCS)}")
     fn = VARLEN_FUNCS[attn]
@@ -47,6 +53,11 @@ def packed_attention(attn: str, cp_group, cu_rows: list[list[int]]):
     longest = [max(b - a for a, b in zip(cu, cu[1:])) for cu in cu_rows]
 
     def attend(q, k, v):
+        if as_op:
+            from ringX.ops import attention_through_op
+            return torch.cat([attention_through_op(attn, q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True,
+                                                   group=cp_group, cu_seqlens=cus[b], max_seqlen=longest[b])
+                              for b in range(q.shape[0])])
         rows = [fn(q[b], k[b], v[b], cus[b], longest[b], causal=True, group=cp_group)
                 for b in range(q.shape[0])]
         return torch.stack(rows)
@@ -95,19 +106,24 @@ def cp_loss(local_sum: torch.Tensor, labels: torch.Tensor, cp_group, ignore_inde
 
 # ---- model construction: activation checkpointing, FSDP2, sharded initialisation ------------
 
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "attention", "full")
 DP_ENGINES = ("fsdp", "allreduce")
 
 
 def apply_activation_checkpointing(model: Llama, mode: str) -> Llama:
     """``full``: every block is recomputed in backward (only block inputs are kept);
-    ``selective``: only the feed-forward is recomputed (attention activations, whose recompute
-    would cost a whole ringX pass at long context, are kept); ``none``: nothing."""
+    ``attention``: every block is recomputed except its attention, whose output and lse are kept
+    (per block: the input, the attention output and a float32 lse; the projections, norms, RoPE
+    and MLP are recomputed, the attention, the one piece that costs a whole ringX pass with its
+    communication, is not); ``selective``: only the feed-forward is recomputed (everything of the
+    attention half is kept); ``none``: nothing."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing {mode!r}: expected one of {', '.join(AC_MODES)}")
     for i, block in enumerate(model.layers):
         if mode == "full":
             model.layers[i] = Checkpointed(block)
+        elif mode == "attention":
+            model.layers[i] = Checkpointed(block, context_fn=sharding.keep_attention_context)
         elif mode == "selective":
             block.feed_forward = Checkpointed(block.feed_forward)
     return model

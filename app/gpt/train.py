@@ -75,6 +75,7 @@ from app.common.presets import apply_run_settings, parse_overrides  # noqa: E402
 from app.gpt.config import CONFIG_DIR, ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, PackedTokenFile, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
+from app.gpt.kernels import KERNEL_CHOICES, Kernels, choose_kernels  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activation_checkpointing,  # noqa: E402
                                  apply_fsdp, clip_grad_norm, cp_attention, cp_loss, full_tensors,
@@ -175,7 +176,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (fullgraph: the ringX functions are custom ops)")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile")
-    p.add_argument("--loss_chunk", type=int, default=0, help="tokens per logits chunk in the loss (0: all)")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="RMSNorm, SwiGLU and linear cross-entropy: Liger-Kernel (liger), plain PyTorch (torch) or "
+                        "auto (Liger where installed on CUDA; the path taken is printed)")
+    p.add_argument("--loss_chunk", type=int, default=0, help="tokens per logits chunk in the torch loss (0: all)")
     p.add_argument("--mlp_chunk", type=int, default=0, help="tokens per feed-forward chunk (0: all)")
     p.add_argument("--offload_activations", action="store_true", help="keep saved activations in CPU memory")
     p.add_argument("--nan_policy", choices=["skip", "stop"], default="skip")
@@ -204,11 +208,11 @@ def step_flops(cfg: ModelConfig, tokens: int, doc_sq: float | None = None) -> fl
     return 6.0 * param_count(cfg) * tokens + 6.0 * cfg.n_layers * cfg.dim * attn_sq
 
 
-def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device) -> Llama:
+def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device, kernels: Kernels) -> Llama:
     """The model for this rank: built on the meta device, split by TP, wrapped for activation
     checkpointing, sharded by FSDP2 (or not), then filled with its own shards only."""
     with torch.device("meta"):
-        model = Llama(cfg, mlp_chunk=args.mlp_chunk, loss_chunk=args.loss_chunk)
+        model = Llama(cfg, mlp_chunk=args.mlp_chunk, loss_chunk=args.loss_chunk, kernels=kernels)
     apply_tensor_parallel(model, groups.tp)
     apply_activation_checkpointing(model, args.ac)
     if args.compile:                      # each block on its own (the attention is a custom op)
@@ -267,8 +271,10 @@ class Trainer:
         coords = dims.coords(info.rank)
         self.dp_rank, self.tp_rank = coords["dp"], coords["tp"]
         torch.manual_seed(args.seed)
-        self.model = build_model(args, cfg, dims, groups, self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+        self.kernels = choose_kernels(args.kernels, self.device, args.compile)
+        self.model = build_model(args, cfg, dims, groups, self.device, self.kernels)
+        fused = {"fused": True} if self.device.type == "cuda" else {}     # one kernel for the whole update
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
 
         def schedule(s: int) -> float:           # linear warm-up from --warmup_start, then constant
             return 1.0 if s < args.warmup_start else min(1.0, (s - args.warmup_start + 1) / max(1, args.warmup))
@@ -278,7 +284,8 @@ class Trainer:
             self.engine, self.opt, self.sched = deepspeed_engine.initialize(self.model, self.opt, schedule, args)
         else:
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
-        self.attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(args.attn, groups.cp)
+        self.attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(args.attn, groups.cp,
+                                                                            as_op=args.ac == "attention")
         self.data_cls = PackedTokenFile if args.pack_documents else TokenFile
         self.data = self.data_cls(args.data, cfg.seq_len, seed=args.seed + self.dp_rank) if args.data else None
         self.batch_attn = None                    # packed documents: this batch's attention
@@ -342,7 +349,7 @@ class Trainer:
         if self.args.pack_documents:
             tokens, labels, positions, cus = data.next_packed(self.args.batch)
             tok, lab, _ = shard_batch(tokens.to(self.device), labels.to(self.device), self.args.attn, self.groups.cp)
-            self.batch_attn = packed_attention(self.args.attn, self.groups.cp, cus)
+            self.batch_attn = packed_attention(self.args.attn, self.groups.cp, cus, as_op=self.args.ac == "attention")
             self.docs_per_seq = sum(len(cu) - 1 for cu in cus) / len(cus)
             self.doc_sq = sum(sum((b - a) ** 2 for a, b in zip(cu, cu[1:])) for cu in cus) / len(cus)
             return tok, lab, shard_positions(positions.to(self.device), self.args.attn, self.groups.cp)
@@ -456,6 +463,7 @@ class Trainer:
         args = self.args
         stop = StopRequest()
         first_step = self.restore() if args.resume else 0
+        self.say(f"kernels: {self.kernels.describe()}")
         nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, self.ckpt_root, self.say)
         with RunLog(self.out, args.steps - first_step, self.is_root, args.resume) as log:
             for step in range(first_step, args.steps):

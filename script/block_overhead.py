@@ -1,0 +1,115 @@
+"""Per-block cost of RingX against the attention kernel alone, by block size.
+
+A rank of an N-rank ring computes N blocks of (L queries x L keys) per call (L = S / N tokens
+per rank) and merges their partial results in float32; backward runs N block backwards and sums
+dq in float32. This script times, on one device and without communication, that per-rank work
+through RingX's own block path (``RunContext.block_forward`` / ``block_backward`` with the plan
+lookups, slicing and float32 merges the schedules do) against the same N kernel calls made
+directly, and prints the overhead per block size:
+
+    python script/block_overhead.py --sizes 1024 2048 4096 8192 --blocks 4
+
+(b, L, h, d) bfloat16 blocks, 32 query / 8 kv heads, head dim 128 by default; median of
+``--repeats`` timed passes after warm-up. On CPU it runs with small sizes (a smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ringX.algorithms import RINGX2  # noqa: E402
+from ringX.api import prepare_run  # noqa: E402
+from ringX.merge import accumulate_, new_accumulators, merge_  # noqa: E402
+from ringX.plan import Run  # noqa: E402
+
+
+def _timer(device):
+    def timed(fn, repeats: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    return timed
+
+
+def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[float, float]:
+    """(seconds of the N bare kernel calls fwd+bwd, seconds of RingX's block path) for one rank."""
+    g = torch.Generator(device).manual_seed(0)
+    q = torch.randn(1, L, args.heads, args.headdim, device=device, dtype=dtype, generator=g)
+    ks = [torch.randn(1, L, args.kv_heads, args.headdim, device=device, dtype=dtype, generator=g) for _ in range(n)]
+    vs = [torch.randn_like(k) for k in ks]
+    dout = torch.randn_like(q)
+    run = prepare_run(RINGX2, q, ks[0], vs[0], causal=causal_diag, group=None)
+    kern, scale = run.kernel, run.scale
+    # block j: the diagonal (causal when asked) for j == 0, a whole earlier block otherwise
+    q_runs = (Run(n * L, 1, L),) if causal_diag else (Run(0, 1, L),)
+    blocks = [run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),)) for j in range(n)]
+    out_ref, lse_ref = new_accumulators(q, run.acc_dtype)
+    for j, blk in enumerate(blocks):
+        merge_(out_ref, lse_ref, *run.block_forward(blk, q, ks[j], vs[j]))
+    out_final, lse_final = out_ref.to(dtype), lse_ref.float()
+
+    def bare():
+        for j in range(n):
+            kern.forward(q, ks[j], vs[j], causal_diag and j == 0, scale)
+        for j in range(n):
+            kern.backward(dout, q, ks[j], vs[j], out_final, lse_final, causal_diag and j == 0, scale)
+
+    def ringx():
+        out, lse = new_accumulators(q, run.acc_dtype)
+        for j in range(n):
+            blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
+            merge_(out, lse, *run.block_forward(blk, q, ks[j], vs[j]))
+        o = out.to(dtype)
+        dq = torch.empty(q.shape, dtype=run.acc_dtype, device=device)
+        for j in range(n):
+            blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
+            dq_j, dk_j, dv_j = run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)
+            accumulate_(dq, dq_j, first=j == 0)
+    timed = _timer(device)
+    return timed(bare, args.repeats, args.warmup), timed(ringx, args.repeats, args.warmup)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="tokens per block (L)")
+    p.add_argument("--blocks", type=int, default=4, help="blocks per rank (N)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    print(f"{'L':>6} {'blocks':>6} {'diag':>7} {'kernel ms':>10} {'ringX ms':>10} {'overhead':>9}")
+    for L in args.sizes:
+        for causal_diag in (False, True):
+            bare, ringx = measure(L, args.blocks, causal_diag, args, device, dtype)
+            print(f"{L:6d} {args.blocks:6d} {'causal' if causal_diag else 'full':>7} {bare * 1e3:10.3f} "
+                  f"{ringx * 1e3:10.3f} {100 * (ringx / bare - 1):8.1f}%", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
