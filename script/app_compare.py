@@ -66,6 +66,7 @@ def app_row(name: str, args) -> dict:
            "--out", str(out), *APP_ROWS[name]]
     if args.n_layers:
         cmd += ["--n_layers", str(args.n_layers)]
+    cmd += args.app_flags.split()
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(APP_ROWS) + list(HF_ROWS))
     p.add_argument("--peak_tflops", type=float, default=989.0)
+    p.add_argument("--app_flags", default="", help="more app/gpt/train.py flags for the app rows")
     p.add_argument("--out", default="runs/app_compare")
     p.add_argument("--hf_row", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

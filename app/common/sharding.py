@@ -60,16 +60,23 @@ def checkpoint_blocks(blocks: nn.ModuleList) -> None:
         blocks[i] = Checkpointed(block)
 
 
-def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool) -> nn.Module:
-    """FSDP2 over ``mesh`` (the dp x cp ranks): each block and the root are sharded units.
-    Parameters and optimizer state stay float32 (sharded); with ``bf16`` blocks compute in
-    bfloat16 and gradients are reduced in float32. Set the divide factor with
-    ``set_fsdp_divide_factor`` (dp: gradients summed over cp, averaged over dp)."""
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool, units: tuple = ()) -> nn.Module:
+    """FSDP2 over ``mesh`` (the dp x cp ranks): each block, each of ``units`` ((a module or a list
+    of modules sharded together, reshard after forward?) pairs) and the root are sharded units. Parameters and optimizer state
+    stay float32 (sharded); with ``bf16`` blocks compute in bfloat16 and gradients are reduced
+    in float32. A unit's gathered parameters live from its forward to its backward only (the
+    root's would live through the whole step), so the input embedding and the output head are
+    best ``units`` of their own. Set the divide factor with ``set_fsdp_divide_factor`` (dp:
+    gradients summed over cp, averaged over dp)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
                               reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
+    for unit, reshard in units:          # no cast_forward_inputs: their inputs may be token ids
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                                   cast_forward_inputs=False))
     root = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
                                 cast_forward_inputs=False)     # float model inputs keep their dtype
     fully_shard(model, mesh=mesh, mp_policy=root, reshard_after_forward=False)

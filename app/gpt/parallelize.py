@@ -130,8 +130,10 @@ def apply_activation_checkpointing(model: Llama, mode: str) -> Llama:
 
 
 def apply_fsdp(model: Llama, mesh, bf16: bool) -> Llama:
-    """FSDP2 of the Llama blocks and root over ``mesh`` (see app/common/sharding.apply_fsdp)."""
-    return sharding.apply_fsdp(model, model.layers, mesh, bf16)
+    """FSDP2 of the Llama blocks, the input embedding (gathered again for its backward), the
+    final norm with the output head (kept from their forward to their backward, which follows at
+    once), and the root over ``mesh`` (see app/common/sharding.apply_fsdp)."""
+    return sharding.apply_fsdp(model, model.layers, mesh, bf16, units=((model.tok_embeddings, True), ([model.norm, model.output], False)))
 
 
 def materialize(model: Llama, tensors: Iterable[tuple[str, torch.Tensor]], device, tp_group) -> Llama:

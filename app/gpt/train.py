@@ -75,6 +75,7 @@ from app.common.presets import apply_run_settings, parse_overrides  # noqa: E402
 from app.gpt.config import CONFIG_DIR, ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, PackedTokenFile, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
+from app.common.profiling import device_time_summary, profiler  # noqa: E402
 from app.gpt.kernels import KERNEL_CHOICES, Kernels, choose_kernels  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activation_checkpointing,  # noqa: E402
@@ -185,6 +186,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--nan_policy", choices=["skip", "stop"], default="skip")
     p.add_argument("--max_nan_steps", type=int, default=10, help="skip policy: stop after this many in a row")
     p.add_argument("--inject_nan_at", type=int, default=-1, help="fault injection for testing: NaN loss at this step")
+    p.add_argument("--profile_step", type=int, default=-1,
+                   help="run this step under torch.profiler and print its device time by kind of kernel")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="per-GPU peak for MFU (H100/H200 bf16 dense)")
     p.add_argument("--out", default="runs/gpt")
     p.add_argument("--seed", type=int, default=0)
@@ -467,7 +470,10 @@ class Trainer:
         nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, self.ckpt_root, self.say)
         with RunLog(self.out, args.steps - first_step, self.is_root, args.resume) as log:
             for step in range(first_step, args.steps):
-                row, bad, stop_now = self.step(step, stop)
+                with profiler(step == args.profile_step) as prof:
+                    row, bad, stop_now = self.step(step, stop)
+                if prof is not None:
+                    self.say(device_time_summary(prof, self.cfg.seq_len * args.batch * self.dims.dp / row["tokens_per_s"]))
                 nonfinite.count(bad, row)
                 if self.data is None and every_and_last(step, args.eval_every, args.steps):
                     with self.autocast:
