@@ -83,7 +83,16 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
             dq_j, dk_j, dv_j = run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)
             accumulate_(dq, dq_j, first=j == 0)
     timed = _timer(device)
-    return timed(bare, args.repeats, args.warmup), timed(ringx, args.repeats, args.warmup)
+    result = timed(bare, args.repeats, args.warmup), timed(ringx, args.repeats, args.warmup)
+    if args.profile:                      # device time of one pass of each, by kind of kernel
+        from app.common.profiling import device_time_summary, profiler
+        for name, fn, wall in (("kernel alone", bare, result[0]), ("ringX block path", ringx, result[1])):
+            with profiler(True) as prof:
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            print(f"-- L={L} {'causal' if causal_diag else 'full'} {name}:\n" + device_time_summary(prof, wall, top=6))
+    return result
 
 
 def main(argv=None) -> int:
@@ -95,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also print each path's device time by kind of kernel")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
