@@ -69,8 +69,10 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool, units:
     best ``units`` of their own. Set the divide factor with ``set_fsdp_divide_factor`` (dp:
     gradients summed over cp, averaged over dp)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # One rank reduces nothing: its gradients go to the float32 shard as they are (the same
+    # values as through a float32 reduction, without its staging copies).
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
-                              reduce_dtype=torch.float32)
+                              reduce_dtype=torch.float32 if mesh.size() > 1 else None)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     for unit, reshard in units:          # no cast_forward_inputs: their inputs may be token ids
