@@ -13,7 +13,8 @@ steps 2-6 (tokens/s, MFU with the app's FLOP count, peak memory of a step). Rows
   SwiGLU) and Liger's fused linear cross-entropy when installed (``--kernels auto``);
   ``app-compile-ac``: the same with ``--ac attention`` (blocks recomputed in backward except
   the attention, whose out and lse are kept); ``app-ac``: eager, ``--ac attention``;
-  ``app-compile-ar`` / ``app-compile-ac-ar``: those two without FSDP (``--dp_engine
+  ``app-compile-ac-liger``: compiled blocks calling Liger's RMSNorm and SwiGLU (whose backward
+  writes its gradients into its saved inputs) with ``--ac attention``; ``app-compile-ar`` / ``app-compile-ac-ar``: those two without FSDP (``--dp_engine
   allreduce``: float32 weights under autocast, float32 gradients written directly);
 - ``hf``: transformers' LlamaForCausalLM (SDPA, fused AdamW, autocast); ``hf-ckpt``: with
   per-layer gradient checkpointing; ``hf-liger`` / ``hf-liger-ckpt``: after
@@ -41,6 +42,7 @@ APP_ROWS = {
     "app-ac": ["--ac", "attention"],
     "app-compile": ["--ac", "none", "--compile"],
     "app-compile-ac": ["--ac", "attention", "--compile"],
+    "app-compile-ac-liger": ["--ac", "attention", "--compile", "--kernels", "liger"],
     "app-compile-ar": ["--ac", "none", "--compile", "--dp_engine", "allreduce"],
     "app-compile-ac-ar": ["--ac", "attention", "--compile", "--dp_engine", "allreduce"],
 }
