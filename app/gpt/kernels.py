@@ -98,9 +98,9 @@ def choose_kernels(request: str, device: torch.device, compiled: bool) -> Kernel
     def linear_ce(h, weight, labels, chunk, ignore_index=-100):
         return liger.liger_fused_linear_cross_entropy(h, weight, labels, ignore_index=ignore_index,
                                                       reduction="sum", accum_dtype=torch.float32).float()
-    if compiled and request == "auto":       # inside compiled blocks torch.compile fuses these itself
-        return Kernels(linear_cross_entropy=linear_ce,
-                       paths={"rms_norm": "torch.compile", "swiglu": "torch.compile", "rope": rope,
+    if compiled and request == "auto":       # torch.compile fuses the norms itself; Liger's SwiGLU
+        return Kernels(silu_mul=liger.liger_swiglu, linear_cross_entropy=linear_ce,   # writes its
+                       paths={"rms_norm": "torch.compile", "swiglu": "liger", "rope": rope,  # grads in place
                               "loss": "liger fused linear cross-entropy"})
 
     def norm(x, weight, eps):
