@@ -21,6 +21,7 @@ setup(
         "mpi": ["mpi4py"],
         "flash-attn": ["flash-attn"],
         "deepspeed": ["deepspeed"],
+        "liger": ["liger-kernel>=0.8"],        # app/gpt --kernels liger|auto (CUDA)
         "apps": ["pyyaml", "tqdm", "safetensors", "matplotlib", "h5py"],
     },
     license="BSD-3-Clause",
