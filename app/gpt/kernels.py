@@ -43,13 +43,14 @@ def silu_mul_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def linear_cross_entropy_torch(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                chunk: int, ignore_index: int = -100) -> torch.Tensor:
     """Summed cross-entropy of ``h @ weight.T`` against ``labels`` ((N, dim), (vocab, dim), (N,)
-    -> float32 scalar). With ``chunk`` > 0 the logits of ``chunk`` rows at a time are made,
+    -> float32 scalar; float64 for float64 inputs). With ``chunk`` > 0 the logits of ``chunk`` rows at a time are made,
     reduced and freed, and remade in backward, so (N, vocab) logits never exist whole."""
+    acc = torch.promote_types(h.dtype, torch.float32)        # float32, or float64 for float64 models
     def part(hc, lc):
-        return F.cross_entropy(F.linear(hc, weight).float(), lc, reduction="sum", ignore_index=ignore_index)
+        return F.cross_entropy(F.linear(hc, weight).to(acc), lc, reduction="sum", ignore_index=ignore_index)
     if not chunk or h.shape[0] <= chunk:
         return part(h, labels)
-    total = h.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=acc)
     for hc, lc in zip(h.split(chunk), labels.split(chunk)):
         total = total + (checkpoint(part, hc, lc, use_reentrant=False) if torch.is_grad_enabled() else part(hc, lc))
     return total
