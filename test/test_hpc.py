@@ -176,6 +176,13 @@ def test_dead_rank_under_torchrun(tmp_path):
                 "--standalone", "test/dead_rank_worker.py", str(stamp)], stamp)
 
 
+def test_dead_rank_mid_decode_under_torchrun(tmp_path):
+    """A rank dying between two decode steps from a sharded KV cache ends the job."""
+    stamp = tmp_path / "killed"
+    _dead_rank([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+                "--standalone", "test/dead_rank_worker.py", str(stamp), "decode"], stamp)
+
+
 def test_dead_rank_under_mpirun(tmp_path):
     _need("mpirun")
     stamp = tmp_path / "killed"

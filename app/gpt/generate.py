@@ -1,0 +1,199 @@
+"""Generate from a Llama with context parallelism: ring prefill into a sequence-sharded KV cache,
+then exact decoding from it (ringX.inference).
+
+    torchrun --nproc_per_node 4 app/gpt/generate.py --hf_checkpoint DIR --prompt_ids P.npy \\
+        --max_new_tokens 64 --context_parallel 4 --attn ringX3 --dtype bfloat16 --out OUT
+    srun -n4 bash -c "source script/setup_dist_vars.sh; python app/gpt/generate.py ..."
+    mpirun -n 4 python app/gpt/generate.py ...
+
+``--prompt_ids``: an int64 .npy of shape (batch, prompt_len); prompt_len need not divide by
+anything (the last prefill chunk is padded at its end; causal attention keeps the padding out
+of every real token, and its keys never enter the cache). ``--prefill_chunk N`` prefills N
+tokens at a time (each chunk attends causally to itself and fully to the cache). Greedy unless
+``--temperature`` > 0 (then ``--top_p`` and ``--seed``: every rank draws the same numbers, and
+rank 0's token is broadcast). Every rank holds the whole model (weights replicated) and 1/N of
+the cache. Writes OUT/generated.json: "tokens" (the new ids per prompt), "prefill_seconds",
+"decode_ms_per_token", "peak_memory_gb" (per GPU, max over ranks), and the settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from app.common.runtime import run_and_shut_down  # noqa: E402
+from app.gpt.hf import config_from_hf, load_hf  # noqa: E402
+from app.gpt.model import Llama  # noqa: E402
+from ringX import ATTN_FUNCS, expected_layout  # noqa: E402
+from ringX.inference import (ShardedKVCache, chunk_layout, decode_attention, owner_of_step,  # noqa: E402
+                             prefill_attention)
+from ringX.launch import init_distributed, leave  # noqa: E402
+from ringX.layout import shard  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class _PerLayer:
+    """The model's attention function for one forward pass: calls ``fn(q, k, v, layer)`` with
+    the index of the layer calling it (the model calls its layers in order)."""
+
+    def __init__(self, fn):
+        self.fn, self.layer = fn, 0
+
+    def __call__(self, q, k, v):
+        out = self.fn(q, k, v, self.layer)
+        self.layer += 1
+        return out
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """(batch, vocab) float32 logits -> (batch,) token ids: argmax, or a draw from the softmax at
+    ``temperature`` restricted to the smallest set of tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        drop = p_sorted.cumsum(-1) - p_sorted >= top_p
+        probs = probs.scatter(-1, idx, p_sorted.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=gen).flatten().to(logits.device)
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str, group=None,
+             prefill_chunk: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             keep_logits: bool = False) -> dict:
+    """Prompt (batch, P) int64 (the same on every rank) -> {"tokens": (batch, max_new_tokens),
+    "logits": [(batch, vocab) float32 per new token] if keep_logits, "prefill_seconds",
+    "decode_seconds", "cache": the ShardedKVCache}."""
+    n = dist.get_world_size(group) if dist.is_initialized() else 1
+    r = dist.get_rank(group) if dist.is_initialized() else 0
+    cfg, device = model.cfg, prompt.device
+    dtype = next(model.parameters()).dtype
+    fn, layout = ATTN_FUNCS[attn], expected_layout(attn)
+    parts = 2 * n if layout == "zigzag" else n
+    b, p_len = prompt.shape
+    chunk = math.ceil((prefill_chunk or p_len) / parts) * parts
+    cap = math.ceil(p_len / n) + parts + math.ceil(max_new_tokens / n) + 1
+    cache = ShardedKVCache.empty(cfg.n_layers, b, cap, cfg.n_kv_heads, cfg.head_dim, r, n, dtype, device)
+    gen = torch.Generator().manual_seed(seed)
+    logits_kept, tokens = [], []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    start = time.perf_counter()
+    for c0 in range(0, p_len, chunk):                        # ---- prefill, chunk by chunk
+        real = min(chunk, p_len - c0)
+        size = math.ceil(real / parts) * parts
+        toks = torch.zeros(b, size, dtype=prompt.dtype, device=device)
+        toks[:, :real] = prompt[:, c0:c0 + real]
+        pos, real_rows = chunk_layout(layout, size, real, r, n, device=device)
+        layer_fn = _PerLayer(lambda q, k, v, layer: prefill_attention(fn, q, k, v, cache, layer, real_rows, group))
+        h = model.hidden(shard(toks, layout, r, n), pos + c0, layer_fn)
+        cache.advance([int(chunk_layout(layout, size, real, j, n)[1].sum()) for j in range(n)])
+    last = (pos == real - 1).nonzero().flatten()             # the prompt's last token, on one rank
+    owner = [j for j in range(n) if bool((chunk_layout(layout, size, real, j, n)[0] == real - 1).any())][0]
+    logits = torch.empty(b, cfg.vocab_size, dtype=torch.float32, device=device)
+    if r == owner:
+        logits.copy_(model.output(h[:, last[0]]).float())
+    if n > 1:
+        dist.broadcast(logits, src=dist.get_global_rank(group, owner) if group is not None else owner, group=group)
+    sync()
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for step in range(max_new_tokens):                      # ---- decode
+        tok = pick(logits, temperature, top_p, gen)
+        if n > 1:
+            dist.broadcast(tok, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        tokens.append(tok)
+        if keep_logits:
+            logits_kept.append(logits.clone())
+        if step == max_new_tokens - 1:
+            break
+        owner = owner_of_step(cache.lengths)
+        layer_fn = _PerLayer(lambda q, k, v, layer: decode_attention(q, k, v, cache, layer, group))
+        h = model.hidden(tok[:, None], torch.full((1,), p_len + step, dtype=torch.long, device=device), layer_fn)
+        cache.advance([1 if j == owner else 0 for j in range(n)])
+        logits = model.output(h[:, -1]).float()
+    sync()
+    return {"tokens": torch.stack(tokens, dim=1), "logits": logits_kept, "prefill_seconds": prefill_s,
+            "decode_seconds": time.perf_counter() - start, "cache": cache}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf_checkpoint", required=True, help="a local Hugging Face Llama directory")
+    p.add_argument("--prompt_ids", required=True, help="int64 .npy of shape (batch, prompt_len)")
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--context_parallel", type=int, default=1)
+    p.add_argument("--attn", choices=tuple(ATTN_FUNCS), default="ringX3")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    p.add_argument("--prefill_chunk", type=int, default=0, help="prompt tokens per prefill chunk (0: all at once)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/generate")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    return run_and_shut_down(run, parse(argv))
+
+
+def run(args) -> None:
+    prompt_np = np.load(args.prompt_ids)
+    if prompt_np.ndim != 2 or prompt_np.dtype.kind not in "iu" or prompt_np.shape[1] < 1:
+        raise SystemExit(f"--prompt_ids {args.prompt_ids}: expected an integer array (batch, prompt_len), "
+                         f"got {prompt_np.dtype} {prompt_np.shape}")
+    info = init_distributed()
+    if info.world_size != args.context_parallel:
+        raise SystemExit(f"--context_parallel {args.context_parallel} needs exactly that many ranks "
+                         f"(this job has {info.world_size})")
+    cfg = config_from_hf(args.hf_checkpoint)
+    if int(prompt_np.max()) >= cfg.vocab_size or int(prompt_np.min()) < 0:
+        raise SystemExit(f"--prompt_ids: token ids must lie in [0, {cfg.vocab_size})")
+    device = info.device
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model = model.to_empty(device=device)
+    load_hf(model, args.hf_checkpoint)
+    model = model.to(DTYPES[args.dtype]).eval()
+    prompt = torch.from_numpy(prompt_np.astype(np.int64)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    res = generate(model, prompt, args.max_new_tokens, args.attn, None, args.prefill_chunk,
+                   args.temperature, args.top_p, args.seed)
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
+                        device=device if info.backend == "nccl" else "cpu")
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if info.rank == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        new = args.max_new_tokens
+        result = {"tokens": res["tokens"].cpu().tolist(), "prefill_seconds": res["prefill_seconds"],
+                  "prefill_tokens_per_s": prompt.numel() / res["prefill_seconds"],
+                  "decode_ms_per_token": 1e3 * res["decode_seconds"] / max(1, new - 1),
+                  "peak_memory_gb": float(peak), "cache_capacity_per_rank": res["cache"].capacity,
+                  "cache_tokens_per_rank": res["cache"].lengths, "args": vars(args)}
+        (out / "generated.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "args"}), flush=True)
+
+
+if __name__ == "__main__":
+    leave(main())  # skips torch's exit-time teardown, which can abort a finished rank
