@@ -32,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common.runtime import run_and_shut_down  # noqa: E402
+from app.gpt.config import load_preset  # noqa: E402
 from app.gpt.hf import config_from_hf, load_hf  # noqa: E402
 from app.gpt.model import Llama  # noqa: E402
 from ringX import ATTN_FUNCS, expected_layout  # noqa: E402
@@ -133,10 +134,30 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str,
             "decode_seconds": time.perf_counter() - start, "cache": cache}
 
 
+@torch.no_grad()
+def dense_check(model: Llama, prompt: torch.Tensor, res: dict) -> dict:
+    """One forward of the whole prompt + new tokens with plain attention: the largest relative
+    difference (max |a - b| / max |b| per step) between its logits and the generation's."""
+    p_len = prompt.shape[1]
+    seq = torch.cat([prompt, res["tokens"][:, :-1]], dim=1)
+    h = model.hidden(seq, torch.arange(seq.shape[1], device=seq.device))[:, p_len - 1:]
+    errs = []
+    for i, step in enumerate(res["logits"]):
+        ref = model.output(h[:, i]).float()
+        errs.append(float((step - ref).abs().max() / ref.abs().max()))
+    return {"dense_logits_max_rel_err": max(errs), "dense_logits_rel_err_per_step": errs}
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf_checkpoint", required=True, help="a local Hugging Face Llama directory")
-    p.add_argument("--prompt_ids", required=True, help="int64 .npy of shape (batch, prompt_len)")
+    p.add_argument("--hf_checkpoint", help="a local Hugging Face Llama directory")
+    p.add_argument("--config", help="instead of --hf_checkpoint: a model preset with random weights (speed runs)")
+    p.add_argument("--n_layers", type=int, default=0, help="with --config: cut the depth (0: the preset's)")
+    p.add_argument("--prompt_ids", help="int64 .npy of shape (batch, prompt_len)")
+    p.add_argument("--random_prompt", default=None, metavar="B,P",
+                   help="instead of --prompt_ids: B random prompts of P tokens (speed runs)")
+    p.add_argument("--hbm_gb_s", type=float, default=4800.0,
+                   help="memory bandwidth per GPU for the decode bound (H200: 4800)")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--context_parallel", type=int, default=1)
     p.add_argument("--attn", choices=tuple(ATTN_FUNCS), default="ringX3")
@@ -145,11 +166,29 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check_dense", action="store_true",
+                   help="also run one dense forward over prompt + new tokens on rank 0 and report how far "
+                        "the logits of every step are from it (the whole sequence must fit one GPU)")
     p.add_argument("--out", default="runs/generate")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be >= 1")
+    if (args.hf_checkpoint is None) == (args.config is None):
+        p.error("give one of --hf_checkpoint DIR or --config PRESET")
+    if (args.prompt_ids is None) == (args.random_prompt is None):
+        p.error("give one of --prompt_ids FILE.npy or --random_prompt B,P")
     return args
+
+
+def decode_bound_s(model: Llama, batch: int, context: int, world_size: int, hbm_gb_s: float) -> float:
+    """The memory-bandwidth bound of one decode step on one rank: every weight (replicated) and
+    this rank's 1/N of the cache (keys and values of every layer at ``context`` tokens) read
+    once, at ``hbm_gb_s``."""
+    cfg = model.cfg
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    itemsize = next(model.parameters()).element_size()
+    cache = 2 * cfg.n_layers * batch * math.ceil(context / world_size) * cfg.n_kv_heads * cfg.head_dim * itemsize
+    return (weights + cache) / (hbm_gb_s * 1e9)
 
 
 def main(argv=None) -> int:
@@ -157,28 +196,39 @@ def main(argv=None) -> int:
 
 
 def run(args) -> None:
-    prompt_np = np.load(args.prompt_ids)
-    if prompt_np.ndim != 2 or prompt_np.dtype.kind not in "iu" or prompt_np.shape[1] < 1:
-        raise SystemExit(f"--prompt_ids {args.prompt_ids}: expected an integer array (batch, prompt_len), "
-                         f"got {prompt_np.dtype} {prompt_np.shape}")
+    if args.prompt_ids is not None:
+        prompt_np = np.load(args.prompt_ids)
+        if prompt_np.ndim != 2 or prompt_np.dtype.kind not in "iu" or prompt_np.shape[1] < 1:
+            raise SystemExit(f"--prompt_ids {args.prompt_ids}: expected an integer array (batch, prompt_len), "
+                             f"got {prompt_np.dtype} {prompt_np.shape}")
     info = init_distributed()
     if info.world_size != args.context_parallel:
         raise SystemExit(f"--context_parallel {args.context_parallel} needs exactly that many ranks "
                          f"(this job has {info.world_size})")
-    cfg = config_from_hf(args.hf_checkpoint)
+    if args.hf_checkpoint:
+        cfg = config_from_hf(args.hf_checkpoint)
+    else:
+        cfg = load_preset(args.config, **({"n_layers": args.n_layers} if args.n_layers else {}))
+    if args.random_prompt is not None:
+        b, p_len = (int(x) for x in args.random_prompt.split(","))
+        prompt_np = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (b, p_len))
     if int(prompt_np.max()) >= cfg.vocab_size or int(prompt_np.min()) < 0:
         raise SystemExit(f"--prompt_ids: token ids must lie in [0, {cfg.vocab_size})")
     device = info.device
     with torch.device("meta"):
         model = Llama(cfg)
     model = model.to_empty(device=device)
-    load_hf(model, args.hf_checkpoint)
+    if args.hf_checkpoint:
+        load_hf(model, args.hf_checkpoint)
+    else:
+        model.init_weights(torch.Generator(device).manual_seed(args.seed))
     model = model.to(DTYPES[args.dtype]).eval()
     prompt = torch.from_numpy(prompt_np.astype(np.int64)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     res = generate(model, prompt, args.max_new_tokens, args.attn, None, args.prefill_chunk,
-                   args.temperature, args.top_p, args.seed)
+                   args.temperature, args.top_p, args.seed, keep_logits=args.check_dense)
+    dense = dense_check(model, prompt, res) if args.check_dense and info.rank == 0 else {}
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
                         device=device if info.backend == "nccl" else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -189,8 +239,12 @@ def run(args) -> None:
         result = {"tokens": res["tokens"].cpu().tolist(), "prefill_seconds": res["prefill_seconds"],
                   "prefill_tokens_per_s": prompt.numel() / res["prefill_seconds"],
                   "decode_ms_per_token": 1e3 * res["decode_seconds"] / max(1, new - 1),
+                  "decode_over_bound": None,
+                  "decode_bound_ms": 1e3 * decode_bound_s(model, prompt.shape[0], prompt.shape[1] + new,
+                                                          info.world_size, args.hbm_gb_s),
                   "peak_memory_gb": float(peak), "cache_capacity_per_rank": res["cache"].capacity,
-                  "cache_tokens_per_rank": res["cache"].lengths, "args": vars(args)}
+                  "cache_tokens_per_rank": res["cache"].lengths, **dense, "args": vars(args)}
+        result["decode_over_bound"] = result["decode_ms_per_token"] / result["decode_bound_ms"]
         (out / "generated.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "args"}), flush=True)
 
