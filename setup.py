@@ -21,7 +21,8 @@ setup(
         "mpi": ["mpi4py"],
         "flash-attn": ["flash-attn"],
         "deepspeed": ["deepspeed"],
-        "liger": ["liger-kernel>=0.8"],        # app/gpt --kernels liger|auto (CUDA)
+        "liger": ["liger-kernel>=0.8"],
+        "hf": ["transformers>=5.0,<6", "safetensors"],          # ringX.hf, app/hf        # app/gpt --kernels liger|auto (CUDA)
         "apps": ["pyyaml", "tqdm", "safetensors", "matplotlib", "h5py"],
     },
     license="BSD-3-Clause",
