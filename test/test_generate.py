@@ -82,14 +82,24 @@ def test_greedy_tokens_equal_transformers(reference, world_size):
 
 
 def test_generate_cli_writes_tokens(reference, tmp_path):
+    """The CLI at cp = 2 with chunked prefill; the second prompt is left-padded (--pad_id) to the
+    first's length and generates what it generates alone."""
+    from transformers import AutoModelForCausalLM
     path, ref = reference
-    np.save(tmp_path / "prompt.npy", _prompt().numpy())
+    prompt = _prompt()
+    short = prompt[1, 4:]
+    prompt[1, :4] = 299
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        want_short = hf.generate(short[None], attention_mask=torch.ones(1, short.numel(), dtype=torch.long),
+                                 max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, short.numel():]
+    np.save(tmp_path / "prompt.npy", prompt.numpy())
     out = tmp_path / "out"
     run_app("app/gpt/generate.py", 2, "--hf_checkpoint", path, "--prompt_ids", str(tmp_path / "prompt.npy"),
             "--max_new_tokens", str(NEW), "--context_parallel", "2", "--attn", "ringX4", "--dtype", "float32",
-            "--prefill_chunk", "4", "--out", str(out))
+            "--prefill_chunk", "4", "--pad_id", "299", "--out", str(out))
     result = json.loads((out / "generated.json").read_text())
-    assert result["tokens"] == ref.tolist()
+    assert result["tokens"] == [ref[0].tolist(), want_short.tolist()]
     assert result["prefill_seconds"] > 0 and result["decode_ms_per_token"] > 0 and "peak_memory_gb" in result
 
 

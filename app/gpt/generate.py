@@ -8,7 +8,8 @@ then exact decoding from it (ringX.inference).
 
 ``--prompt_ids``: an int64 .npy of shape (batch, prompt_len); prompt_len need not divide by
 anything (the last prefill chunk is padded at its end; causal attention keeps the padding out
-of every real token, and its keys never enter the cache). ``--prefill_chunk N`` prefills N
+of every real token, and its keys never enter the cache); with ``--pad_id P`` rows are
+left-padded prompts of different lengths (each length is generated exactly, as its own batch). ``--prefill_chunk N`` prefills N
 tokens at a time (each chunk attends causally to itself and fully to the cache). Greedy unless
 ``--temperature`` > 0 (then ``--top_p`` and ``--seed``: every rank draws the same numbers, and
 rank 0's token is broadcast). Every rank holds the whole model (weights replicated) and 1/N of
@@ -163,6 +164,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--attn", choices=tuple(ATTN_FUNCS), default="ringX3")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     p.add_argument("--prefill_chunk", type=int, default=0, help="prompt tokens per prefill chunk (0: all at once)")
+    p.add_argument("--pad_id", type=int, default=None,
+                   help="prompts are left-padded with this id: each row's leading pads are dropped and "
+                        "prompts of each real length are generated together")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -178,6 +182,18 @@ def parse(argv=None) -> argparse.Namespace:
     if (args.prompt_ids is None) == (args.random_prompt is None):
         p.error("give one of --prompt_ids FILE.npy or --random_prompt B,P")
     return args
+
+
+def length_groups(prompt: np.ndarray, pad_id: int | None) -> list[tuple[list[int], int]]:
+    """(rows, real length) groups of a (batch, P) prompt array: without ``pad_id`` one group of
+    every row at P; with it each row's leading pad tokens are not part of its prompt."""
+    if pad_id is None:
+        return [(list(range(prompt.shape[0])), prompt.shape[1])]
+    real = prompt.shape[1] - np.argmax(prompt != pad_id, axis=1)
+    real[(prompt == pad_id).all(axis=1)] = 0
+    if (real == 0).any():
+        raise SystemExit(f"--pad_id {pad_id}: rows {np.flatnonzero(real == 0).tolist()} hold no prompt token")
+    return [(np.flatnonzero(real == n).tolist(), int(n)) for n in sorted(set(real.tolist()))]
 
 
 def decode_bound_s(model: Llama, batch: int, context: int, world_size: int, hbm_gb_s: float) -> float:
@@ -226,9 +242,21 @@ def run(args) -> None:
     prompt = torch.from_numpy(prompt_np.astype(np.int64)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    res = generate(model, prompt, args.max_new_tokens, args.attn, None, args.prefill_chunk,
-                   args.temperature, args.top_p, args.seed, keep_logits=args.check_dense)
-    dense = dense_check(model, prompt, res) if args.check_dense and info.rank == 0 else {}
+    tokens = torch.empty(prompt.shape[0], args.max_new_tokens, dtype=torch.long, device=device)
+    prefill_s = decode_s = 0.0
+    dense_errs = []
+    groups = length_groups(prompt_np, args.pad_id)
+    for rows, length in groups:   # left-padded prompts: by real length
+        part = prompt[torch.as_tensor(rows, device=device)][:, -length:]
+        res = generate(model, part, args.max_new_tokens, args.attn, None, args.prefill_chunk,
+                       args.temperature, args.top_p, args.seed, keep_logits=args.check_dense)
+        tokens[torch.as_tensor(rows, device=device)] = res["tokens"]
+        prefill_s, decode_s = prefill_s + res["prefill_seconds"], decode_s + res["decode_seconds"]
+        if args.check_dense and info.rank == 0:
+            dense_errs += dense_check(model, part, res)["dense_logits_rel_err_per_step"]
+    res.update(tokens=tokens, prefill_seconds=prefill_s, decode_seconds=decode_s)
+    dense = {"dense_logits_max_rel_err": max(dense_errs), "dense_logits_rel_err_per_step": dense_errs} \
+        if dense_errs else {}
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
                         device=device if info.backend == "nccl" else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -237,7 +265,7 @@ def run(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
         new = args.max_new_tokens
         result = {"tokens": res["tokens"].cpu().tolist(), "prefill_seconds": res["prefill_seconds"],
-                  "prefill_tokens_per_s": prompt.numel() / res["prefill_seconds"],
+                  "prefill_tokens_per_s": sum(len(rows) * n for rows, n in groups) / res["prefill_seconds"],
                   "decode_ms_per_token": 1e3 * res["decode_seconds"] / max(1, new - 1),
                   "decode_over_bound": None,
                   "decode_bound_ms": 1e3 * decode_bound_s(model, prompt.shape[0], prompt.shape[1] + new,
