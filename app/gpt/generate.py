@@ -32,7 +32,9 @@ import torch.distributed as dist
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from app.common import checkpoint  # noqa: E402
 from app.common.runtime import run_and_shut_down  # noqa: E402
+from app.gpt.data import EOT, encode_bytes  # noqa: E402
 from app.gpt.config import load_preset  # noqa: E402
 from app.gpt.hf import config_from_hf, load_hf  # noqa: E402
 from app.gpt.model import Llama  # noqa: E402
@@ -152,9 +154,13 @@ def dense_check(model: Llama, prompt: torch.Tensor, res: dict) -> dict:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf_checkpoint", help="a local Hugging Face Llama directory")
+    p.add_argument("--checkpoint", metavar="RUN",
+                   help="instead of --hf_checkpoint: the newest checkpoint of an app/gpt/train.py run directory")
     p.add_argument("--config", help="instead of --hf_checkpoint: a model preset with random weights (speed runs)")
     p.add_argument("--n_layers", type=int, default=0, help="with --config: cut the depth (0: the preset's)")
     p.add_argument("--prompt_ids", help="int64 .npy of shape (batch, prompt_len)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="instead of --prompt_ids: a text prompt, byte-tokenized (the app's own models)")
     p.add_argument("--random_prompt", default=None, metavar="B,P",
                    help="instead of --prompt_ids: B random prompts of P tokens (speed runs)")
     p.add_argument("--hbm_gb_s", type=float, default=4800.0,
@@ -177,11 +183,31 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be >= 1")
-    if (args.hf_checkpoint is None) == (args.config is None):
-        p.error("give one of --hf_checkpoint DIR or --config PRESET")
-    if (args.prompt_ids is None) == (args.random_prompt is None):
-        p.error("give one of --prompt_ids FILE.npy or --random_prompt B,P")
+    if sum(x is not None for x in (args.hf_checkpoint, args.checkpoint, args.config)) != 1:
+        p.error("give one of --hf_checkpoint DIR, --checkpoint RUN or --config PRESET")
+    if sum(x is not None for x in (args.prompt_ids, args.prompt, args.random_prompt)) != 1:
+        p.error("give one of --prompt_ids FILE.npy, --prompt TEXT or --random_prompt B,P")
+    if args.prompt is not None and args.hf_checkpoint is not None:
+        p.error("--prompt TEXT is byte-tokenized for the app's own models (--checkpoint RUN); "
+                "tokenize it with the checkpoint's tokenizer into --prompt_ids for --hf_checkpoint")
     return args
+
+
+def run_checkpoint(run: str):
+    """(ModelConfig, newest checkpoint path) of an app/gpt/train.py run directory."""
+    import argparse as _argparse
+    from app.gpt.train import model_config
+    run = Path(run)
+    if not (run / "args.json").exists():
+        raise SystemExit(f"--checkpoint {run}: no args.json there (the output directory of app/gpt/train.py)")
+    settings = json.loads((run / "args.json").read_text())
+    if settings.get("tensor_parallel", 1) != 1:
+        raise SystemExit(f"--checkpoint {run}: trained with tensor parallelism {settings['tensor_parallel']}; "
+                         "generation loads tp = 1 checkpoints (export it with --export_hf, then --hf_checkpoint)")
+    path = checkpoint.latest(run / "checkpoints", log=lambda m: None)
+    if path is None:
+        raise SystemExit(f"--checkpoint {run}: no complete checkpoint under {run / 'checkpoints'}")
+    return model_config(_argparse.Namespace(**settings)), path
 
 
 def length_groups(prompt: np.ndarray, pad_id: int | None) -> list[tuple[list[int], int]]:
@@ -223,8 +249,12 @@ def run(args) -> None:
                          f"(this job has {info.world_size})")
     if args.hf_checkpoint:
         cfg = config_from_hf(args.hf_checkpoint)
+    elif args.checkpoint:
+        cfg, ckpt = run_checkpoint(args.checkpoint)
     else:
         cfg = load_preset(args.config, **({"n_layers": args.n_layers} if args.n_layers else {}))
+    if args.prompt is not None:
+        prompt_np = np.asarray([encode_bytes(args.prompt)[:-1]], dtype=np.int64)     # no end-of-text
     if args.random_prompt is not None:
         b, p_len = (int(x) for x in args.random_prompt.split(","))
         prompt_np = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (b, p_len))
@@ -236,6 +266,8 @@ def run(args) -> None:
     model = model.to_empty(device=device)
     if args.hf_checkpoint:
         load_hf(model, args.hf_checkpoint)
+    elif args.checkpoint:
+        checkpoint.load_model(ckpt, model, group=dist.group.WORLD)
     else:
         model.init_weights(torch.Generator(device).manual_seed(args.seed))
     model = model.to(DTYPES[args.dtype]).eval()
@@ -264,7 +296,9 @@ def run(args) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         new = args.max_new_tokens
-        result = {"tokens": res["tokens"].cpu().tolist(), "prefill_seconds": res["prefill_seconds"],
+        result = {"tokens": res["tokens"].cpu().tolist(),
+                  **({"text": [bytes(t for t in (row + [EOT])[:(row + [EOT]).index(EOT)] if t < 256).decode("utf-8", "replace")
+                               for row in res["tokens"].cpu().tolist()]} if args.prompt is not None else {}), "prefill_seconds": res["prefill_seconds"],
                   "prefill_tokens_per_s": sum(len(rows) * n for rows, n in groups) / res["prefill_seconds"],
                   "decode_ms_per_token": 1e3 * res["decode_seconds"] / max(1, new - 1),
                   "decode_over_bound": None,
