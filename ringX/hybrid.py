@@ -82,8 +82,11 @@ class _HeadsToSeq(torch.autograd.Function):
 
 
 def hybrid_attn_func(q, k, v, fn: str = "ringX3", inner_group=None, outer_group=None, causal: bool = False,
-                     softmax_scale=None, window_size=(-1, -1), return_attn_probs: bool = False):
-    """Ulysses over ``inner_group`` x the ringX function ``fn`` over ``outer_group`` (module doc)."""
+                     softmax_scale=None, window_size=(-1, -1), return_attn_probs: bool = False,
+                     cu_seqlens=None, max_seqlen=None):
+    """Ulysses over ``inner_group`` x the ringX function ``fn`` over ``outer_group`` (module doc).
+    With ``cu_seqlens`` (global document boundaries of one packed sequence, batch 1) the outer
+    call is ``fn``'s varlen function: documents attend only to themselves."""
     if fn not in ALGORITHMS:
         raise ValueError(f"fn {fn!r}: expected one of {', '.join(ALGORITHMS)}")
     inner = GroupComm(inner_group)
@@ -98,9 +101,16 @@ def hybrid_attn_func(q, k, v, fn: str = "ringX3", inner_group=None, outer_group=
     kc, vc = (t.index_select(2, index).reshape(b, s, ni, len(need[0]), d).permute(2, 0, 1, 3, 4)
               for t in (k, v))
     ql, kl, vl = (_SeqToHeads.apply(t, inner) for t in (qc, kc, vc))     # (b, Ni*s, heads/Ni, d)
-    from . import ATTN_FUNCS
-    res = ATTN_FUNCS[fn](ql, kl, vl, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                         group=outer_group, return_attn_probs=return_attn_probs)
+    from . import ATTN_FUNCS, VARLEN_FUNCS
+    kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, group=outer_group,
+              return_attn_probs=return_attn_probs)
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(f"cu_seqlens: one packed sequence (batch 1) is expected, got batch {b}")
+        res = VARLEN_FUNCS[fn](ql[0], kl[0], vl[0], cu_seqlens, max_seqlen, **kw)
+        res = (res[0][None], res[1][None], None) if return_attn_probs else res[None]
+    else:
+        res = ATTN_FUNCS[fn](ql, kl, vl, **kw)
     out_l, lse_l = (res[0], res[1]) if return_attn_probs else (res, None)
     out = _HeadsToSeq.apply(out_l, inner)
     if not return_attn_probs:
