@@ -121,6 +121,9 @@ class GroupComm:
         """inp, out: (size, *chunk), both contiguous; out[j] on group rank i receives group rank
         j's inp[i]. Moves data only (any dtype): a receiver that sums the chunks chooses the
         precision of the sum."""
+        if not (out.is_contiguous() and inp.is_contiguous()):
+            raise ValueError("GroupComm.all_to_all needs contiguous buffers (a strided one would be "
+                             "filled as if it were contiguous)")
         if self.size == 1:
             out.copy_(inp)
             return None

@@ -28,7 +28,7 @@ attention stays unexpanded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,8 +48,6 @@ class ShardedKVCache:
     v: list[torch.Tensor]
     lengths: list[int]
     rank: int
-    filled_layers: int = 0
-    steps: int = field(default=0)
 
     @classmethod
     def empty(cls, n_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
