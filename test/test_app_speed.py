@@ -44,12 +44,12 @@ def test_app_compare_and_block_overhead_run(tmp_path):
     """script/app_compare.py runs an app row and a transformers row side by side and writes its
     table; a row that cannot run (Liger on a CPU) reports why instead of failing the run."""
     res = subprocess.run([sys.executable, "script/app_compare.py", "--config", "debug", "--seq_len", "256",
-                          "--steps", "3", "--rows", "app-ac", "hf", "hf-liger", "--out", str(tmp_path)],
+                          "--steps", "3", "--rows", "app-ac", "hf-ckpt", "hf-liger", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
     assert rows["app-ac"]["tokens_per_s"] > 0 and "torch fallback" in rows["app-ac"]["paths"]
-    assert rows["hf"]["tokens_per_s"] > 0 and "transformers" in rows["hf"]["paths"]
+    assert rows["hf-ckpt"]["tokens_per_s"] > 0 and "checkpointing" in rows["hf-ckpt"]["paths"]
     assert "liger_kernel" in rows["hf-liger"]["error"]
     res = subprocess.run([sys.executable, "script/block_overhead.py", "--sizes", "64", "--heads", "4",
                           "--kv-heads", "2", "--headdim", "16", "--repeats", "2", "--warmup", "1"],
