@@ -130,6 +130,14 @@ class GroupComm:
         self._sent(inp.nbytes * (self.size - 1) // self.size)
         return dist.all_to_all_single(out, inp, group=self.group, async_op=async_op)
 
+    def all_to_all_new(self, chunks: torch.Tensor) -> torch.Tensor:
+        """Blocking all_to_all into a new tensor: chunks (size, ...), chunk j for group rank j
+        -> (size, ...), chunk j from group rank j."""
+        send = chunks.contiguous()
+        recv = torch.empty_like(send)
+        self.all_to_all(recv, send, async_op=False)
+        return recv
+
     def exchange(self, sends: list, recvs: list) -> list:
         """Post point-to-point sends [(tensor, dst)] and receives [(tensor, src)] (group ranks,
         contiguous tensors) as one batch; returns their work handles (see wait_all). Every rank

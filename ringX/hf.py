@@ -110,11 +110,20 @@ def cp_loss(logits: torch.Tensor, shift_labels: torch.Tensor, group=None, ignore
     global mean."""
     local = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), reduction="sum",
                             ignore_index=ignore_index)
-    counts = torch.stack([(shift_labels != ignore_index).sum().double(), local.detach().double()])
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group is None and dist.is_initialized():
+        group = dist.group.WORLD
+    return mean_over_group(local, shift_labels, group, ignore_index)
+
+
+def mean_over_group(local_sum: torch.Tensor, labels: torch.Tensor, group, ignore_index: int = -100):
+    """This rank's summed loss ``local_sum`` (float scalar) over its ``labels`` -> (local_sum /
+    the labelled tokens of every rank of ``group``, the global mean detached); ``group`` None:
+    this process alone. One all-reduce of two float64 numbers."""
+    counts = torch.stack([(labels != ignore_index).sum().double(), local_sum.detach().double()])
+    if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(counts, group=group)
     total = counts[0].clamp(min=1)
-    return local / total.to(local.dtype), (counts[1] / total).float()
+    return local_sum / total.to(local_sum.dtype), (counts[1] / total).float()
 
 
 def _refuse(feature: str, name: str) -> None:

@@ -41,9 +41,7 @@ class _SeqToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chunks: torch.Tensor, comm: GroupComm):
         ctx.comm = comm
-        send = chunks.contiguous()
-        recv = torch.empty_like(send)
-        comm.all_to_all(recv, send, async_op=False)
+        recv = comm.all_to_all_new(chunks)
         n, b, s, c, d = recv.shape
         return recv.permute(1, 0, 2, 3, 4).reshape(b, n * s, c, d)
 
@@ -51,10 +49,7 @@ class _SeqToHeads(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         n = ctx.comm.size
         b, ns, c, d = grad.shape
-        send = grad.reshape(b, n, ns // n, c, d).permute(1, 0, 2, 3, 4).contiguous()
-        recv = torch.empty_like(send)
-        ctx.comm.all_to_all(recv, send, async_op=False)
-        return recv, None
+        return ctx.comm.all_to_all_new(grad.reshape(b, n, ns // n, c, d).permute(1, 0, 2, 3, 4)), None
 
 
 class _HeadsToSeq(torch.autograd.Function):
@@ -66,18 +61,14 @@ class _HeadsToSeq(torch.autograd.Function):
         ctx.comm = comm
         n = comm.size
         b, ns, c, d = x.shape
-        send = x.reshape(b, n, ns // n, c, d).permute(1, 0, 2, 3, 4).contiguous()
-        recv = torch.empty_like(send)
-        comm.all_to_all(recv, send, async_op=False)
+        recv = comm.all_to_all_new(x.reshape(b, n, ns // n, c, d).permute(1, 0, 2, 3, 4))
         return recv.permute(1, 2, 0, 3, 4).reshape(b, ns // n, n * c, d)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         n = ctx.comm.size
         b, s, nc, d = grad.shape
-        send = grad.reshape(b, s, n, nc // n, d).permute(2, 0, 1, 3, 4).contiguous()
-        recv = torch.empty_like(send)
-        ctx.comm.all_to_all(recv, send, async_op=False)
+        recv = ctx.comm.all_to_all_new(grad.reshape(b, s, n, nc // n, d).permute(2, 0, 1, 3, 4))
         return recv.permute(1, 0, 2, 3, 4).reshape(b, n * s, nc // n, d), None
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .comm import GroupComm
-from .kernels import select_backend
+from .kernels import get_backend, select_backend
 from .layout import global_positions
 from .merge import merge_, new_accumulators
 
@@ -81,6 +81,11 @@ class ShardedKVCache:
         """Every rank's fill grows by ``added[rank]`` (after all layers were written)."""
         self.lengths = [a + b for a, b in zip(self.lengths, added)]
 
+    def advance_decoded(self, tokens: int = 1) -> None:
+        """After a decode step of ``tokens`` new tokens (every layer written by
+        decode_attention): their rank's fill grows."""
+        self.lengths[owner_of_step(self.lengths)] += tokens
+
 
 def owner_of_step(lengths: list[int]) -> int:
     """The rank that takes the next decoded token's keys/values: the one holding the fewest
@@ -88,29 +93,15 @@ def owner_of_step(lengths: list[int]) -> int:
     return min(range(len(lengths)), key=lambda r: (lengths[r], r))
 
 
-def _math_attention(q, k, v, causal: bool, scale: float):
-    """Attention in float32 by its formula (for the small blocks a kernel refuses, e.g. one
-    query against one key): -> (out, lse (b, h, s)) float32."""
-    rep = q.shape[2] // k.shape[2]
-    kf, vf = (t.float().repeat_interleave(rep, dim=2) for t in (k, v))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * scale
-    if causal:
-        sq, sk = q.shape[1], k.shape[1]
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-        scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), vf)
-    return out, lse
-
-
 def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False):
-    """Attention of q to the keys k/v (causal: bottom-right aligned) -> (out float32, lse
-    float32 (b, h, s)); no keys: out 0, lse -inf."""
+    """Attention of q to the keys k/v (causal: a square block) -> (out float32, lse float32
+    (b, h, s)); no keys: out 0, lse -inf. A block the fast kernel refuses (cuDNN: one query
+    against one key) runs on the math backend."""
     if k.shape[1] == 0:
         return new_accumulators(q, torch.float32)
     backend = select_backend(q, k)
-    if not backend.takes_shape(q.shape[1], k.shape[1]) or (causal and q.shape[1] != k.shape[1]):
-        return _math_attention(q, k, v, causal, scale)
+    if not backend.takes_shape(q.shape[1], k.shape[1]):          # float32 inputs: a float32 out
+        backend, q, k, v = get_backend("math"), q.float(), k.float(), v.float()
     out, lse = backend.forward(q, k, v, causal, scale)
     return out.float(), lse.float()
 
@@ -128,7 +119,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     """Attention of new tokens (the same on every rank: q (b, t, h, d), k/v (b, t, hk, d); each
     attends every cached key, the other new tokens before it, and itself) over the sharded
     cache; their keys/values are written to the shard of ``owner_of_step`` (call
-    ``cache.advance`` after the last layer). Returns out (b, t, h, d), the same on every rank."""
+    ``cache.advance_decoded`` after the last layer). Returns out (b, t, h, d), the same on every rank."""
     comm = GroupComm(group)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     owner = owner_of_step(cache.lengths)
@@ -174,9 +165,8 @@ def prefill_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cac
         part_o, part_l = _partial(q_all.transpose(0, 1).reshape(b, comm.size * s, h, d), ck, cv, scale)
         part_o = part_o.reshape(b, comm.size, s, h, d).transpose(0, 1)     # (n, b, s, h, d)
         part_l = part_l.reshape(b, h, comm.size, s).permute(2, 0, 1, 3)    # (n, b, h, s)
-        send = torch.cat([part_o.reshape(comm.size, -1), part_l.reshape(comm.size, -1)], dim=1).contiguous()
-        recv = torch.empty_like(send)
-        comm.all_to_all(recv, send, async_op=False)       # recv[j]: rank j's partials for my rows
+        recv = comm.all_to_all_new(torch.cat([part_o.reshape(comm.size, -1), part_l.reshape(comm.size, -1)],
+                                             dim=1))      # recv[j]: rank j's partials for my rows
         n_o = b * s * h * d
         outs = recv[:, :n_o].reshape(comm.size, b, s, h, d)
         lses = recv[:, n_o:].reshape(comm.size, b, h, s)

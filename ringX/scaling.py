@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import functools
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -268,9 +268,15 @@ def check(m: Machine, rows: list[dict]) -> list[dict]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def fitted_to_records() -> Machine:
+    """The one-node machine fitted to the recorded runs (computed once per process)."""
+    return fit(recorded())
+
+
 def calibrated(machine: str = "h200-node") -> Machine:
     """``machine`` with the schedule parameters fitted on the recorded runs (network as given)."""
-    fitted = fit(recorded())
+    fitted = fitted_to_records()
     base = MACHINES[machine]
     if machine == "h200-node":
         return fitted
@@ -309,7 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--curves", metavar="DIR", help="write the efficiency tables of the published machines here")
     args = p.parse_args(argv)
     if args.check:
-        m = fit(recorded())
+        m = fitted_to_records()
         rows = check(m, recorded())
         for r in rows:
             print(f"{r['file']:32s} {r['method']:16s} N={r['n']} S={r['seqlen']:8d} {'causal' if r['causal'] else 'full  '} "

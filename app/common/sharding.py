@@ -24,7 +24,7 @@ class Checkpointed(nn.Module):
         self.inner, self.context_fn = inner, context_fn
 
     def forward(self, *args):
-        if self.context_fn is None:
+        if self.context_fn is None:      # torch.compile traces checkpoint only without a context_fn
             return checkpoint(self.inner, *args, use_reentrant=False)
         return checkpoint(self.inner, *args, use_reentrant=False, context_fn=self.context_fn)
 
@@ -62,8 +62,8 @@ def checkpoint_blocks(blocks: nn.ModuleList) -> None:
 
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool, units: tuple = ()) -> nn.Module:
     """FSDP2 over ``mesh`` (the dp x cp ranks): each block, each of ``units`` ((a module or a list
-    of modules sharded together, reshard after forward?) pairs) and the root are sharded units. Parameters and optimizer state
-    stay float32 (sharded); with ``bf16`` blocks compute in bfloat16 and gradients are reduced
+    of modules sharded together, reshard after forward?) pairs) and the root are sharded units.
+    Parameters and optimizer state stay float32 (sharded); with ``bf16`` blocks compute in bfloat16 and gradients are reduced
     in float32. A unit's gathered parameters live from its forward to its backward only (the
     root's would live through the whole step), so the input embedding and the output head are
     best ``units`` of their own. Set the divide factor with ``set_fsdp_divide_factor`` (dp:
@@ -75,13 +75,13 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool, units:
                               reduce_dtype=torch.float32 if mesh.size() > 1 else None)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    for unit, reshard in units:          # no cast_forward_inputs: their inputs may be token ids
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard,
-                    mp_policy=MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
-                                                   cast_forward_inputs=False))
-    root = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
-                                cast_forward_inputs=False)     # float model inputs keep their dtype
-    fully_shard(model, mesh=mesh, mp_policy=root, reshard_after_forward=False)
+    # the root and the other units take the model's own inputs (token ids, float positions),
+    # which keep their dtype
+    uncast = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                  cast_forward_inputs=False)
+    for unit, reshard in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard, mp_policy=uncast)
+    fully_shard(model, mesh=mesh, mp_policy=uncast, reshard_after_forward=False)
     return model
 
 

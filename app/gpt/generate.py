@@ -39,8 +39,7 @@ from app.gpt.config import load_preset  # noqa: E402
 from app.gpt.hf import config_from_hf, load_hf  # noqa: E402
 from app.gpt.model import Llama  # noqa: E402
 from ringX import ATTN_FUNCS, expected_layout  # noqa: E402
-from ringX.inference import (ShardedKVCache, chunk_layout, decode_attention, owner_of_step,  # noqa: E402
-                             prefill_attention)
+from ringX.inference import ShardedKVCache, chunk_layout, decode_attention, prefill_attention  # noqa: E402
 from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX.layout import shard  # noqa: E402
 
@@ -127,10 +126,9 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str,
             logits_kept.append(logits.clone())
         if step == max_new_tokens - 1:
             break
-        owner = owner_of_step(cache.lengths)
         layer_fn = _PerLayer(lambda q, k, v, layer: decode_attention(q, k, v, cache, layer, group))
         h = model.hidden(tok[:, None], torch.full((1,), p_len + step, dtype=torch.long, device=device), layer_fn)
-        cache.advance([1 if j == owner else 0 for j in range(n)])
+        cache.advance_decoded()
         logits = model.output(h[:, -1]).float()
     sync()
     return {"tokens": torch.stack(tokens, dim=1), "logits": logits_kept, "prefill_seconds": prefill_s,

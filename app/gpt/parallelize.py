@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ringX import ATTN_FUNCS, VARLEN_FUNCS, expected_layout
+from ringX.hf import mean_over_group
 from ringX.layout import global_positions, shard
 
 from app.common import sharding
@@ -97,11 +98,7 @@ def cp_loss(local_sum: torch.Tensor, labels: torch.Tensor, cp_group, ignore_inde
     (B, S_local) ``labels``.
 
     Returns (loss to back-propagate on this rank, global mean loss as a detached tensor)."""
-    counts = torch.stack([(labels != ignore_index).sum().to(torch.float64), local_sum.detach().double()])
-    if cp_group is not None and dist.get_world_size(cp_group) > 1:
-        dist.all_reduce(counts, group=cp_group)
-    total_tokens, total_sum = counts[0].clamp(min=1), counts[1]
-    return local_sum / total_tokens.to(local_sum.dtype), (total_sum / total_tokens).float()
+    return mean_over_group(local_sum, labels, cp_group, ignore_index)
 
 
 # ---- model construction: activation checkpointing, FSDP2, sharded initialisation ------------

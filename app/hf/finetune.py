@@ -42,6 +42,7 @@ from app.common.runtime import RunLog, StopRequest, any_rank, run_and_shut_down 
 from app.common.sharding import apply_fsdp, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
 from app.gpt.data import PackedTokenFile, TokenFile  # noqa: E402
 import ringX.hf  # noqa: E402
+from ringX.comm import GroupComm  # noqa: E402
 from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX.parallel import ParallelDims  # noqa: E402
 
@@ -109,6 +110,7 @@ class Run:
                                         world_size=info.world_size)
         self.groups = dims.build(names=("cp", "dp", "dp_cp"))
         self.device, self.is_root = info.device, info.rank == 0
+        self.flag_device = GroupComm(dist.group.WORLD).collective_device()
         self.out = Path(args.out)
         data = args.data
         if args.text:
@@ -228,7 +230,7 @@ class Run:
         with RunLog(self.out, args.steps - first, self.is_root, args.resume) as log:
             for step in range(first, args.steps):
                 log.record(self.step(step))
-                stop_now = any_rank([stop.signum != 0], self.flag_device())[0]
+                stop_now = any_rank([stop.signum != 0], self.flag_device)[0]
                 done = step + 1
                 if stop_now or (args.checkpoint_every and done % args.checkpoint_every == 0):
                     path = self.save(done)
@@ -239,9 +241,6 @@ class Run:
         if args.export:
             self.export(args.export)
         return log.rows
-
-    def flag_device(self):
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def run(args) -> None:
