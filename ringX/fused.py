@@ -106,9 +106,12 @@ def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple, **flags)
         return
     block_d = triton.next_power_of_2(d)
     block_m = max(1, 4096 // block_d)
+    grid = ((n + block_m - 1) // block_m,)
+    if tensors[0].device.index == torch.cuda.current_device():   # Triton launches on the current
+        kernel[grid](*tensors, n, rows, heads, d, *strides, BLOCK_M=block_m, BLOCK_D=block_d, **flags)
+        return                                                  # device: switch only when needed
     with torch.cuda.device(tensors[0].device):
-        kernel[(triton.cdiv(n, block_m),)](*tensors, n, rows, heads, d, *strides,
-                                          BLOCK_M=block_m, BLOCK_D=block_d, **flags)
+        kernel[grid](*tensors, n, rows, heads, d, *strides, BLOCK_M=block_m, BLOCK_D=block_d, **flags)
 
 
 def merge(out_acc, lse_acc, out_blk, lse_blk) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .comm import GroupComm
-from .kernels import get_backend, select_backend
+from .kernels import get_backend, select_backend, select_band_backend
 from .layout import global_positions
 from .merge import merge_, new_accumulators
 
@@ -93,8 +93,8 @@ def owner_of_step(lengths: list[int]) -> int:
     return min(range(len(lengths)), key=lambda r: (lengths[r], r))
 
 
-def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False):
-    """Attention of q to the keys k/v (causal: a square block) -> (out float32, lse float32
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Full attention of q to the keys k/v -> (out float32, lse float32
     (b, h, s)); no keys: out 0, lse -inf. A block the fast kernel refuses (cuDNN: one query
     against one key) runs on the math backend."""
     if k.shape[1] == 0:
@@ -102,7 +102,7 @@ def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ca
     backend = select_backend(q, k)
     if not backend.takes_shape(q.shape[1], k.shape[1]):          # float32 inputs: a float32 out
         backend, q, k, v = get_backend("math"), q.float(), k.float(), v.float()
-    out, lse = backend.forward(q, k, v, causal, scale)
+    out, lse = backend.forward(q, k, v, False, scale)
     return out.float(), lse.float()
 
 
@@ -119,18 +119,33 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     """Attention of new tokens (the same on every rank: q (b, t, h, d), k/v (b, t, hk, d); each
     attends every cached key, the other new tokens before it, and itself) over the sharded
     cache; their keys/values are written to the shard of ``owner_of_step`` (call
-    ``cache.advance_decoded`` after the last layer). Returns out (b, t, h, d), the same on every rank."""
+    ``cache.advance_decoded`` after the last layer). Returns out (b, t, h, d), the same on every rank.
+
+    One kernel call per rank: the owner appends the new keys first and attends its whole shard
+    with flash-attn's bottom-right causal window (query i of t sees every cached key and new
+    keys 0..i), the others attend their shard fully. The call goes to the window kernel
+    (PyTorch's flash kernel on GPUs: any key length, no per-shape plan as cuDNN builds for every
+    new cache length, and its own split over the keys for a single query row: at 128K keys
+    0.15 ms against 0.11 ms of cache reading at the memory bandwidth on an H200)."""
     comm = GroupComm(group)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    owner = owner_of_step(cache.lengths)
-    ck, cv = cache.local(layer)                          # the keys cached before this step
-    out, lse = _partial(q, ck, cv, scale)
-    if cache.rank == owner:                              # the new tokens: causal among themselves
+    owner = cache.rank == owner_of_step(cache.lengths)
+    if owner:
         cache.write(layer, k, v)
-        merge_(out, lse, *_partial(q, k, v, scale, causal=True))
+        n = cache.lengths[cache.rank] + q.shape[1]
+        ck, cv = cache.k[layer][:, :n], cache.v[layer][:, :n]
+    else:
+        ck, cv = cache.local(layer)
+    if ck.shape[1] == 0:                                 # an empty shard: sees nothing
+        out, lse = new_accumulators(q, torch.float32)
+    else:
+        band = select_band_backend(q, ck, select_backend(q, ck))
+        out, lse = band.forward_band(q, ck, cv, -1, 0 if owner else -1, scale)
+    if comm.size == 1:
+        return out.to(q.dtype)
     t = q.shape[1]
     b, _, h, d = q.shape
-    packed = torch.cat([out.reshape(-1), lse.reshape(-1)])
+    packed = torch.cat([out.float().reshape(-1), lse.float().reshape(-1)])
     gathered = torch.empty((comm.size, packed.numel()), dtype=packed.dtype, device=packed.device)
     comm.all_gather(gathered, packed, async_op=False)
     outs = gathered[:, :out.numel()].reshape(comm.size, b, t, h, d)

@@ -95,6 +95,50 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
     return result
 
 
+def host_costs(L: int, args, device, dtype) -> None:
+    """Host microseconds per call of each step of the block path (launch cost: the calls are
+    queued without synchronizing, fewer than the launch queue holds), at block size L."""
+    from ringX import fused
+    g = torch.Generator(device).manual_seed(0)
+    q = torch.randn(1, L, args.heads, args.headdim, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, L, args.kv_heads, args.headdim, device=device, dtype=dtype, generator=g)
+    v = torch.randn_like(k)
+    run = prepare_run(RINGX2, q, k, v, causal=False, group=None)
+    kern, scale = run.kernel, run.scale
+    o, l = kern.forward(q, k, v, False, scale)
+    out, lse = new_accumulators(q, run.acc_dtype)
+    blk = run.runs_block((Run(0, 1, L),), (Run(L, 1, L),))
+    dq = torch.empty(q.shape, dtype=run.acc_dtype, device=device)
+    steps = {
+        "kernel.forward": lambda: kern.forward(q, k, v, False, scale),
+        "kernel.backward": lambda: kern.backward(o, q, k, v, o, l, False, scale),
+        "runs_block (plan lookup)": lambda: run.runs_block((Run(0, 1, L),), (Run(L, 1, L),)),
+        "run.block_forward": lambda: run.block_forward(blk, q, k, v),
+        "merge_": lambda: merge_(out, lse, o, l),
+        "accumulate_": lambda: accumulate_(dq, o),
+        "new_accumulators": lambda: new_accumulators(q, run.acc_dtype),
+        "empty (b, L, h, d) f32": lambda: torch.empty(q.shape, dtype=torch.float32, device=device),
+        "to(bf16)": lambda: out.to(dtype),
+        "torch.add_ (same shape)": lambda: out.add_(out),
+    }
+    if fused.usable(out, o):
+        steps["fused.merge (direct)"] = lambda: fused.merge(out, lse, o, l)
+    print(f"host us per call at L={L} (queued, unsynchronized; fused kernels: {fused.usable(out, o)}):")
+    n = args.host_calls
+    for name, fn in steps.items():
+        for _ in range(3):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t) / n
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        print(f"  {name:28s} {host * 1e6:8.1f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="tokens per block (L)")
@@ -105,12 +149,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also print each path's device time by kind of kernel")
+    p.add_argument("--host", action="store_true",
+                   help="instead: host microseconds per call of each step of the block path")
+    p.add_argument("--host_calls", type=int, default=50, help="calls per step timed by --host")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("gloo", rank=0, world_size=1)
+    if args.host:
+        for L in args.sizes:
+            host_costs(L, args, device, dtype)
+        dist.destroy_process_group()
+        return 0
     print(f"{'L':>6} {'blocks':>6} {'diag':>7} {'kernel ms':>10} {'ringX ms':>10} {'overhead':>9}")
     for L in args.sizes:
         for causal_diag in (False, True):

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -37,7 +38,7 @@ from app.common.runtime import run_and_shut_down  # noqa: E402
 from app.gpt.data import EOT, encode_bytes  # noqa: E402
 from app.gpt.config import load_preset  # noqa: E402
 from app.gpt.hf import config_from_hf, load_hf  # noqa: E402
-from app.gpt.model import Llama  # noqa: E402
+from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from ringX import ATTN_FUNCS, expected_layout  # noqa: E402
 from ringX.inference import ShardedKVCache, chunk_layout, decode_attention, prefill_attention  # noqa: E402
 from ringX.launch import init_distributed, leave  # noqa: E402
@@ -135,18 +136,49 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str,
             "decode_seconds": time.perf_counter() - start, "cache": cache}
 
 
+def _sdpa_causal_expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA of (b, s, h, d) tensors with k/v expanded to every head, so float32 inputs
+    take the memory-efficient kernel (with grouped k/v SDPA falls back to the math kernel,
+    which makes the (s, s) scores: 128 GB at 32K tokens)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=True).transpose(1, 2)
+
+
 @torch.no_grad()
-def dense_check(model: Llama, prompt: torch.Tensor, res: dict) -> dict:
-    """One forward of the whole prompt + new tokens with plain attention: the largest relative
-    difference (max |a - b| / max |b| per step) between its logits and the generation's."""
+def dense_logits(model: Llama, prompt: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The logits (batch, vocab) float32 of every generation step from one forward of the whole
+    prompt (batch, P) + new tokens (batch, N) with plain attention."""
     p_len = prompt.shape[1]
-    seq = torch.cat([prompt, res["tokens"][:, :-1]], dim=1)
-    h = model.hidden(seq, torch.arange(seq.shape[1], device=seq.device))[:, p_len - 1:]
-    errs = []
-    for i, step in enumerate(res["logits"]):
-        ref = model.output(h[:, i]).float()
-        errs.append(float((step - ref).abs().max() / ref.abs().max()))
-    return {"dense_logits_max_rel_err": max(errs), "dense_logits_rel_err_per_step": errs}
+    seq = torch.cat([prompt, tokens[:, :-1]], dim=1)
+    attn = _sdpa_causal_expanded if next(model.parameters()).dtype == torch.float32 else sdpa_causal
+    h = model.hidden(seq, torch.arange(seq.shape[1], device=seq.device), attn)[:, p_len - 1:]
+    return [model.output(h[:, i]).float() for i in range(tokens.shape[1])]
+
+
+def _rel_errs(steps: list[torch.Tensor], refs: list[torch.Tensor]) -> list[float]:
+    """max |a - b| / max |b| per step."""
+    return [float((a - b).abs().max() / b.abs().max()) for a, b in zip(steps, refs)]
+
+
+@torch.no_grad()
+def dense_check(model: Llama, prompt: torch.Tensor, res: dict, fp32: bool = False) -> dict:
+    """How far the generation's logits of every step are from one dense forward of the whole
+    prompt + new tokens in the model's dtype (the largest relative difference, max |a - b| /
+    max |b| per step). With ``fp32``, also both against a float32 copy of the model: the
+    generation's error and plain attention's own error in the model's dtype."""
+    ref = dense_logits(model, prompt, res["tokens"])
+    errs = _rel_errs(res["logits"], ref)
+    out = {"dense_logits_max_rel_err": max(errs), "dense_logits_rel_err_per_step": errs}
+    if fp32 and next(model.parameters()).dtype != torch.float32:
+        import copy
+        model32 = copy.deepcopy(model).float()
+        ref32 = dense_logits(model32, prompt, res["tokens"])
+        del model32
+        out["fp32_logits_max_rel_err"] = max(_rel_errs(res["logits"], ref32))
+        out["dense_vs_fp32_max_rel_err"] = max(_rel_errs(ref, ref32))
+    return out
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -177,10 +209,19 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--check_dense", action="store_true",
                    help="also run one dense forward over prompt + new tokens on rank 0 and report how far "
                         "the logits of every step are from it (the whole sequence must fit one GPU)")
+    p.add_argument("--check_fp32", action="store_true",
+                   help="with --check_dense: also compare the generation and the dense forward with a float32 "
+                        "copy of the model (both errors of a bfloat16 run, side by side)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="generate this many times and report the last (speed runs: the first warms the kernels)")
     p.add_argument("--out", default="runs/generate")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be >= 1")
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if args.check_fp32 and not args.check_dense:
+        p.error("--check_fp32 needs --check_dense")
     if sum(x is not None for x in (args.hf_checkpoint, args.checkpoint, args.config)) != 1:
         p.error("give one of --hf_checkpoint DIR, --checkpoint RUN or --config PRESET")
     if sum(x is not None for x in (args.prompt_ids, args.prompt, args.random_prompt)) != 1:
@@ -274,19 +315,25 @@ def run(args) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     tokens = torch.empty(prompt.shape[0], args.max_new_tokens, dtype=torch.long, device=device)
     prefill_s = decode_s = 0.0
-    dense_errs = []
+    dense_errs, fp32_errs = [], {}
     groups = length_groups(prompt_np, args.pad_id)
     for rows, length in groups:   # left-padded prompts: by real length
         part = prompt[torch.as_tensor(rows, device=device)][:, -length:]
-        res = generate(model, part, args.max_new_tokens, args.attn, None, args.prefill_chunk,
-                       args.temperature, args.top_p, args.seed, keep_logits=args.check_dense)
+        for _ in range(args.repeat):
+            res = None                                  # the previous run's cache goes first
+            res = generate(model, part, args.max_new_tokens, args.attn, None, args.prefill_chunk,
+                           args.temperature, args.top_p, args.seed, keep_logits=args.check_dense)
         tokens[torch.as_tensor(rows, device=device)] = res["tokens"]
         prefill_s, decode_s = prefill_s + res["prefill_seconds"], decode_s + res["decode_seconds"]
         if args.check_dense and info.rank == 0:
-            dense_errs += dense_check(model, part, res)["dense_logits_rel_err_per_step"]
+            check = dense_check(model, part, res, fp32=args.check_fp32)
+            dense_errs += check.pop("dense_logits_rel_err_per_step")
+            check.pop("dense_logits_max_rel_err")
+            for key, err in check.items():
+                fp32_errs[key] = max(fp32_errs.get(key, 0.0), err)
     res.update(tokens=tokens, prefill_seconds=prefill_s, decode_seconds=decode_s)
-    dense = {"dense_logits_max_rel_err": max(dense_errs), "dense_logits_rel_err_per_step": dense_errs} \
-        if dense_errs else {}
+    dense = {"dense_logits_max_rel_err": max(dense_errs), "dense_logits_rel_err_per_step": dense_errs,
+             **fp32_errs} if dense_errs else {}
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
                         device=device if info.backend == "nccl" else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)

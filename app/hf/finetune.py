@@ -47,6 +47,33 @@ from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX.parallel import ParallelDims  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
+KERNEL_CHOICES = ("auto", "liger", "torch")
+
+
+def apply_liger(model, request: str, device: torch.device) -> str:
+    """Patch ``model`` (a transformers causal LM instance) with Liger-Kernel where ``request``
+    ("auto", "liger", "torch") asks for it; returns the path taken, in words. "liger" raises
+    when Liger cannot run here; "auto" falls back to the model's own code."""
+    if request == "torch":
+        return "torch (the model's own code)"
+    why = None
+    if device.type != "cuda":
+        why = f"Liger-Kernel needs a CUDA device (this is {device.type})"
+    else:
+        try:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+        except Exception as e:               # not installed, or no triton
+            why = f"liger_kernel is not importable ({type(e).__name__}: {e})"
+        else:
+            if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+                why = f"Liger-Kernel has no kernels for model type {model.config.model_type!r}"
+    if why:
+        if request == "liger":
+            raise SystemExit(f"--kernels liger: {why}; install liger-kernel or use --kernels torch")
+        return f"torch (the model's own code; {why})"
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    return "liger (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)"
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -67,6 +94,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--ac", choices=("none", "full"), default="full", help="activation checkpointing of every layer")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="liger: Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (no logits "
+                        "in training); torch: the model's own code; auto: liger where it is installed and "
+                        "supports the model on a CUDA device, else torch (the run says which)")
     p.add_argument("--checkpoint_every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--export", default=None, help="write the final model here as a Hugging Face directory")
@@ -124,6 +155,9 @@ class Run:
         ringX.hf.register()
         model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn, dtype=torch.float32)
         self.config = model.config
+        self.kernels = apply_liger(model, args.kernels, self.device)
+        self.fused_loss = self.kernels.startswith("liger")
+        self.say(f"kernels: {self.kernels}")
         if args.ac == "full" and not args.eval_only:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device)
@@ -143,10 +177,28 @@ class Run:
             print(msg, flush=True)
 
     def loss(self, tokens, positions=None):
+        """(loss to back-propagate on this rank, the global mean loss detached) of (b, S) tokens."""
         batch = ringX.hf.shard_inputs(tokens.to(self.device), self.args.attn, self.groups.cp,
                                       None if positions is None else positions.to(self.device))
+        if self.fused_loss and self.model.training:
+            return self.fused_cp_loss(batch)
         logits = self.model(**batch.model_inputs()).logits
         return ringX.hf.cp_loss(logits, batch.shift_labels, self.groups.cp)
+
+    def fused_cp_loss(self, batch):
+        """Liger's fused linear cross-entropy (no logits): the model sums its rank's token losses
+        and divides by the labelled tokens of the whole cp group (``num_items_in_batch``), the
+        term cp_loss back-propagates; their sum over the group is the global mean."""
+        count = (batch.shift_labels != -100).sum().double()
+        cp = self.groups.cp
+        if dist.get_world_size(cp) > 1:
+            dist.all_reduce(count, group=cp)
+        loss = self.model(**batch.model_inputs(), shift_labels=batch.shift_labels,
+                          num_items_in_batch=count.clamp(min=1).float(), accum_dtype=torch.float32).loss
+        mean = loss.detach().clone()
+        if dist.get_world_size(cp) > 1:
+            dist.all_reduce(mean, group=cp)
+        return loss, mean
 
     def next_batch(self):
         if self.args.pack_documents:
