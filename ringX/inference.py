@@ -153,6 +153,45 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     return _merge(outs, lses, q.dtype)[0]
 
 
+class StaticDecode:
+    """Decode attention of one new token per sequence at world size 1 whose tensors never
+    change shape or address, so a whole decode step can be captured in a CUDA graph and
+    replayed (the host then launches one graph per token instead of every kernel of every
+    layer). The cache fill lives on the device: ``set_fill(n)`` before each step (n keys
+    cached), then ``attention`` per layer writes the token's keys/values at row n with
+    ``index_copy_`` and attends rows [0, n] through flash-attn's varlen kernel with
+    ``seqused_k`` (the kernel reads the lengths on the device). CUDA only."""
+
+    def __init__(self, cache: ShardedKVCache, batch: int, device):
+        if len(cache.lengths) != 1:
+            raise ValueError(f"StaticDecode runs at world size 1 (this cache is sharded over {len(cache.lengths)} ranks)")
+        self.cache = cache
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)        # the new token's row
+        self.used = torch.zeros(batch, dtype=torch.int32, device=device)   # keys per sequence
+        self.cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        self.cu_k = self.cu_q * cache.capacity
+
+    def set_fill(self, n: int) -> None:
+        """The step about to run attends n cached keys and its own (no host synchronisation)."""
+        if n + 1 > self.cache.capacity:
+            raise RuntimeError(f"KV cache shard full: {n} + 1 tokens > capacity {self.cache.capacity}")
+        self.slot.fill_(n)
+        self.used.fill_(n + 1)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                  scale: float | None = None) -> torch.Tensor:
+        """q (b, 1, h, d), k/v (b, 1, hk, d) -> out (b, 1, h, d)."""
+        b, _, h, d = q.shape
+        kc, vc = self.cache.k[layer], self.cache.v[layer]                  # (b, capacity, hk, d)
+        kc.index_copy_(1, self.slot, k)
+        vc.index_copy_(1, self.slot, v)
+        cap, hk = kc.shape[1], kc.shape[2]
+        out = torch.ops.aten._flash_attention_forward(
+            q.reshape(b, h, d), kc.view(b * cap, hk, d), vc.view(b * cap, hk, d), self.cu_q, self.cu_k, 1, cap,
+            0.0, False, False, scale=q.shape[-1] ** -0.5 if scale is None else scale, seqused_k=self.used)[0]
+        return out.view(b, 1, h, d)
+
+
 def chunk_layout(fn_layout: str, chunk: int, real: int, rank: int, world_size: int, device=None):
     """For a prefill chunk of ``chunk`` tokens (a multiple of the layout's parts) of which the
     first ``real`` are prompt tokens: this rank's chunk-local positions (chunk/N,) and the mask

@@ -24,7 +24,8 @@ row() {  # name nproc prompt_len new_tokens [flags...]
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{sys.argv[2]:14s} prefill {r['prefill_seconds']:7.2f} s ({r['prefill_tokens_per_s']:9.0f} tok/s)  "
-      f"decode {r['decode_ms_per_token']:7.2f} ms/token (bound {r['decode_bound_ms']:6.2f}, x{r['decode_over_bound']:.2f})  "
+      f"decode {r['decode_ms_per_token']:7.2f} ms/token (bound {r['decode_bound_ms']:6.2f}, x{r['decode_over_bound']:.2f}; "
+      f"first step {r['decode_first_step_ms']:.0f} ms)  "
       f"peak {r['peak_memory_gb']:6.1f} GB" + (f"  dense rel err {r['dense_logits_max_rel_err']:.2e}"
                                                if 'dense_logits_max_rel_err' in r else "")
       + (f"  vs fp32: ringX {r['fp32_logits_max_rel_err']:.2e}, dense {r['dense_vs_fp32_max_rel_err']:.2e}"

@@ -125,3 +125,20 @@ def test_generate_from_an_app_run_with_a_text_prompt(tmp_path):
         results.append(json.loads((tmp_path / f"gen{n}" / "generated.json").read_text()))
     assert results[0]["tokens"] == results[1]["tokens"] and len(results[0]["tokens"][0]) == 4
     assert isinstance(results[0]["text"][0], str)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the flash kernel need a GPU")
+def test_cuda_graph_decode_equals_eager_on_gpu(reference):
+    """On a GPU (bf16), decode steps replayed as one CUDA graph give the eager decode's tokens
+    and logits (batch 2, so the varlen offsets of both sequences are used)."""
+    path, _ = reference
+    cfg = config_from_hf(str(path))
+    model = Llama(cfg)
+    load_hf(model, str(path))
+    model = model.to("cuda", torch.bfloat16).eval()
+    prompt = _prompt().cuda()
+    eager = generate(model, prompt, NEW + 3, "ringX3", keep_logits=True)
+    graph = generate(model, prompt, NEW + 3, "ringX3", keep_logits=True, cuda_graph=True)
+    assert torch.equal(graph["tokens"], eager["tokens"])
+    for a, b in zip(graph["logits"], eager["logits"]):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()

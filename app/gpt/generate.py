@@ -40,7 +40,8 @@ from app.gpt.config import load_preset  # noqa: E402
 from app.gpt.hf import config_from_hf, load_hf  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from ringX import ATTN_FUNCS, expected_layout  # noqa: E402
-from ringX.inference import ShardedKVCache, chunk_layout, decode_attention, prefill_attention  # noqa: E402
+from ringX.inference import (ShardedKVCache, StaticDecode, chunk_layout, decode_attention,  # noqa: E402
+                             prefill_attention)
 from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX.layout import shard  # noqa: E402
 
@@ -73,13 +74,51 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gene
     return torch.multinomial(probs, 1, generator=gen).flatten().to(logits.device)
 
 
+class GraphStep:
+    """One decode step of ``model`` at world size 1 (CUDA) captured in a CUDA graph on its first
+    use and replayed for every later token: the token, its position and the cache fill are
+    copied into fixed device tensors, the attention is ringX.inference.StaticDecode. The first
+    step runs the same code eagerly (on a side stream, as capture wants) and gives its logits."""
+
+    def __init__(self, model: Llama, cache: ShardedKVCache, batch: int, device):
+        self.model, self.cache = model, cache
+        self.static = StaticDecode(cache, batch, device)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = self.logits = None
+
+    def _forward(self) -> torch.Tensor:
+        fn = _PerLayer(lambda q, k, v, layer: self.static.attention(q, k, v, layer))
+        return self.model.output(self.model.hidden(self.tok, self.pos, fn)[:, -1]).float()
+
+    def step(self, tok: torch.Tensor, position: int) -> torch.Tensor:
+        """tok (batch,) at ``position`` -> logits (batch, vocab) float32 of the next token."""
+        self.tok.copy_(tok[:, None])
+        self.pos.fill_(position)
+        self.static.set_fill(self.cache.lengths[0])
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            first = self._forward()                 # runs the step (and warms the kernels)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):          # records the same step; replayed from now on
+            self.logits = self._forward()
+        return first
+
+
 @torch.no_grad()
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str, group=None,
              prefill_chunk: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             keep_logits: bool = False) -> dict:
+             keep_logits: bool = False, cuda_graph: bool = False) -> dict:
     """Prompt (batch, P) int64 (the same on every rank) -> {"tokens": (batch, max_new_tokens),
     "logits": [(batch, vocab) float32 per new token] if keep_logits, "prefill_seconds",
-    "decode_seconds", "cache": the ShardedKVCache}."""
+    "decode_seconds" (every model step of the decode), "decode_first_seconds" (its first step:
+    with ``cuda_graph`` also the capture), "cache": the ShardedKVCache}. ``cuda_graph``: decode
+    steps replay one CUDA graph (world size 1 on CUDA, see GraphStep)."""
     n = dist.get_world_size(group) if dist.is_initialized() else 1
     r = dist.get_rank(group) if dist.is_initialized() else 0
     cfg, device = model.cfg, prompt.device
@@ -117,7 +156,8 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str,
         dist.broadcast(logits, src=dist.get_global_rank(group, owner) if group is not None else owner, group=group)
     sync()
     prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, first_s = time.perf_counter(), 0.0
+    graph = GraphStep(model, cache, b, device) if cuda_graph else None
     for step in range(max_new_tokens):                      # ---- decode
         tok = pick(logits, temperature, top_p, gen)
         if n > 1:
@@ -127,13 +167,19 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str,
             logits_kept.append(logits.clone())
         if step == max_new_tokens - 1:
             break
-        layer_fn = _PerLayer(lambda q, k, v, layer: decode_attention(q, k, v, cache, layer, group))
-        h = model.hidden(tok[:, None], torch.full((1,), p_len + step, dtype=torch.long, device=device), layer_fn)
+        if graph is not None:
+            logits = graph.step(tok, p_len + step)
+        else:
+            layer_fn = _PerLayer(lambda q, k, v, layer: decode_attention(q, k, v, cache, layer, group))
+            h = model.hidden(tok[:, None], torch.full((1,), p_len + step, dtype=torch.long, device=device), layer_fn)
+            logits = model.output(h[:, -1]).float()
         cache.advance_decoded()
-        logits = model.output(h[:, -1]).float()
+        if step == 0:
+            sync()
+            first_s = time.perf_counter() - start
     sync()
     return {"tokens": torch.stack(tokens, dim=1), "logits": logits_kept, "prefill_seconds": prefill_s,
-            "decode_seconds": time.perf_counter() - start, "cache": cache}
+            "decode_seconds": time.perf_counter() - start, "decode_first_seconds": first_s, "cache": cache}
 
 
 def _sdpa_causal_expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -212,6 +258,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--check_fp32", action="store_true",
                    help="with --check_dense: also compare the generation and the dense forward with a float32 "
                         "copy of the model (both errors of a bfloat16 run, side by side)")
+    p.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto",
+                   help="replay each decode step as one CUDA graph (world size 1 on CUDA; auto: there)")
     p.add_argument("--repeat", type=int, default=1,
                    help="generate this many times and report the last (speed runs: the first warms the kernels)")
     p.add_argument("--out", default="runs/generate")
@@ -314,24 +362,35 @@ def run(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens = torch.empty(prompt.shape[0], args.max_new_tokens, dtype=torch.long, device=device)
-    prefill_s = decode_s = 0.0
+    prefill_s = decode_s = first_s = 0.0
     dense_errs, fp32_errs = [], {}
     groups = length_groups(prompt_np, args.pad_id)
+    why_not = ("a CUDA device" if device.type != "cuda" else
+               f"world size 1 (this job has {info.world_size})" if info.world_size != 1 else "")
+    if args.cuda_graph == "on" and why_not:
+        raise SystemExit(f"--cuda_graph on: a decode graph needs {why_not}; use --cuda_graph auto or off")
+    graphs = args.cuda_graph != "off" and not why_not
+    decode_path = "one CUDA graph per step" if graphs else \
+        "eager" + (f" (a CUDA graph needs {why_not})" if why_not and args.cuda_graph == "auto" else "")
+    if info.rank == 0:
+        print(f"decode: {decode_path}", flush=True)
     for rows, length in groups:   # left-padded prompts: by real length
         part = prompt[torch.as_tensor(rows, device=device)][:, -length:]
         for _ in range(args.repeat):
             res = None                                  # the previous run's cache goes first
             res = generate(model, part, args.max_new_tokens, args.attn, None, args.prefill_chunk,
-                           args.temperature, args.top_p, args.seed, keep_logits=args.check_dense)
+                           args.temperature, args.top_p, args.seed, keep_logits=args.check_dense,
+                           cuda_graph=graphs)
         tokens[torch.as_tensor(rows, device=device)] = res["tokens"]
         prefill_s, decode_s = prefill_s + res["prefill_seconds"], decode_s + res["decode_seconds"]
+        first_s += res["decode_first_seconds"]
         if args.check_dense and info.rank == 0:
             check = dense_check(model, part, res, fp32=args.check_fp32)
             dense_errs += check.pop("dense_logits_rel_err_per_step")
             check.pop("dense_logits_max_rel_err")
             for key, err in check.items():
                 fp32_errs[key] = max(fp32_errs.get(key, 0.0), err)
-    res.update(tokens=tokens, prefill_seconds=prefill_s, decode_seconds=decode_s)
+    res.update(tokens=tokens, prefill_seconds=prefill_s, decode_seconds=decode_s, decode_first_seconds=first_s)
     dense = {"dense_logits_max_rel_err": max(dense_errs), "dense_logits_rel_err_per_step": dense_errs,
              **fp32_errs} if dense_errs else {}
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
@@ -345,11 +404,14 @@ def run(args) -> None:
                   **({"text": [bytes(t for t in (row + [EOT])[:(row + [EOT]).index(EOT)] if t < 256).decode("utf-8", "replace")
                                for row in res["tokens"].cpu().tolist()]} if args.prompt is not None else {}), "prefill_seconds": res["prefill_seconds"],
                   "prefill_tokens_per_s": sum(len(rows) * n for rows, n in groups) / res["prefill_seconds"],
-                  "decode_ms_per_token": 1e3 * res["decode_seconds"] / max(1, new - 1),
+                  # per token after the first step (which also warms up and, with graphs, captures)
+                  "decode_ms_per_token": 1e3 * (res["decode_seconds"] - res["decode_first_seconds"])
+                  / (len(groups) * (new - 2)) if new > 2 else 1e3 * res["decode_seconds"] / max(1, new - 1),
+                  "decode_first_step_ms": 1e3 * res["decode_first_seconds"] / len(groups),
                   "decode_over_bound": None,
                   "decode_bound_ms": 1e3 * decode_bound_s(model, prompt.shape[0], prompt.shape[1] + new,
                                                           info.world_size, args.hbm_gb_s),
-                  "peak_memory_gb": float(peak), "cache_capacity_per_rank": res["cache"].capacity,
+                  "decode_path": decode_path, "peak_memory_gb": float(peak), "cache_capacity_per_rank": res["cache"].capacity,
                   "cache_tokens_per_rank": res["cache"].lengths, **dense, "args": vars(args)}
         result["decode_over_bound"] = result["decode_ms_per_token"] / result["decode_bound_ms"]
         (out / "generated.json").write_text(json.dumps(result, indent=1) + "\n")
