@@ -3,7 +3,8 @@
 #   bash script/gpu_generate.sh            world size 1, Llama3-8B shapes (random weights), bf16:
 #                                          prefill at 32K and 128K tokens, decode at 128K context,
 #                                          each checked against one dense forward (--check_dense; at 32K
-#                                          also both against float32), timed on the second of two runs
+#                                          also both against float32), timed on the second of two runs;
+#                                          decode replays one CUDA graph per token, blocks compiled
 #   NGPU=4 bash script/gpu_generate.sh cp  cp = 4: prefill 128K and 512K, decode at 128K and 1M context
 # Each run's generated.json lands in $OUT/<name>/; a line per run sums it up.
 set -uo pipefail
@@ -34,8 +35,8 @@ PY
 }
 case "$what" in
 one)
-  row w1_32k 1 32768 16 --check_dense --check_fp32 --repeat 2
-  row w1_128k 1 131072 32 --check_dense --repeat 2;;
+  row w1_32k 1 32768 16 --check_dense --check_fp32 --repeat 2 --compile
+  row w1_128k 1 131072 32 --check_dense --repeat 2 --compile;;
 cp)
   row cp${NGPU}_128k "$NGPU" 131072 32
   row cp${NGPU}_512k "$NGPU" 524288 16 --prefill_chunk 131072

@@ -127,10 +127,28 @@ def test_generate_from_an_app_run_with_a_text_prompt(tmp_path):
     assert isinstance(results[0]["text"][0], str)
 
 
+def test_decode_layer_halves_make_the_block():
+    """The decode graph's per-layer halves (around the attention) compute the block's forward."""
+    from app.gpt.config import load_preset
+    from app.gpt.generate import _layer_finish, _layer_qkv
+    from app.gpt.model import rope_angles, sdpa_causal
+    cfg = load_preset("debug")
+    model = Llama(cfg).eval()
+    model.init_weights(torch.Generator().manual_seed(0))
+    x = torch.randn(2, 7, cfg.dim, generator=torch.Generator().manual_seed(1))
+    cos, sin = rope_angles(torch.arange(7), cfg.head_dim, cfg.rope_theta, cfg)
+    with torch.no_grad():
+        for block in model.layers:
+            want = block(x, cos, sin, sdpa_causal)
+            got = _layer_finish(block, x, sdpa_causal(*_layer_qkv(block, x, cos, sin)))
+            assert torch.equal(got, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the flash kernel need a GPU")
-def test_cuda_graph_decode_equals_eager_on_gpu(reference):
-    """On a GPU (bf16), decode steps replayed as one CUDA graph give the eager decode's tokens
-    and logits (batch 2, so the varlen offsets of both sequences are used)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_decode_equals_eager_on_gpu(reference, compiled):
+    """On a GPU (bf16), decode steps replayed as one CUDA graph (with compiled blocks or not)
+    give the eager decode's tokens and logits (batch 2: both sequences' varlen offsets)."""
     path, _ = reference
     cfg = config_from_hf(str(path))
     model = Llama(cfg)
@@ -138,7 +156,7 @@ def test_cuda_graph_decode_equals_eager_on_gpu(reference):
     model = model.to("cuda", torch.bfloat16).eval()
     prompt = _prompt().cuda()
     eager = generate(model, prompt, NEW + 3, "ringX3", keep_logits=True)
-    graph = generate(model, prompt, NEW + 3, "ringX3", keep_logits=True, cuda_graph=True)
+    graph = generate(model, prompt, NEW + 3, "ringX3", keep_logits=True, cuda_graph=True, compiled=compiled)
     assert torch.equal(graph["tokens"], eager["tokens"])
     for a, b in zip(graph["logits"], eager["logits"]):
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()

@@ -38,7 +38,7 @@ from app.common.runtime import run_and_shut_down  # noqa: E402
 from app.gpt.data import EOT, encode_bytes  # noqa: E402
 from app.gpt.config import load_preset  # noqa: E402
 from app.gpt.hf import config_from_hf, load_hf  # noqa: E402
-from app.gpt.model import Llama, sdpa_causal  # noqa: E402
+from app.gpt.model import Llama, rope_angles, sdpa_causal  # noqa: E402
 from ringX import ATTN_FUNCS, expected_layout  # noqa: E402
 from ringX.inference import (ShardedKVCache, StaticDecode, chunk_layout, decode_attention,  # noqa: E402
                              prefill_attention)
@@ -74,22 +74,45 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gene
     return torch.multinomial(probs, 1, generator=gen).flatten().to(logits.device)
 
 
+def _layer_qkv(block, x, cos, sin):
+    """A block's rotated q, k, v of x (b, 1, dim) (its attention's input half)."""
+    return block.attention.project(block.attention_norm(x), cos, sin)
+
+
+def _layer_finish(block, x, out):
+    """The rest of a block after its attention: out (b, 1, h, d) -> the block's output (b, 1, dim)."""
+    b, s, _ = x.shape
+    x = x + block.attention.wo(out.reshape(b, s, -1))
+    return x + block.feed_forward(block.ffn_norm(x))
+
+
 class GraphStep:
     """One decode step of ``model`` at world size 1 (CUDA) captured in a CUDA graph on its first
     use and replayed for every later token: the token, its position and the cache fill are
     copied into fixed device tensors, the attention is ringX.inference.StaticDecode. The first
-    step runs the same code eagerly (on a side stream, as capture wants) and gives its logits."""
+    step runs the same code eagerly (on a side stream, as capture wants) and gives its logits.
 
-    def __init__(self, model: Llama, cache: ShardedKVCache, batch: int, device):
+    ``compiled``: each block's two halves around the attention go through torch.compile (one
+    compiled graph for every layer), which fuses the norms, RoPE, SwiGLU and residual adds: a
+    step of Llama3-8B otherwise replays about a thousand small elementwise kernels."""
+
+    def __init__(self, model: Llama, cache: ShardedKVCache, batch: int, device, compiled: bool = False):
         self.model, self.cache = model, cache
         self.static = StaticDecode(cache, batch, device)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graph = self.logits = None
+        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled else (lambda f: f)
+        self.qkv, self.finish = wrap(_layer_qkv), wrap(_layer_finish)
 
     def _forward(self) -> torch.Tensor:
-        fn = _PerLayer(lambda q, k, v, layer: self.static.attention(q, k, v, layer))
-        return self.model.output(self.model.hidden(self.tok, self.pos, fn)[:, -1]).float()
+        m, cfg = self.model, self.model.cfg
+        cos, sin = rope_angles(self.pos, cfg.head_dim, cfg.rope_theta, cfg)
+        x = m.tok_embeddings(self.tok)
+        for i, block in enumerate(m.layers):
+            q, k, v = self.qkv(block, x, cos, sin)
+            x = self.finish(block, x, self.static.attention(q, k, v, i))
+        return m.output(m.norm(x)[:, -1]).float()
 
     def step(self, tok: torch.Tensor, position: int) -> torch.Tensor:
         """tok (batch,) at ``position`` -> logits (batch, vocab) float32 of the next token."""
@@ -113,12 +136,13 @@ class GraphStep:
 @torch.no_grad()
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str, group=None,
              prefill_chunk: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             keep_logits: bool = False, cuda_graph: bool = False) -> dict:
+             keep_logits: bool = False, cuda_graph: bool = False, compiled: bool = False) -> dict:
     """Prompt (batch, P) int64 (the same on every rank) -> {"tokens": (batch, max_new_tokens),
     "logits": [(batch, vocab) float32 per new token] if keep_logits, "prefill_seconds",
     "decode_seconds" (every model step of the decode), "decode_first_seconds" (its first step:
     with ``cuda_graph`` also the capture), "cache": the ShardedKVCache}. ``cuda_graph``: decode
-    steps replay one CUDA graph (world size 1 on CUDA, see GraphStep)."""
+    steps replay one CUDA graph (world size 1 on CUDA, see GraphStep); ``compiled``: its blocks
+    compiled."""
     n = dist.get_world_size(group) if dist.is_initialized() else 1
     r = dist.get_rank(group) if dist.is_initialized() else 0
     cfg, device = model.cfg, prompt.device
@@ -157,7 +181,7 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str,
     sync()
     prefill_s = time.perf_counter() - start
     start, first_s = time.perf_counter(), 0.0
-    graph = GraphStep(model, cache, b, device) if cuda_graph else None
+    graph = GraphStep(model, cache, b, device, compiled) if cuda_graph else None
     for step in range(max_new_tokens):                      # ---- decode
         tok = pick(logits, temperature, top_p, gen)
         if n > 1:
@@ -260,6 +284,9 @@ def parse(argv=None) -> argparse.Namespace:
                         "copy of the model (both errors of a bfloat16 run, side by side)")
     p.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto",
                    help="replay each decode step as one CUDA graph (world size 1 on CUDA; auto: there)")
+    p.add_argument("--compile", action="store_true",
+                   help="with a decode graph: torch.compile each block's halves around the attention "
+                        "(fused norms, RoPE, SwiGLU; compiles on the first step)")
     p.add_argument("--repeat", type=int, default=1,
                    help="generate this many times and report the last (speed runs: the first warms the kernels)")
     p.add_argument("--out", default="runs/generate")
@@ -370,7 +397,10 @@ def run(args) -> None:
     if args.cuda_graph == "on" and why_not:
         raise SystemExit(f"--cuda_graph on: a decode graph needs {why_not}; use --cuda_graph auto or off")
     graphs = args.cuda_graph != "off" and not why_not
-    decode_path = "one CUDA graph per step" if graphs else \
+    if args.compile and not graphs:
+        raise SystemExit("--compile compiles the decode graph's blocks; it needs a decode graph "
+                         f"({why_not or '--cuda_graph is off'})")
+    decode_path = f"one CUDA graph per step{', compiled blocks' if args.compile else ''}" if graphs else \
         "eager" + (f" (a CUDA graph needs {why_not})" if why_not and args.cuda_graph == "auto" else "")
     if info.rank == 0:
         print(f"decode: {decode_path}", flush=True)
@@ -380,7 +410,7 @@ def run(args) -> None:
             res = None                                  # the previous run's cache goes first
             res = generate(model, part, args.max_new_tokens, args.attn, None, args.prefill_chunk,
                            args.temperature, args.top_p, args.seed, keep_logits=args.check_dense,
-                           cuda_graph=graphs)
+                           cuda_graph=graphs, compiled=args.compile)
         tokens[torch.as_tensor(rows, device=device)] = res["tokens"]
         prefill_s, decode_s = prefill_s + res["prefill_seconds"], decode_s + res["decode_seconds"]
         first_s += res["decode_first_seconds"]

@@ -85,13 +85,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
+    def project(self, x, cos, sin):
+        """x (B, S, dim) -> q (B, S, nh, hd), k, v (B, S, nkv, hd), q and k rotated."""
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(self, x, cos, sin, attn_fn: AttnFn):
         b, s, _ = x.shape                                           # x: (B, S_local, dim)
-        q = self.wq(x).view(b, s, -1, self.head_dim)                # (B, S, nh, hd)
-        k = self.wk(x).view(b, s, -1, self.head_dim)                # (B, S, nkv, hd)
-        v = self.wv(x).view(b, s, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attn_fn(q, k, v)                                      # (B, S, nh, hd)
+        out = attn_fn(*self.project(x, cos, sin))                   # (B, S, nh, hd)
         return self.wo(out.reshape(b, s, -1))
 
 
