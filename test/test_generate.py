@@ -103,6 +103,21 @@ def test_generate_cli_writes_tokens(reference, tmp_path):
     assert result["prefill_seconds"] > 0 and result["decode_ms_per_token"] > 0 and "peak_memory_gb" in result
 
 
+def test_generate_cli_with_tensor_parallel(reference, tmp_path):
+    """cp = 2 x tp = 2 (heads and the SwiGLU width split, each rank caching its kv heads'
+    share of its sequence share): transformers' greedy tokens for both prompts."""
+    path, ref = reference
+    np.save(tmp_path / "prompt.npy", _prompt().numpy())
+    out = tmp_path / "out"
+    run_app("app/gpt/generate.py", 4, "--hf_checkpoint", path, "--prompt_ids", str(tmp_path / "prompt.npy"),
+            "--max_new_tokens", str(NEW), "--context_parallel", "2", "--tensor_parallel", "2", "--attn", "ringX3",
+            "--dtype", "float32", "--out", str(out))
+    result = json.loads((out / "generated.json").read_text())
+    assert result["tokens"] == ref.tolist()
+    fill, total = result["cache_tokens_per_rank"], PROMPT_LEN + NEW - 1      # the cp ranks' shares
+    assert sum(fill) == total and max(fill) <= math.ceil(total / 2) + 1, fill
+
+
 def test_generate_cli_refuses_bad_prompts(reference, tmp_path):
     import subprocess
     path, _ = reference

@@ -44,6 +44,8 @@ from ringX.inference import (ShardedKVCache, StaticDecode, chunk_layout, decode_
                              prefill_attention)
 from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX.layout import shard  # noqa: E402
+from ringX.parallel import ParallelDims  # noqa: E402
+from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -84,6 +86,13 @@ def _layer_finish(block, x, out):
     b, s, _ = x.shape
     x = x + block.attention.wo(out.reshape(b, s, -1))
     return x + block.feed_forward(block.ffn_norm(x))
+
+
+def local_kv_heads(model: Llama) -> int:
+    """The kv heads of this rank's attention (all of them, or its tensor-parallel share)."""
+    wk = next(m for name, m in model.named_modules() if name.endswith("attention.wk")
+              or name.endswith("attention.inner.wk"))
+    return wk.weight.shape[0] // model.cfg.head_dim
 
 
 class GraphStep:
@@ -152,7 +161,7 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, attn: str,
     b, p_len = prompt.shape
     chunk = math.ceil((prefill_chunk or p_len) / parts) * parts
     cap = math.ceil(p_len / n) + parts + math.ceil(max_new_tokens / n) + 1
-    cache = ShardedKVCache.empty(cfg.n_layers, b, cap, cfg.n_kv_heads, cfg.head_dim, r, n, dtype, device)
+    cache = ShardedKVCache.empty(cfg.n_layers, b, cap, local_kv_heads(model), cfg.head_dim, r, n, dtype, device)
     gen = torch.Generator().manual_seed(seed)
     logits_kept, tokens = [], []
 
@@ -267,6 +276,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="memory bandwidth per GPU for the decode bound (H200: 4800)")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--context_parallel", type=int, default=1)
+    p.add_argument("--tensor_parallel", type=int, default=1,
+                   help="heads and SwiGLU width split over this many ranks (world = cp x tp; tp fastest)")
     p.add_argument("--attn", choices=tuple(ATTN_FUNCS), default="ringX3")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     p.add_argument("--prefill_chunk", type=int, default=0, help="prompt tokens per prefill chunk (0: all at once)")
@@ -295,6 +306,8 @@ def parse(argv=None) -> argparse.Namespace:
         p.error("--max_new_tokens must be >= 1")
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if args.check_dense and args.tensor_parallel > 1:
+        p.error("--check_dense runs the whole model on one rank; it needs --tensor_parallel 1")
     if args.check_fp32 and not args.check_dense:
         p.error("--check_fp32 needs --check_dense")
     if sum(x is not None for x in (args.hf_checkpoint, args.checkpoint, args.config)) != 1:
@@ -336,14 +349,14 @@ def length_groups(prompt: np.ndarray, pad_id: int | None) -> list[tuple[list[int
     return [(np.flatnonzero(real == n).tolist(), int(n)) for n in sorted(set(real.tolist()))]
 
 
-def decode_bound_s(model: Llama, batch: int, context: int, world_size: int, hbm_gb_s: float) -> float:
-    """The memory-bandwidth bound of one decode step on one rank: every weight (replicated) and
-    this rank's 1/N of the cache (keys and values of every layer at ``context`` tokens) read
-    once, at ``hbm_gb_s``."""
+def decode_bound_s(model: Llama, batch: int, context: int, cp: int, hbm_gb_s: float) -> float:
+    """The memory-bandwidth bound of one decode step on one rank: every weight this rank holds
+    (all, or its tensor-parallel share) and its 1/cp of the cache (keys and values of its kv
+    heads, every layer, at ``context`` tokens) read once, at ``hbm_gb_s``."""
     cfg = model.cfg
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     itemsize = next(model.parameters()).element_size()
-    cache = 2 * cfg.n_layers * batch * math.ceil(context / world_size) * cfg.n_kv_heads * cfg.head_dim * itemsize
+    cache = 2 * cfg.n_layers * batch * math.ceil(context / cp) * local_kv_heads(model) * cfg.head_dim * itemsize
     return (weights + cache) / (hbm_gb_s * 1e9)
 
 
@@ -358,9 +371,11 @@ def run(args) -> None:
             raise SystemExit(f"--prompt_ids {args.prompt_ids}: expected an integer array (batch, prompt_len), "
                              f"got {prompt_np.dtype} {prompt_np.shape}")
     info = init_distributed()
-    if info.world_size != args.context_parallel:
-        raise SystemExit(f"--context_parallel {args.context_parallel} needs exactly that many ranks "
+    cp, tp = args.context_parallel, args.tensor_parallel
+    if info.world_size != cp * tp:
+        raise SystemExit(f"--context_parallel {cp} x --tensor_parallel {tp} needs exactly {cp * tp} ranks "
                          f"(this job has {info.world_size})")
+    pgroups = ParallelDims(dp=-1, cp=cp, tp=tp, order="tp-cp-dp", world_size=info.world_size).build(names=("cp", "tp"))
     if args.hf_checkpoint:
         cfg = config_from_hf(args.hf_checkpoint)
     elif args.checkpoint:
@@ -384,6 +399,7 @@ def run(args) -> None:
         checkpoint.load_model(ckpt, model, group=dist.group.WORLD)
     else:
         model.init_weights(torch.Generator(device).manual_seed(args.seed))
+    apply_tensor_parallel(model, pgroups.tp)          # heads and SwiGLU width split over tp (tp > 1)
     model = model.to(DTYPES[args.dtype]).eval()
     prompt = torch.from_numpy(prompt_np.astype(np.int64)).to(device)
     if device.type == "cuda":
@@ -408,7 +424,7 @@ def run(args) -> None:
         part = prompt[torch.as_tensor(rows, device=device)][:, -length:]
         for _ in range(args.repeat):
             res = None                                  # the previous run's cache goes first
-            res = generate(model, part, args.max_new_tokens, args.attn, None, args.prefill_chunk,
+            res = generate(model, part, args.max_new_tokens, args.attn, pgroups.cp, args.prefill_chunk,
                            args.temperature, args.top_p, args.seed, keep_logits=args.check_dense,
                            cuda_graph=graphs, compiled=args.compile)
         tokens[torch.as_tensor(rows, device=device)] = res["tokens"]
@@ -440,7 +456,7 @@ def run(args) -> None:
                   "decode_first_step_ms": 1e3 * res["decode_first_seconds"] / len(groups),
                   "decode_over_bound": None,
                   "decode_bound_ms": 1e3 * decode_bound_s(model, prompt.shape[0], prompt.shape[1] + new,
-                                                          info.world_size, args.hbm_gb_s),
+                                                          cp, args.hbm_gb_s),
                   "decode_path": decode_path, "peak_memory_gb": float(peak), "cache_capacity_per_rank": res["cache"].capacity,
                   "cache_tokens_per_rank": res["cache"].lengths, **dense, "args": vars(args)}
         result["decode_over_bound"] = result["decode_ms_per_token"] / result["decode_bound_ms"]
