@@ -289,3 +289,22 @@ def test_seed_vit_inference_command_finds_the_newest_checkpoint(tmp_path):
     (run,) = glob.glob(str(runs / "mp_p2_ringX_*"))
     assert f"using the newest run of mp_p2_ringX: {run}" in out, out[-3000:]
     assert (Path(run) / "inference" / "forecast.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_generate_under_srun_and_mpirun(tmp_path, launcher):
+    """app/gpt/generate.py at cp = 2 under srun (setup_dist_vars.sh) and mpirun gives the tokens
+    of a one-process run."""
+    _need(launcher)
+    import json
+    args = "app/gpt/generate.py --config debug --random_prompt 1,21 --max_new_tokens 4 --dtype float32 --attn ringX2"
+    rc, out = _run([sys.executable, *args.split()[:1], *args.split()[1:], "--out", str(tmp_path / "one")])
+    assert rc == 0, out[-3000:]
+    cmd = (["srun", "-n", "2", "bash", "-c", f"source script/setup_dist_vars.sh; python {args} "
+            f"--context_parallel 2 --out {tmp_path / 'two'}"] if launcher == "srun" else
+           ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", "python", *args.split(),
+            "--context_parallel", "2", "--out", str(tmp_path / "two")])
+    rc, out = _run(cmd)
+    assert rc == 0, out[-3000:]
+    one, two = (json.loads((tmp_path / d / "generated.json").read_text()) for d in ("one", "two"))
+    assert two["tokens"] == one["tokens"] and two["cache_tokens_per_rank"] != one["cache_tokens_per_rank"]
