@@ -16,6 +16,12 @@ for "the rest". Example, 8 ranks, tp=2, cp=2, dp=2::
 in the same order) and returns the ``ParallelGroups`` holding this rank's groups: ``cp``, ``tp``,
 ``dp`` and ``dp_cp`` (the ranks that share weights when tp is the only split: gradients are
 reduced over it). Nothing is kept in module globals.
+
+Two-level cp (ringX.hybrid): ``cp_inner`` (dividing cp) cuts each cp group into inner groups of
+``cp_inner`` consecutive cp ranks (``cp_inner``: Ulysses over heads, meant to stay on one node:
+put cp, or tp then cp, first in ``order`` with tp x cp_inner GPUs per node at most) and outer
+groups of the ranks at the same place in each (``cp_outer``: the ring across nodes). A rank's
+inner rank is its cp rank mod cp_inner, its outer rank its cp rank // cp_inner.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ class ParallelDims:
     tp: int = 1
     order: str = "tp-cp-dp"
     world_size: int | None = None
+    cp_inner: int = 1
 
     def __post_init__(self):
         names = self.order.split("-")
@@ -66,6 +73,8 @@ class ParallelDims:
                              f"world size {ws}")
         self.dp, self.cp, self.tp = degrees["dp"], degrees["cp"], degrees["tp"]
         self.world_size = ws
+        if self.cp_inner < 1 or self.cp % self.cp_inner:
+            raise ValueError(f"cp_inner={self.cp_inner} must divide cp={self.cp} (cp = cp_inner x cp_outer)")
 
     def degree(self, name: str) -> int:
         if name not in DIMS:
@@ -89,8 +98,15 @@ class ParallelDims:
         return rank
 
     def group_ranks(self, dims: str) -> list[list[int]]:
-        """Every group along ``dims`` ("cp", or several joined by "_" such as "dp_cp"): lists of
-        global ranks that differ only in those dims, ascending."""
+        """Every group along ``dims`` ("cp", or several joined by "_" such as "dp_cp"; or
+        "cp_inner" / "cp_outer", the two levels of cp): lists of global ranks that differ only
+        in those dims, ascending."""
+        if dims in ("cp_inner", "cp_outer"):
+            out = []
+            for members in self.group_ranks("cp"):          # ascending ranks: cp rank order
+                chunks = [members[i:i + self.cp_inner] for i in range(0, len(members), self.cp_inner)]
+                out += chunks if dims == "cp_inner" else [list(col) for col in zip(*chunks)]
+            return sorted(out)
         varying = dims.split("_")
         for n in varying:
             self.degree(n)
@@ -141,6 +157,14 @@ class ParallelGroups:
     @property
     def tp(self):
         return self["tp"]
+
+    @property
+    def cp_inner(self):
+        return self["cp_inner"]
+
+    @property
+    def cp_outer(self):
+        return self["cp_outer"]
 
     @property
     def dp(self):

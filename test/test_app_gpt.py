@@ -81,6 +81,31 @@ def tp_cp_equivalence_body(rank, world_size, device, order):
         assert err <= 1e-5, f"tp2 x cp2 {order}: gradient of {name} differs by {err:.2e}"
 
 
+def two_level_equivalence_body(rank, world_size, device, attn):
+    """cp = 4 as 2 x 2 (heads over the inner pairs, ``attn`` over the outer): the app's sharding
+    and attention give the whole sequence's loss and gradients."""
+    from ringX.parallel import ParallelDims
+    cfg, model, tokens, labels = _model_and_batch()
+    ref = copy.deepcopy(model)
+    logits = ref(tokens, torch.arange(tokens.shape[1]))
+    ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    ref_loss.backward()
+    groups = ParallelDims(dp=-1, cp=4, tp=1, world_size=4, cp_inner=2).build(names=("cp", "cp_inner", "cp_outer"))
+    tok, lab, pos = shard_batch(tokens, labels, attn, groups.cp, cp_inner=2)
+    attn_fn = cp_attention(attn, groups.cp, inner=(groups.cp_inner, groups.cp_outer))
+    loss, global_loss = cp_loss(model(tok, pos, attn_fn, labels=lab), lab, groups.cp)
+    loss.backward()
+    reduce_gradients(model, groups.cp)
+    assert _rel(global_loss, ref_loss.detach()) <= 1e-5, (global_loss.item(), ref_loss.item())
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+        assert _rel(p.grad, p_ref.grad) <= 1e-5, f"2 x 2 {attn}: gradient of {name}"
+
+
+@pytest.mark.parametrize("attn", ["ringX1", "ringX4"])
+def test_cp4_as_2x2_step0_equals_cp1(attn):
+    spawn(4, two_level_equivalence_body, attn, deadline_s=300)
+
+
 @pytest.mark.parametrize("order", ["tp-cp-dp", "cp-tp-dp"])
 def test_tp2_cp2_step0_equals_cp1(order):
     spawn(4, tp_cp_equivalence_body, order, deadline_s=300)
@@ -285,6 +310,24 @@ def test_random_positions_cp2_zigzag_equal_cp1(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_train_two_level_cp_equals_cp1(tmp_path):
+    """--context_parallel 4 --context_parallel_inner 2 (ringX3 over the outer pairs) trains
+    with the losses of one rank; what the hybrid cannot take is refused."""
+    one = _train(tmp_path / "one", 1, "--steps", "3", "--attn", "sdpa")
+    two = _train(tmp_path / "two", 4, "--steps", "3", "--attn", "ringX3", "--context_parallel", "4",
+                 "--context_parallel_inner", "2")
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
+    from app.gpt.train import check_two_level, model_config, parse
+    from ringX.parallel import ParallelDims
+    args = parse(["--context_parallel", "4", "--context_parallel_inner", "2", "--ac", "attention"])
+    with pytest.raises(ValueError, match="--ac attention"):
+        check_two_level(args, model_config(args), ParallelDims(cp=4, world_size=4, cp_inner=2))
+    args = parse(["--context_parallel", "4", "--context_parallel_inner", "3"])
+    with pytest.raises(ValueError, match="cp_inner=3 must divide cp=4"):
+        ParallelDims(cp=4, world_size=4, cp_inner=3)
 
 
 def test_deepspeed_zero2_equals_allreduce_and_resumes_exactly(tmp_path):

@@ -151,6 +151,25 @@ def vit_tp_cp_body(rank, world_size, device, root, order):
     _check_step0(model, ref, ref_loss, global_loss, f"tp2 x cp2 {order}", coords["tp"], 2)
 
 
+def vit_two_level_body(rank, world_size, device, root, attn):
+    """cp = 4 as 2 x 2: heads over the inner pairs by all-to-all, ``attn`` over the outer."""
+    from ringX.parallel import ParallelDims
+    cfg, model, ref, ref_loss = _model_and_reference(device, root)
+    groups = ParallelDims(dp=1, cp=4, tp=1, world_size=4, cp_inner=2).build(names=("cp", "cp_inner", "cp_outer"))
+    pos = local_positions(cfg.tokens, groups.cp, device)
+    local = ClimateData(root, "train", cfg.lat, cfg.lon, cfg.patch, cfg.channels, rank, world_size)
+    xl, yl = (t.unsqueeze(0).to(device) for t in local.sample(3))
+    attn_fn = cp_attention(attn, groups.cp, inner=(groups.cp_inner, groups.cp_outer))
+    loss, global_loss = cp_mse(model(xl, pos, attn_fn), yl, groups.cp)
+    loss.backward()
+    reduce_gradients(model, groups.cp)
+    _check_step0(model, ref, ref_loss, global_loss, f"2 x 2 {attn}")
+
+
+def test_cp4_as_2x2_step0_loss_and_gradients_equal_cp1(dataset):
+    spawn(4, vit_two_level_body, str(dataset), "ringX2", deadline_s=300)
+
+
 @pytest.mark.parametrize("attn", ["ringX1", "ringX3", "allgather"])
 def test_cp4_step0_loss_and_gradients_equal_cp1(dataset, attn):
     spawn(4, vit_cp_body, str(dataset), attn, deadline_s=300)
@@ -215,6 +234,16 @@ def test_tp2_cp2_fsdp_full_ac_trains_like_one_rank_and_infers(tmp_path, dataset)
     _run_app(tmp_path / "tp", 4, "app/vit/inference.py", "--tensor_parallel", "2", "--context_parallel", "2",
              "--data", str(dataset), "--checkpoint", str(run), "--samples", "1")
     assert (run / "inference" / "forecast.png").stat().st_size > 10_000
+
+
+def test_train_two_level_cp_like_one_rank(tmp_path, dataset):
+    """--context_parallel 4 --context_parallel_inner 2 trains with the losses of one rank."""
+    common = ["--data", str(dataset), "--steps", "3", "--no_checkpoint"]
+    one = _run_app(tmp_path / "one", 1, "app/vit/train.py", *common, "--out", str(tmp_path / "one"))
+    two = _run_app(tmp_path / "two", 4, "app/vit/train.py", *common, "--context_parallel", "4",
+                   "--context_parallel_inner", "2", "--attn", "ringX3", "--out", str(tmp_path / "two"))
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
 
 
 def test_resume_with_another_lr_uses_it(tmp_path, dataset):

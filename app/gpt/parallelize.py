@@ -30,12 +30,17 @@ ATTN_CHOICES = tuple(ATTN_FUNCS) + ("sdpa",)
 # group is the set of ranks holding the same heads for other parts of the sequence.
 
 
-def cp_attention(attn: str, cp_group, as_op: bool = False):
+def cp_attention(attn: str, cp_group, as_op: bool = False, inner=None):
     """The attention function for the model: a ringX function bound to ``cp_group`` (causal).
     ``as_op``: call it through the custom op ``ringx::attention`` in eager mode too, so that a
-    selective checkpointing policy sees one op whose outputs it can keep (``--ac attention``)."""
+    selective checkpointing policy sees one op whose outputs it can keep (``--ac attention``).
+    ``inner``: (inner group, outer group) of a two-level cp group: heads over the inner group
+    by all-to-all, then the function over the outer group (ringX.hybrid)."""
     if attn not in ATTN_FUNCS:
         raise ValueError(f"attention {attn!r} is not a ringX function; valid: {', '.join(ATTN_FUNCS)}")
+    if inner is not None:
+        from ringX.hybrid import hybrid_attn_func
+        return functools.partial(hybrid_attn_func, fn=attn, inner_group=inner[0], outer_group=inner[1], causal=True)
     if as_op:
         from ringX.ops import attention_through_op
         return functools.partial(attention_through_op, attn, causal=True, group=cp_group)
@@ -65,9 +70,25 @@ def packed_attention(attn: str, cp_group, cu_rows: list[list[int]], as_op: bool 
     return attend
 
 
-def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, attn: str, cp_group):
+def cp_positions(attn: str, seqlen: int, cp_group, cp_inner: int = 1, device=None) -> torch.Tensor:
+    """Global positions (S/N,) of the tokens this cp rank holds in the layout ``attn`` expects
+    (with ``cp_inner`` > 1: the two-level layout of ringX.hybrid, inner rank = cp rank mod
+    cp_inner)."""
+    n = dist.get_world_size(cp_group) if cp_group is not None else 1
+    r = dist.get_rank(cp_group) if cp_group is not None else 0
+    if cp_inner > 1:
+        from ringX.hybrid import hybrid_positions
+        return hybrid_positions(attn, seqlen, r % cp_inner, cp_inner, r // cp_inner, n // cp_inner, device=device)
+    layout = expected_layout(attn) if attn in ATTN_FUNCS else "contiguous"
+    return global_positions(layout, seqlen, r, n, device=device)
+
+
+def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, attn: str, cp_group, cp_inner: int = 1):
     """Global (B, S) tokens/labels -> this cp rank's (B, S/N) tokens, labels and (S/N,) global
-    positions, in the layout ``attn`` expects."""
+    positions, in the layout ``attn`` expects (two-level with ``cp_inner`` > 1)."""
+    if cp_inner > 1:
+        pos = cp_positions(attn, tokens.shape[1], cp_group, cp_inner, tokens.device)
+        return tokens.index_select(1, pos), labels.index_select(1, pos), pos
     n = dist.get_world_size(cp_group) if cp_group is not None else 1
     r = dist.get_rank(cp_group) if cp_group is not None else 0
     layout = expected_layout(attn) if attn in ATTN_FUNCS else "contiguous"
@@ -84,8 +105,12 @@ def draw_positions(seq_len: int, limit: int, generator: torch.Generator) -> torc
     return torch.randperm(limit, generator=generator)[:seq_len].sort().values
 
 
-def shard_positions(positions: torch.Tensor, attn: str, cp_group) -> torch.Tensor:
-    """This cp rank's part of global (S,) or (B, S) ``positions``, in the layout ``attn`` expects."""
+def shard_positions(positions: torch.Tensor, attn: str, cp_group, cp_inner: int = 1) -> torch.Tensor:
+    """This cp rank's part of global (S,) or (B, S) ``positions``, in the layout ``attn`` expects
+    (two-level with ``cp_inner`` > 1)."""
+    if cp_inner > 1:
+        return positions.index_select(-1, cp_positions(attn, positions.shape[-1], cp_group, cp_inner,
+                                                       positions.device))
     n = dist.get_world_size(cp_group) if cp_group is not None else 1
     r = dist.get_rank(cp_group) if cp_group is not None else 0
     layout = expected_layout(attn) if attn in ATTN_FUNCS else "contiguous"

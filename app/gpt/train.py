@@ -73,6 +73,7 @@ from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, e
                                 run_and_shut_down)
 from app.common.presets import apply_run_settings, parse_overrides  # noqa: E402
 from app.gpt.config import CONFIG_DIR, ModelConfig, load_preset, presets  # noqa: E402
+from ringX import expected_layout  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, PackedTokenFile, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
 from app.common.profiling import device_time_summary, profiler  # noqa: E402
@@ -126,6 +127,9 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="debug", help=f"preset: {', '.join(presets())}")
     p.add_argument("--context_parallel", type=int, default=1)
+    p.add_argument("--context_parallel_inner", type=int, default=1,
+                   help="two-level cp (ringX.hybrid): heads split by all-to-all over groups of this many "
+                        "consecutive cp ranks (one node), --attn over the rest; must divide --context_parallel")
     p.add_argument("--tensor_parallel", type=int, default=1)
     p.add_argument("--parallel_order", default="tp-cp-dp")
     p.add_argument("--attn", choices=ATTN_CHOICES, default="ringX3")
@@ -232,13 +236,32 @@ def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device, kern
     return materialize(model, tensors, device, groups.tp)
 
 
+def check_two_level(args, cfg: ModelConfig, dims: ParallelDims) -> None:
+    """What --context_parallel_inner > 1 (ringX.hybrid) needs, checked before anything is built."""
+    ni, heads, kv = dims.cp_inner, cfg.n_heads // dims.tp, cfg.n_kv_heads // dims.tp
+    if args.attn == "sdpa":
+        raise ValueError("--context_parallel_inner splits a ringX function's heads; --attn sdpa has none to split")
+    if heads % ni or (kv % ni and ni % kv):
+        raise ValueError(f"--context_parallel_inner {ni}: the query heads per tp rank ({heads}) must divide by it "
+                         f"and the kv heads ({kv}) must divide it or by it")
+    if cfg.seq_len % ((2 if expected_layout(args.attn) == "zigzag" else 1) * dims.cp):
+        raise ValueError(f"--seq_len {cfg.seq_len} must divide by {dims.cp} (by {2 * dims.cp} for {args.attn})")
+    for flag, why in (("compile", "the hybrid's all-to-alls are not custom ops"),
+                      ("pack_documents", "packed rows are not split by the two-level layout")):
+        if getattr(args, flag, False):
+            raise ValueError(f"--{flag} with --context_parallel_inner > 1: {why}; use one or the other")
+    if args.ac == "attention":
+        raise ValueError("--ac attention keeps the outputs of the ringx::attention op, which the hybrid does not "
+                         "call; use --ac full or selective with --context_parallel_inner > 1")
+
+
 @torch.no_grad()
-def passkey_accuracy(model, attn_fn, cp_group, attn, device, seq_len, n=16, seed=12345) -> float:
+def passkey_accuracy(model, attn_fn, cp_group, attn, device, seq_len, n=16, seed=12345, cp_inner=1) -> float:
     """Fraction of held-out prompts whose five answer digits are all predicted right."""
     tokens, labels, mask = passkey_batch(n, seq_len, torch.Generator().manual_seed(seed))
     tokens, labels, mask = tokens.to(device), labels.to(device), mask.to(device)
-    tok, lab, pos = shard_batch(tokens, labels, attn, cp_group)
-    _, msk, _ = shard_batch(tokens, mask.long(), attn, cp_group)
+    tok, lab, pos = shard_batch(tokens, labels, attn, cp_group, cp_inner)
+    _, msk, _ = shard_batch(tokens, mask.long(), attn, cp_group, cp_inner)
     wrong = torch.zeros(n, dtype=torch.float64, device=device)
     for i in range(n):                      # one prompt at a time: logits of one sequence only
         pred = model(tok[i:i + 1], pos, attn_fn).argmax(-1)
@@ -255,11 +278,15 @@ class Trainer:
         self.args = args
         self.info = info = init_distributed()
         self.dims = dims = ParallelDims(dp=-1, cp=args.context_parallel, tp=args.tensor_parallel,
-                                        order=args.parallel_order, world_size=info.world_size)
-        self.groups = groups = dims.build(names=("cp", "tp", "dp", "dp_cp"))
+                                        order=args.parallel_order, world_size=info.world_size,
+                                        cp_inner=args.context_parallel_inner)
+        two_level = ("cp_inner", "cp_outer") if dims.cp_inner > 1 else ()
+        self.groups = groups = dims.build(names=("cp", "tp", "dp", "dp_cp") + two_level)
         if args.attn == "sdpa" and dims.cp > 1:
             raise ValueError("--attn sdpa computes on the local tokens only: use a ringX function with --context_parallel > 1")
         cfg = model_config(args)
+        if dims.cp_inner > 1:
+            check_two_level(args, cfg, dims)
         if args.data is None and cfg.vocab_size < BYTE_VOCAB:
             raise ValueError(f"the passkey task needs vocab_size >= {BYTE_VOCAB}, preset has {cfg.vocab_size}")
         if args.compile and args.pack_documents:
@@ -287,8 +314,9 @@ class Trainer:
             self.engine, self.opt, self.sched = deepspeed_engine.initialize(self.model, self.opt, schedule, args)
         else:
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
-        self.attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(args.attn, groups.cp,
-                                                                            as_op=args.ac == "attention")
+        self.attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(
+            args.attn, groups.cp, as_op=args.ac == "attention",
+            inner=(groups.cp_inner, groups.cp_outer) if dims.cp_inner > 1 else None)
         self.data_cls = PackedTokenFile if args.pack_documents else TokenFile
         self.data = self.data_cls(args.data, cfg.seq_len, seed=args.seed + self.dp_rank) if args.data else None
         self.batch_attn = None                    # packed documents: this batch's attention
@@ -365,7 +393,8 @@ class Trainer:
             tokens, _, _ = passkey_batch(self.args.batch, self.cfg.seq_len + 1, gen or self.gen,
                                          depth=self.args.passkey_depth)
             tokens, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        tok, lab, pos = shard_batch(tokens.to(self.device), labels.to(self.device), self.args.attn, self.groups.cp)
+        tok, lab, pos = shard_batch(tokens.to(self.device), labels.to(self.device), self.args.attn, self.groups.cp,
+                                    self.args.context_parallel_inner)
         if self.args.random_positions and gen is None:                # training batches only
             pos = self._random_positions(pos.device)
         return tok, lab, pos
@@ -373,7 +402,7 @@ class Trainer:
     def _random_positions(self, device) -> torch.Tensor:
         """This rank's share of a draw of --random_positions positions (see parallelize)."""
         drawn = draw_positions(self.cfg.seq_len, self.args.random_positions, self.gen)
-        return shard_positions(drawn, self.args.attn, self.groups.cp).to(device)
+        return shard_positions(drawn, self.args.attn, self.groups.cp, self.args.context_parallel_inner).to(device)
 
     def forward_loss(self, tok, lab, pos):
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
@@ -454,7 +483,8 @@ class Trainer:
         if args.data is None:
             with self.autocast:
                 result["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
-                                                         self.device, self.cfg.seq_len, args.eval_prompts)
+                                                         self.device, self.cfg.seq_len, args.eval_prompts,
+                                                         cp_inner=args.context_parallel_inner)
                 result["passkey_prompts"] = args.eval_prompts
         if self.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -478,7 +508,8 @@ class Trainer:
                 if self.data is None and every_and_last(step, args.eval_every, args.steps):
                     with self.autocast:
                         row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
-                                                              self.device, self.cfg.seq_len, args.eval_prompts)
+                                                              self.device, self.cfg.seq_len, args.eval_prompts,
+                                                         cp_inner=args.context_parallel_inner)
                 log.record(row)
                 nonfinite.enforce(step, bad, row)
                 if stop_now:

@@ -22,13 +22,18 @@ from .data import token_range
 ATTN_CHOICES = tuple(ATTN_FUNCS) + ("allgather",)
 
 
-def cp_attention(attn: str, cp_group):
+def cp_attention(attn: str, cp_group, inner=None):
     """Bidirectional attention over the cp group: a ringX function (causal=False) or the
-    all-gather baseline."""
+    all-gather baseline. ``inner``: (inner group, outer group) of a two-level cp group: heads
+    over the inner group by all-to-all, the function over the outer group (ringX.hybrid; the
+    token order does not matter without a mask, so the contiguous ranges stay)."""
     if attn == "allgather":     # the seed's baseline: all-gather k/v, one local kernel
         return functools.partial(allgather_attention, group=cp_group)
     if attn not in ATTN_FUNCS:
         raise ValueError(f"attention {attn!r}: expected one of {', '.join(ATTN_CHOICES)}")
+    if inner is not None:
+        from ringX.hybrid import hybrid_attn_func
+        return functools.partial(hybrid_attn_func, fn=attn, inner_group=inner[0], outer_group=inner[1], causal=False)
     return functools.partial(ATTN_FUNCS[attn], causal=False, group=cp_group)
 
 
