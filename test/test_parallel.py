@@ -49,6 +49,19 @@ def test_first_name_varies_fastest():
     assert pd.group_ranks("dp_cp") == [[0, 1, 4, 5], [2, 3, 6, 7]]
 
 
+def test_two_level_cp_groups():
+    """cp_inner cuts each cp group into consecutive inner groups (one node) and outer groups of
+    the ranks at the same place in each; a rank's inner rank is its cp rank mod cp_inner."""
+    pd = ParallelDims(dp=-1, cp=4, tp=2, order="tp-cp-dp", world_size=16, cp_inner=2)
+    assert pd.group_ranks("cp")[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert pd.group_ranks("cp_inner")[:4] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert pd.group_ranks("cp_outer")[:4] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    for members in pd.group_ranks("cp_inner") + pd.group_ranks("cp_outer"):      # inside one cp group
+        assert len({(pd.coords(r)["dp"], pd.coords(r)["tp"]) for r in members}) == 1, members
+    with pytest.raises(ValueError, match="cp_inner=3 must divide cp=4"):
+        ParallelDims(cp=4, world_size=4, cp_inner=3)
+
+
 def test_rest_and_errors():
     assert ParallelDims(dp=-1, cp=2, tp=2, world_size=8).dp == 2
     assert ParallelDims(dp=2, cp=-1, tp=1, world_size=8).cp == 4
