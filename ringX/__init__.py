@@ -18,6 +18,7 @@ from __future__ import annotations
 from .algorithms import (ALGORITHMS, ringX1_attn_func, ringX1_attn_varlen_func, ringX2_attn_func,
                          ringX2_attn_varlen_func, ringX3_attn_func, ringX3_attn_varlen_func,
                          ringX4_attn_func, ringX4_attn_varlen_func)
+from .comm import NodeGroups, node_groups
 from .version import __version__
 
 ATTN_FUNCS = {
@@ -48,4 +49,5 @@ def expected_layout(fn) -> str:
 
 __all__ = ["ringX1_attn_func", "ringX2_attn_func", "ringX3_attn_func", "ringX4_attn_func",
            "ringX1_attn_varlen_func", "ringX2_attn_varlen_func", "ringX3_attn_varlen_func",
-           "ringX4_attn_varlen_func", "ATTN_FUNCS", "VARLEN_FUNCS", "expected_layout", "__version__"]
+           "ringX4_attn_varlen_func", "ATTN_FUNCS", "VARLEN_FUNCS", "expected_layout", "NodeGroups",
+           "node_groups", "__version__"]

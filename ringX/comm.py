@@ -11,10 +11,17 @@ block overlaps communication with compute; on gloo they run on its worker thread
 A group of size 1 needs no communication: every method degenerates to a local copy or a no-op.
 When torch.distributed is not initialised and no group is given, ``GroupComm(None)`` is that
 group of size 1, so the ringX functions also run as plain attention in a single process.
+
+A group given as ``NodeGroups`` (``node_groups(group, per_node)``) runs its all-gathers and
+reduce-scatters in two levels (the hierarchical ringX3 of the seed's 2-D all-gather): an
+all-gather first across nodes among the ranks at the same place of each node (each rank's data
+crosses the network once, on its own link), then inside each node; a reduce-scatter first inside
+each node, then across. Everything else goes over the whole group as before.
 """
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,10 +33,56 @@ def wait(work) -> None:
         work.wait()
 
 
+class _Then:
+    """A work handle that runs ``then()`` (queued on the current stream) once ``work`` is done."""
+
+    def __init__(self, work, then):
+        self.work, self.then = work, then
+
+    def wait(self):
+        wait(self.work)
+        self.then()
+
+
 def wait_all(works) -> None:
     """Wait for every handle of a list (GroupComm.exchange's, or any GroupComm method's)."""
     for work in works:
         wait(work)
+
+
+@dataclass(frozen=True)
+class NodeGroups:
+    """A process group seen as nodes of ``per_node`` consecutive group ranks (group rank =
+    node * per_node + place): ``group`` (all of them), ``inner`` (this rank's node) and
+    ``outer`` (the ranks at this rank's place in every node). Made by ``node_groups``; pass it
+    as ``group=`` to ringX3 (the hierarchical ringX3) so that each rank's k/v cross the network
+    once, to the ranks at its place of the other nodes, and spread inside each node over NVLink."""
+
+    group: "dist.ProcessGroup"
+    inner: "dist.ProcessGroup"
+    outer: "dist.ProcessGroup"
+    per_node: int
+
+
+def node_groups(group=None, per_node: int = 8) -> NodeGroups:
+    """``group`` (default: the world) cut into nodes of ``per_node`` consecutive group ranks
+    (launchers number the ranks of a node consecutively). Collective: every rank of the world
+    calls it (it creates the sub-groups), with the same arguments."""
+    group = group if group is not None else dist.group.WORLD
+    ranks = dist.get_process_group_ranks(group)
+    if per_node < 1 or len(ranks) % per_node:
+        raise ValueError(f"node_groups: a group of {len(ranks)} ranks does not split into nodes of {per_node}")
+    me = dist.get_rank()
+    inner = outer = None
+    for node in range(len(ranks) // per_node):
+        members = ranks[node * per_node:(node + 1) * per_node]
+        g = dist.new_group(members)
+        inner = g if me in members else inner
+    for place in range(per_node):
+        members = ranks[place::per_node]
+        g = dist.new_group(members)
+        outer = g if me in members else outer
+    return NodeGroups(group, inner, outer, per_node)
 
 
 class GroupComm:
@@ -49,9 +102,13 @@ class GroupComm:
         if self.tally is not None:
             self.tally.sent_bytes += int(nbytes)
 
-    def __init__(self, group: "dist.ProcessGroup | None" = None):
+    def __init__(self, group: "dist.ProcessGroup | NodeGroups | None" = None):
         self.peer = None    # a ringX.peer.PeerWorkspace when broadcasts go through the copy engines
         self.tally = None   # a GroupState whose sent_bytes counts this rank's data messages
+        self.levels = None  # (inner, outer) GroupComm of a NodeGroups: two-level gathers
+        if isinstance(group, NodeGroups):
+            self.levels = (GroupComm(group.inner), GroupComm(group.outer))
+            group = group.group
         if group is None and not dist.is_initialized():
             self.group, self.rank, self.size, self.global_ranks = None, 0, 1, [0]
             return
@@ -67,6 +124,12 @@ class GroupComm:
                 "call the ringX function only on the ranks of the group you pass")
         self.size = dist.get_world_size(self.group)
         self.global_ranks = dist.get_process_group_ranks(self.group)
+
+    def _levels(self) -> tuple["GroupComm", "GroupComm"]:
+        """(inner, outer) of a two-level group, counting their bytes in this group's tally."""
+        for level in self.levels:
+            level.tally = self.tally
+        return self.levels
 
     @property
     def backend(self) -> str:
@@ -103,6 +166,14 @@ class GroupComm:
         if self.size == 1:
             out[0].copy_(inp)
             return None
+        if self.levels is not None and 1 < self.levels[0].size < self.size:
+            inner, outer = self._levels()
+            across = torch.empty((outer.size,) + tuple(inp.shape), dtype=inp.dtype, device=inp.device)
+            wait(outer.all_gather(across, inp))      # my place of every node: once over the network
+            node = torch.empty((inner.size,) + tuple(across.shape), dtype=inp.dtype, device=inp.device)
+            work = inner.all_gather(node, across)    # then every place of my node, over NVLink
+            view = out.view((outer.size, inner.size) + tuple(inp.shape))
+            return _Then(work, lambda: view.copy_(node.transpose(0, 1)))   # (place, node) -> rank order
         self._sent(inp.nbytes)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         return gather(out.view(-1), inp.reshape(-1), group=self.group, async_op=async_op)
@@ -113,6 +184,12 @@ class GroupComm:
         if self.size == 1:
             out.copy_(inp[0])
             return None
+        if self.levels is not None and 1 < self.levels[0].size < self.size:
+            inner, outer = self._levels()
+            by_place = inp.view((outer.size, inner.size) + tuple(out.shape)).transpose(0, 1).contiguous()
+            mine = torch.empty((outer.size,) + tuple(out.shape), dtype=inp.dtype, device=inp.device)
+            wait(inner.reduce_scatter(mine, by_place))   # my node's sum for my place of every node
+            return outer.reduce_scatter(out, mine, async_op=async_op)   # then once over the network
         self._sent(inp.nbytes * (self.size - 1) // self.size)
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         return scatter(out.view(-1), inp.reshape(-1), group=self.group, async_op=async_op)

@@ -21,8 +21,10 @@ broadcast or reduce the whole message once per rank):
 - ringX1/ringX2 full (broadcast q, reduce float32 out / dq): N S/N (7 q) + small;
 - ringX1/ringX2 causal (paired point-to-point): (4.625 N - 4.125) S/N kv (the byte tally:
   test/test_scaling.py);
-- hierarchical ringX3: the all-gather within the node once, then across nodes: (No - 1) Ni S/N kv
-  over the network, split over the node's Ni links, the rest over NVLink;
+- hierarchical ringX3 (ringX.node_groups): each all-gather first across nodes among the ranks at
+  the same place of a node ((No - 1) S/N kv per GPU over its own network link), then inside the
+  node over NVLink; reduce-scatters the other way round. The network stage of the two
+  all-gathers is waited for before the node stage (not hidden behind compute);
 - hybrid (Ulysses over Ni x a ringX function over No): four all-to-alls of (q, k, v, out) and
   four back in backward within the node, then the function over No ranks on Ni S/N tokens and
   h/Ni heads;
@@ -141,6 +143,8 @@ def traffic(schedule: str, m: Machine, shape: Shape, seqlen: int, n: int, causal
         steps, block = 3 * n, local / 2 if causal else local
     elif schedule in HISTORICAL:
         nbytes, steps, block = 7 * n * q, 3 * n, local
+    elif schedule == "ringX3-hier" and n <= m.gpus_per_node:      # one node: it is ringX3
+        return traffic("ringX3", m, shape, seqlen, n, causal)
     elif schedule == "ringX3-hier":
         ni, no = _levels(m, n)
         inter = (4 if causal else 3) * (no - 1) * kv                  # per GPU: its rail of the node
@@ -173,9 +177,13 @@ def predict(schedule: str, m: Machine, seqlen: int, n: int, causal: bool, shape:
         return flops / (m.tflops(seqlen) * 1e12)
     comm, steps, block = traffic(schedule, m, shape, seqlen, n, causal)
     compute = flops / (m.tflops(block) * 1e12) * ((2 - 1 / n) if schedule in HISTORICAL and causal else 1.0)
-    key = schedule if schedule in m.overlap else "ringX3"
+    # ringX3-hier is ringX3's schedule with two-level collectives: its fitted overlap and step cost
+    key = "ringX3" if schedule == "ringX3-hier" or schedule not in m.overlap else schedule
     hidden = m.overlap[key] * compute
-    return compute + max(0.0, comm - hidden) + steps * m.step_ms[key] * 1e-3
+    exposed = 0.0
+    if schedule == "ringX3-hier":   # each all-gather's network stage is waited for before its node stage
+        exposed = 2 * (_levels(m, n)[1] - 1) * seqlen / n * shape.kv_bytes / (m.inter_gb_s * 1e9)
+    return compute + exposed + max(0.0, comm - exposed - hidden) + steps * m.step_ms[key] * 1e-3
 
 
 def ideal(m: Machine, seqlen: int, n: int, causal: bool, shape: Shape = Shape()) -> float:
@@ -197,7 +205,7 @@ def fits(schedule: str, m: Machine, seqlen: int, n: int, shape: Shape = Shape(),
 
 def best(m: Machine, seqlen: int, n: int, causal: bool, shape: Shape = Shape()) -> list[tuple[float, str]]:
     """Every schedule and hybrid split at (seqlen, n) whose working set fits, fastest first:
-    (seconds, name). ringX3-hier is modelled, not yet implemented."""
+    (seconds, name). ringX3-hier: ringX3 with ``group=ringX.node_groups(cp_group, gpus_per_node)``."""
     rows = [(predict(s, m, seqlen, n, causal, shape), s) for s in SCHEDULES if fits(s, m, seqlen, n, shape)]
     for inner in (2, 4, 8):
         if inner < n and n % inner == 0 and inner <= m.gpus_per_node:
@@ -294,7 +302,7 @@ def curves(m: Machine, causal: bool = True) -> list[dict]:
             ranked = best(m, seqlen, n, causal)
             if not ranked:                    # nothing fits this GPU's memory
                 continue
-            implemented = [(t, s) for t, s in ranked if "hier" not in s]
+            implemented = ranked                      # every modelled schedule is implemented
             flat = {s: predict(s, m, seqlen, n, causal) if fits(s, m, seqlen, n) else math.inf
                     for s in ("ringX3", "ringX4", "ringX2", "native-allgather")}
             eff = ideal(m, seqlen, n, causal)
@@ -342,7 +350,7 @@ def main(argv=None) -> int:
     if not ranked:
         print("  no schedule's working set fits this GPU's memory: raise cp")
     for t, name in ranked:
-        note = "  (modelled, not implemented yet)" if "hier" in name else ""
+        note = "  (ringX3 with group=ringX.node_groups(cp_group, gpus_per_node))" if "hier" in name else ""
         print(f"  {name:28s} {t * 1e3:10.1f} ms  efficiency {ideal(m, args.seqlen, args.cp, causal) / t:.3f}{note}")
     return 0
 
@@ -350,7 +358,7 @@ def main(argv=None) -> int:
 def recommend(seqlen: int, cp: int, machine: str = "h200-ib", causal: bool = True) -> str:
     """The implemented schedule (or hybrid split) the model predicts fastest for ``machine`` at
     (seqlen, cp); raises when no schedule's working set fits."""
-    ranked = [s for _, s in best(calibrated(machine), seqlen, cp, causal) if "hier" not in s]
+    ranked = [s for _, s in best(calibrated(machine), seqlen, cp, causal)]
     if not ranked:
         raise ValueError(f"no schedule fits {machine}'s memory at S = {seqlen} over {cp} ranks: raise cp")
     return ranked[0]

@@ -26,6 +26,11 @@ RING_FLASH = ("ring-flash-zigzag",)
 COPY = ("ringX1+copy", "ringX2+copy", "ringX4+copy")    # the broadcasting ones, copy transport
 BASELINE = ("allgather",)       # ringX.baseline: the seed's all-gather baseline (full attention)
 MASKED_BASELINE = ("allgather-varlen",)   # gather k/v, one planned (varlen / window) call per rank
+SPLITS = (2, 4, 8)
+# two levels (ringX.hybrid): heads over Ni consecutive ranks by all-to-all, ringXk over the rest
+HYBRID = tuple(f"hybrid{ni}-{fn}" for ni in SPLITS for fn in ATTN_FUNCS)
+# ringX3 over node_groups(group, Ni): k/v gathered within each Ni ranks, then across them
+HIERARCHICAL = tuple(f"ringX3-nodes{ni}" for ni in SPLITS)
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Prepared:
     step: Callable[[bool], torch.Tensor]
     layout: str
     note: str = ""
+    positions: torch.Tensor | None = None     # the global rows of the local output, where the layout has no name
 
 
 def _leaf(x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +185,51 @@ def ringx(name: str, full: dict, causal: bool, group, backend: str | None,
     return Prepared(step, layout, f"transport {transport}" if transport else "")
 
 
+def _whole_world(group, method: str) -> int:
+    n = dist.get_world_size(group)
+    if n != dist.get_world_size():
+        raise NotImplementedError(f"{method} splits the whole world into its groups (run it on the default group)")
+    return n
+
+
+def hybrid(name: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
+    """hybrid{Ni}-ringXk: ringX.hybrid with inner groups of Ni consecutive ranks (one node)."""
+    from ..hybrid import groups_2d, hybrid_attn_func, hybrid_positions
+    split, fn = name.split("-", 1)
+    ni = int(split[len("hybrid"):])
+    n = _whole_world(group, name)
+    if n % ni or n == ni:
+        raise NotImplementedError(f"{name} needs a world of a multiple of {ni} ranks, more than {ni}")
+    inner, outer = groups_2d(ni)
+    pos = hybrid_positions(fn, full["q"].shape[1], dist.get_rank(inner), ni, dist.get_rank(outer), n // ni)
+    q, k, v = (_leaf(full[x].index_select(1, pos)) for x in ("q", "k", "v"))
+    dout = full["dout"].index_select(1, pos)
+
+    def attn(q_, k_, v_):
+        return hybrid_attn_func(q_, k_, v_, fn, inner, outer, causal=causal)
+    return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "hybrid",
+                    f"heads over {ni}, {fn} over {n // ni}", positions=pos.to(full["q"].device))
+
+
+def hierarchical(name: str, full: dict, causal: bool, group, backend: str | None) -> Prepared:
+    """ringX3-nodes{Ni}: ringX3 over ringX.node_groups(world, Ni) (two-level gathers)."""
+    from ..comm import node_groups
+    ni = int(name[len("ringX3-nodes"):])
+    n = _whole_world(group, name)
+    if n % ni or n == ni:
+        raise NotImplementedError(f"{name} needs a world of a multiple of {ni} ranks, more than {ni}")
+    ng = node_groups(group, ni)
+    fn = ATTN_FUNCS["ringX3"]
+    r = dist.get_rank(group)
+    q, k, v = (_leaf(shard(full[x], "zigzag", r, n)) for x in ("q", "k", "v"))
+    dout = shard(full["dout"], "zigzag", r, n)
+
+    def attn(q_, k_, v_):
+        return fn(q_, k_, v_, causal=causal, group=ng, backend=backend)
+    return Prepared(lambda fwd_only: _run(attn, (q, k, v), dout, fwd_only), "zigzag",
+                    f"k/v gathered within {ni} ranks, then across {n // ni}")
+
+
 def allgather(full: dict, causal: bool, group, backend: str | None) -> Prepared:
     """ringX.baseline.allgather_attention: all-gather k/v, one SDPA call (bidirectional only)."""
     from ..baseline import allgather_attention
@@ -280,6 +331,10 @@ def prepare(method: str, full: dict, causal: bool, group, backend: str | None,
         raise NotImplementedError(f"{method} takes no documents or windows here")
     if method in NATIVE:
         return native(method, full, causal, group, backend)
+    if method in HYBRID:
+        return hybrid(method, full, causal, group, backend)
+    if method in HIERARCHICAL:
+        return hierarchical(method, full, causal, group, backend)
     if method in RING_FLASH:
         return ring_flash(method, full, causal, group, backend)
     if method in BASELINE:
@@ -289,4 +344,4 @@ def prepare(method: str, full: dict, causal: bool, group, backend: str | None,
 
 def all_methods() -> list[str]:
     return (list(ATTN_FUNCS) + list(COPY) + list(NATIVE) + list(RING_FLASH) + list(BASELINE)
-            + list(MASKED_BASELINE))
+            + list(MASKED_BASELINE) + list(HYBRID) + list(HIERARCHICAL))

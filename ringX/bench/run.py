@@ -281,10 +281,12 @@ def _measure_method(row, method, prep, cfg: _Config) -> None:
     err = None
     if ref_out is not None and prep.layout in ("contiguous", "zigzag"):
         err = global_rel_err(m["out"], shard(ref_out, prep.layout, r, n), group)
+    elif ref_out is not None and prep.positions is not None:
+        err = global_rel_err(m["out"], ref_out.index_select(1, prep.positions), group)
     elif ref_out is not None and hasattr(prep, "to_full"):
         err = global_rel_err(prep.to_full(m["out"]), ref_out)
     row["sent_mb"] = None
-    if method in M.ATTN_FUNCS or method in M.COPY:          # ringX calls tally their bytes
+    if method in M.ATTN_FUNCS or method in M.COPY or method in M.HIERARCHICAL:   # ringX calls tally their bytes
         sent = bytes_sent(group)
         prep.step(cfg.mode == "fwd")              # one more call: the bytes it puts on the wire
         row["sent_mb"] = _max_over((bytes_sent(group) - sent) / 2**20, group)
@@ -317,7 +319,8 @@ def run(args, device) -> list[dict]:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m ringX.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=[m for m in M.all_methods() if m not in M.COPY],
+    p.add_argument("--methods", nargs="+",
+                   default=[m for m in M.all_methods() if m not in M.COPY + M.HYBRID + M.HIERARCHICAL],
                    choices=M.all_methods(),
                    help="NAME+copy: a ringX function with RINGX_TRANSPORT=copy (CUDA, one node)")
     p.add_argument("--sweep", choices=["seed", "tiny", "none"], default="none",
