@@ -6,7 +6,8 @@
 # checkpoint; after a preempted exit (USR1/TERM: train.py checkpoints, writes OUT/preempted and
 # exits 0) it requeues the job, which starts again under the same job id and resumes.
 # Environment: RINGX_PLATFORM=frontier|cuda|cpu (script/platform_env.sh), RINGX_GPUS_PER_NODE,
-# RINGX_CPU_RANKS (cpu mode, default 4), RINGX_PYTHON, RINGX_RUN_DIR.
+# RINGX_CPU_RANKS (cpu mode, default 4), RINGX_PYTHON, RINGX_RUN_DIR, RINGX_CP_INNER (two-level
+# cp across nodes: "node" = the ranks of one node, or a number; passed as --context_parallel_inner).
 set -uo pipefail
 ringx_app=$1
 shift
@@ -27,15 +28,21 @@ else
   srun_flags=(-N "$nodes" -n $((nodes * gpn)) --ntasks-per-node="$gpn" --gpus-per-node="$gpn"
               --kill-on-bad-exit=1 ${RINGX_SRUN_GPU_FLAGS:-})
 fi
+inner=${RINGX_CP_INNER:-}
+if [ "$inner" = node ]; then                 # heads over each node's ranks, the ring across nodes
+  if [ "$platform" = cpu ]; then inner=$(( ${RINGX_CPU_RANKS:-4} / nodes )); else inner=$gpn; fi
+fi
+two_level=()
+if [ -n "$inner" ] && [ "$inner" != 1 ]; then two_level=(--context_parallel_inner "$inner"); fi
 out=${RINGX_RUN_DIR:-$root/runs/$ringx_app}/${config}_${SLURM_JOB_ID:-local}
 resume=()
 if compgen -G "$out/checkpoints/step_*/manifest.json" >/dev/null; then resume=(--resume); fi
-echo "# ringx-$ringx_app: preset=$config platform=$platform nodes=$nodes restart=${SLURM_RESTART_COUNT:-0} out=$out $(date -u +%FT%TZ)"
+echo "# ringx-$ringx_app: preset=$config platform=$platform nodes=$nodes restart=${SLURM_RESTART_COUNT:-0} out=$out${two_level[*]:+ ${two_level[*]}} $(date -u +%FT%TZ)"
 echo "# commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 export RINGX_ROOT=$root RINGX_APP_PY=${RINGX_PYTHON:-python3} RINGX_APP_TRAIN=app/$ringx_app/train.py
 # exec: the signal Slurm sends to each task reaches train.py itself
 srun "${srun_flags[@]}" bash -c 'source "$RINGX_ROOT/script/setup_dist_vars.sh" && cd "$RINGX_ROOT" && exec "$RINGX_APP_PY" "$RINGX_APP_TRAIN" "$@"' \
-  train --config "$config" --out "$out" "${resume[@]}" "$@"
+  train --config "$config" --out "$out" "${resume[@]}" "${two_level[@]}" "$@"
 rc=$?
 if [ "$rc" -eq 0 ] && [ -f "$out/preempted" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "# preempted after step $(cat "$out/preempted"): requeueing job $SLURM_JOB_ID"

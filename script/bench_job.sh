@@ -3,7 +3,9 @@
 # and writes ${RINGX_LOG_DIR}/<algo>_N<nodes>.log plus the benchmark's CSV/JSON/plot under
 # ${RINGX_RUN_DIR}/<algo>_N<nodes>_<jobid>/.
 # Inputs: $1 = algorithm (ringX1_attn .. ringX4_attn, ringX1 .. ringX4, native-allgather,
-# native-alltoall), and these environment variables:
+# native-alltoall; past one node the two-level forms hybrid<Ni>-ringXk (heads over Ni GPUs of a
+# node, ringXk over the rest) and ringX3-nodes<Ni> (the hierarchical ringX3)), and these
+# environment variables:
 #   RINGX_MODE=gpu|cpu      cpu: gloo ranks on CPUs, tiny sweep (runs on any Slurm)
 #   RINGX_GPUS_PER_NODE     GPUs (= ranks) per node in gpu mode (default 8)
 #   RINGX_CPU_RANKS         ranks in cpu mode (default 4)
@@ -14,13 +16,14 @@
 set -uo pipefail
 ringx_algo=${1:-}
 if [ -z "$ringx_algo" ]; then
-  echo "usage: sbatch $0 ringX1_attn|ringX2_attn|ringX3_attn|ringX4_attn|native-allgather|native-alltoall" >&2
+  echo "usage: sbatch $0 ringX1_attn|ringX2_attn|ringX3_attn|ringX4_attn|native-allgather|native-alltoall|hybrid8-ringX3|ringX3-nodes8" >&2
   exit 2
 fi
 ringx_method=${ringx_algo%_attn}
 case "$ringx_method" in
   ringX1|ringX2|ringX3|ringX4|native-allgather|native-alltoall) ;;
-  *) echo "unknown algorithm '$ringx_algo' (expected ringX1_attn .. ringX4_attn, native-allgather, native-alltoall)" >&2; exit 2;;
+  hybrid2-ringX[1-4]|hybrid4-ringX[1-4]|hybrid8-ringX[1-4]|ringX3-nodes2|ringX3-nodes4|ringX3-nodes8) ;;
+  *) echo "unknown algorithm '$ringx_algo' (expected ringX1_attn .. ringX4_attn, native-allgather, native-alltoall, hybrid{2,4,8}-ringXk, ringX3-nodes{2,4,8})" >&2; exit 2;;
 esac
 submit=${SLURM_SUBMIT_DIR:-$PWD}
 if [ -n "${RINGX_ROOT:-}" ]; then root=$RINGX_ROOT

@@ -74,7 +74,8 @@ def test_srun_without_setup_script_reads_slurm_variables():
     _assert_passed(rc, out, 2, "slurm")
 
 
-@pytest.mark.parametrize("script,algo", [("submit_frontier.sh", "ringX3"), ("submit_cuda.sh", "ringX4")])
+@pytest.mark.parametrize("script,algo", [("submit_frontier.sh", "ringX3"), ("submit_cuda.sh", "ringX4"),
+                                         ("submit_cuda.sh", "hybrid2-ringX3")])
 def test_sbatch_job_script_cpu_mode(tmp_path, script, algo):
     _need("srun", "sbatch")
     logs, runs = tmp_path / "logs", tmp_path / "runs"
@@ -308,3 +309,21 @@ def test_generate_under_srun_and_mpirun(tmp_path, launcher):
     assert rc == 0, out[-3000:]
     one, two = (json.loads((tmp_path / d / "generated.json").read_text()) for d in ("one", "two"))
     assert two["tokens"] == one["tokens"] and two["cache_tokens_per_rank"] != one["cache_tokens_per_rank"]
+
+
+def test_gpt_job_with_two_level_cp(tmp_path):
+    """app/gpt/job.sb with RINGX_CP_INNER under the real Slurm (CPU mode): the job passes
+    --context_parallel_inner and trains with the hybrid."""
+    _need("srun", "sbatch")
+    runs = tmp_path / "runs"
+    rc, out = _run(["sbatch", "--wait", "-o", str(tmp_path / "job-%j.out"), "app/gpt/job.sb", "debug",
+                    "--context_parallel", "4", "--attn", "ringX3", "--dtype", "float32", "--steps", "2"],
+                   RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="4", RINGX_CP_INNER="2", RINGX_RUN_DIR=str(runs),
+                   RINGX_PYTHON=sys.executable, timeout=400)
+    logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert rc == 0, out + logs[-3000:]
+    assert "--context_parallel_inner 2" in logs, logs[-3000:]
+    made = glob.glob(str(runs / "debug_*"))
+    args = __import__("json").loads((Path(made[0]) / "args.json").read_text())
+    assert (args["context_parallel"], args["context_parallel_inner"]) == (4, 2), args
+    assert len((Path(made[0]) / "metrics.jsonl").read_text().splitlines()) == 2
