@@ -313,6 +313,35 @@ def curves(m: Machine, causal: bool = True) -> list[dict]:
     return rows
 
 
+def plot_curves(rows: list[dict], path: Path) -> bool:
+    """Predicted efficiency against cp, one line per sequence length: the best schedule (solid)
+    and the flat ringX3 (dashed), from ``curves`` rows; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, seqlen in enumerate(sorted({r["seqlen"] for r in rows})):
+        pts = sorted((r["cp"], r["efficiency"], r["eff_ringX3"]) for r in rows if r["seqlen"] == seqlen)
+        color = f"C{i % 10}"
+        ax.plot([c for c, _, _ in pts], [e for _, e, _ in pts], "-o", ms=3, color=color, label=f"{seqlen // 1024}K")
+        flat = [(c, f) for c, _, f in pts if f > 0]
+        ax.plot([c for c, _ in flat], [f for _, f in flat], "--", color=color, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("cp (GPUs)")
+    ax.set_ylabel("predicted efficiency (ideal / time)")
+    ax.set_title(f"{rows[0]['machine']}, causal: best schedule (solid), flat ringX3 (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="S", fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--machine", choices=tuple(MACHINES), default="h200-ib")
@@ -341,6 +370,8 @@ def main(argv=None) -> int:
                 w.writeheader()
                 w.writerows(rows)
             print(f"wrote {out / f'{name}_causal.csv'} ({len(rows)} points)")
+            if plot_curves(rows, out / f"{name}_causal.png"):
+                print(f"wrote {out / f'{name}_causal.png'}")
         return 0
     m = calibrated(args.machine)
     causal = not args.full
