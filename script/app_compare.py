@@ -73,6 +73,13 @@ def app_row(name: str, args) -> dict:
     if args.n_layers:
         cmd += ["--n_layers", str(args.n_layers)]
     cmd += args.app_flags.split()
+    res = run_app_row(cmd, out)
+    return res if "error" in res else {**_median_rows(res["rows"]), "paths": res["kernels"]}
+
+
+def run_app_row(cmd: list, out: Path) -> dict:
+    """Run an app's command (logging to OUT.log) -> {"rows": its metrics.jsonl rows, "kernels":
+    the path its "kernels:" line names}, or {"error": what it died of}."""
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -81,8 +88,7 @@ def app_row(name: str, args) -> dict:
     if rc != 0:
         return {"error": _error(text, rc)}
     kernels = next((l[len("kernels: "):] for l in text.splitlines() if l.startswith("kernels: ")), "")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {**_median_rows(rows), "paths": kernels}
+    return {"rows": [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], "kernels": kernels}
 
 
 def hf_row(name: str, args) -> dict:
@@ -111,13 +117,26 @@ def hf_row(name: str, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
                             **({"fused": True} if device.type == "cuda" else {}))
     gen = torch.Generator(device).manual_seed(0)
+    rows = hf_train_steps(model, opt, lambda: torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), device=device,
+                                                            generator=gen), args.steps, device)
+    for r in rows:
+        r.update(tokens_per_s=cfg.seq_len / r["seconds"],
+                 mfu=step_flops(cfg, cfg.seq_len) / r["seconds"] / 1e12 / args.peak_tflops)
+    return {**_median_rows(rows), "paths": paths}
+
+
+def hf_train_steps(model, opt, next_tokens, steps: int, device) -> list[dict]:
+    """``steps`` training steps of a transformers causal LM as its users write them (autocast to
+    bf16, ``labels=input_ids``, clipping at 1.0): per step its index, loss, seconds and peak GB.
+    ``next_tokens()`` gives each step's (1, S) tokens on ``device``."""
+    import torch
     rows = []
-    for step in range(args.steps):
+    for step in range(steps):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        tok = torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), device=device, generator=gen)
+        tok = next_tokens()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(input_ids=tok, labels=tok).loss
         loss.backward()
@@ -126,11 +145,9 @@ def hf_row(name: str, args) -> dict:
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        rows.append({"step": step, "tokens_per_s": cfg.seq_len / seconds,
-                     "mfu": step_flops(cfg, cfg.seq_len) / seconds / 1e12 / args.peak_tflops,
+        rows.append({"step": step, "loss": float(loss), "seconds": time.perf_counter() - start,
                      "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
-    return {**_median_rows(rows), "paths": paths}
+    return rows
 
 
 def run_hf_row(name: str, args) -> dict:

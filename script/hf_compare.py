@@ -25,13 +25,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "script"))
-from app_compare import _error, _median_rows  # noqa: E402
+from app_compare import _error, _median_rows, hf_train_steps, run_app_row  # noqa: E402
 
 ROWS = ("hf", "app", "hf-liger", "app-liger")
 QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -80,25 +79,10 @@ def hf_row(name: str, args) -> dict:
                             **({"fused": True} if device.type == "cuda" else {}))
     data = TokenFile(args.data, args.seq_len, seed=0)        # the windows the app rows train on
     conf = json.loads(Path(args.model_dir, "config.json").read_text())
-    rows = []
-    for step in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        tok = data.next_batch(1)[0].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=tok, labels=tok).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        rows.append({"step": step, "loss": float(loss), "tokens_per_s": args.seq_len / seconds,
-                     "mfu": step_flops(conf, args.seq_len) / seconds / 1e12 / args.peak_tflops,
-                     "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
+    rows = hf_train_steps(model, opt, lambda: data.next_batch(1)[0].to(device), args.steps, device)
+    for r in rows:
+        r.update(tokens_per_s=args.seq_len / r["seconds"],
+                 mfu=step_flops(conf, args.seq_len) / r["seconds"] / 1e12 / args.peak_tflops)
     return {**_median_rows(rows), "loss_step0": rows[0]["loss"], "paths": paths}
 
 
@@ -109,18 +93,13 @@ def app_row(name: str, args) -> dict:
            "--seq_len", str(args.seq_len), "--context_parallel", "1", "--attn", "ringX1", "--dtype", "bfloat16",
            "--steps", str(args.steps), "--warmup", "1", "--out", str(out),
            "--kernels", "liger" if name == "app-liger" else "torch"]
-    log = out.with_suffix(".log")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    text = log.read_text()
-    if rc != 0:
-        return {"error": _error(text, rc)}
+    res = run_app_row(cmd, out)
+    if "error" in res:
+        return res
     conf = json.loads(Path(args.model_dir, "config.json").read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, kernels = res["rows"], res["kernels"]
     for r in rows:
         r["mfu"] = step_flops(conf, args.seq_len) * r["tokens_per_s"] / args.seq_len / 1e12 / args.peak_tflops
-    kernels = next((l[len("kernels: "):] for l in text.splitlines() if l.startswith("kernels: ")), "")
     return {**_median_rows(rows), "loss_step0": rows[0]["loss"], "paths": "app/hf/finetune.py, ringX1, FSDP2, " + kernels}
 
 

@@ -75,7 +75,7 @@ def test_srun_without_setup_script_reads_slurm_variables():
 
 
 @pytest.mark.parametrize("script,algo", [("submit_frontier.sh", "ringX3"), ("submit_cuda.sh", "ringX4"),
-                                         ("submit_cuda.sh", "hybrid2-ringX3")])
+                                         pytest.param("submit_cuda.sh", "hybrid2-ringX3", marks=pytest.mark.slow)])
 def test_sbatch_job_script_cpu_mode(tmp_path, script, algo):
     _need("srun", "sbatch")
     logs, runs = tmp_path / "logs", tmp_path / "runs"
