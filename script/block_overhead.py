@@ -5,7 +5,8 @@ per rank) and merges their partial results in float32; backward runs N block bac
 dq in float32. This script times, on one device and without communication, that per-rank work
 through RingX's own block path (``RunContext.block_forward`` / ``block_backward`` with the plan
 lookups, slicing and float32 merges the schedules do) against the same N kernel calls made
-directly, and prints the overhead per block size:
+directly, and prints the overhead per block size (the first partial of a pass is copied into the
+float32 accumulators and the later ones merged, as the schedules do):
 
     python script/block_overhead.py --sizes 1024 2048 4096 8192 --blocks 4
 
@@ -27,7 +28,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ringX.algorithms import RINGX2  # noqa: E402
 from ringX.api import prepare_run  # noqa: E402
-from ringX.merge import accumulate_, new_accumulators, merge_  # noqa: E402
+from ringX.merge import acc_copy, accumulate_, new_accumulators, merge_  # noqa: E402
 from ringX.plan import Run  # noqa: E402
 
 
@@ -72,10 +73,13 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
             kern.backward(dout, q, ks[j], vs[j], out_final, lse_final, causal_diag and j == 0, scale)
 
     def ringx():
-        out, lse = new_accumulators(q, run.acc_dtype)
-        for j in range(n):
+        for j in range(n):       # the first partial is copied into the accumulators, as the schedules do
             blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
-            merge_(out, lse, *run.block_forward(blk, q, ks[j], vs[j]))
+            o_j, l_j = run.block_forward(blk, q, ks[j], vs[j])
+            if j == 0:
+                out, lse = acc_copy(o_j, run.acc_dtype), l_j.to(run.acc_dtype).contiguous()
+            else:
+                merge_(out, lse, o_j, l_j)
         o = out.to(dtype)
         dq = torch.empty(q.shape, dtype=run.acc_dtype, device=device)
         for j in range(n):
