@@ -68,21 +68,17 @@ def node_groups(group=None, per_node: int = 8) -> NodeGroups:
     """``group`` (default: the world) cut into nodes of ``per_node`` consecutive group ranks
     (launchers number the ranks of a node consecutively). Collective: every rank of the world
     calls it (it creates the sub-groups), with the same arguments."""
+    from .parallel import rank_levels
     group = group if group is not None else dist.group.WORLD
-    ranks = dist.get_process_group_ranks(group)
-    if per_node < 1 or len(ranks) % per_node:
-        raise ValueError(f"node_groups: a group of {len(ranks)} ranks does not split into nodes of {per_node}")
+    nodes, places = rank_levels(dist.get_process_group_ranks(group), per_node)
     me = dist.get_rank()
-    inner = outer = None
-    for node in range(len(ranks) // per_node):
-        members = ranks[node * per_node:(node + 1) * per_node]
-        g = dist.new_group(members)
-        inner = g if me in members else inner
-    for place in range(per_node):
-        members = ranks[place::per_node]
-        g = dist.new_group(members)
-        outer = g if me in members else outer
-    return NodeGroups(group, inner, outer, per_node)
+    mine = []
+    for level in (nodes, places):
+        for members in level:
+            g = dist.new_group(members)
+            if me in members:
+                mine.append(g)
+    return NodeGroups(group, mine[0], mine[1], per_node)
 
 
 class GroupComm:

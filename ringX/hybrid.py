@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .algorithms import ALGORITHMS
-from .comm import GroupComm
+from .comm import GroupComm, node_groups
 from .layout import global_positions
 
 
@@ -136,19 +136,11 @@ def groups_2d(inner: int, inner_first: bool = True):
     """(inner group, outer group) of this rank for a world of inner x outer ranks: with
     ``inner_first`` the inner groups are consecutive ranks (one node), else strided. Collective:
     every rank of the world must call it."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     if world % inner:
         raise ValueError(f"world size {world} does not divide by the inner degree {inner}")
-    outer = world // inner
-    mine = [None, None]
-    for o in range(outer):
-        ranks = [o * inner + i for i in range(inner)] if inner_first else [i * outer + o for i in range(inner)]
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            mine[0] = g
-    for i in range(inner):
-        ranks = [o * inner + i for o in range(outer)] if inner_first else [i * outer + o for o in range(outer)]
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            mine[1] = g
-    return mine[0], mine[1]
+    if inner_first:
+        nodes = node_groups(None, inner)
+        return nodes.inner, nodes.outer
+    nodes = node_groups(None, world // inner)      # strided inner groups: the columns of outer-sized chunks
+    return nodes.outer, nodes.inner

@@ -106,9 +106,11 @@ def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     return out.float(), lse.float()
 
 
-def _merge(outs: torch.Tensor, lses: torch.Tensor, dtype: torch.dtype):
-    """Merge partials (n, b, s, h, d) / (n, b, h, s) in order -> (out in dtype, lse float32)."""
-    out, lse = new_accumulators(outs[0], torch.float32)
+def _merge(outs: torch.Tensor, lses: torch.Tensor, dtype: torch.dtype, first=None):
+    """Merge partials (n, b, s, h, d) / (n, b, h, s) in order, onto the partial ``first`` (out,
+    lse) when given -> (out in dtype, lse float32)."""
+    out, lse = new_accumulators(outs[0], torch.float32) if first is None else \
+        (first[0].float(), first[1].float().clone())
     for o, l in zip(outs, lses):
         merge_(out, lse, o, l)
     return out.to(dtype), lse
@@ -224,10 +226,7 @@ def prefill_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cac
         n_o = b * s * h * d
         outs = recv[:, :n_o].reshape(comm.size, b, s, h, d)
         lses = recv[:, n_o:].reshape(comm.size, b, h, s)
-        acc_o, acc_l = out.float(), lse.float().clone()
-        for o, l in zip(outs, lses):
-            merge_(acc_o, acc_l, o, l)
-        out = acc_o.to(q.dtype)
+        out = _merge(outs, lses, q.dtype, first=(out, lse))[0]
     keep = real_rows.nonzero().flatten()
     cache.write(layer, k[:, keep], v[:, keep])
     return out

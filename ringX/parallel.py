@@ -20,8 +20,9 @@ reduced over it). Nothing is kept in module globals.
 Two-level cp (ringX.hybrid): ``cp_inner`` (dividing cp) cuts each cp group into inner groups of
 ``cp_inner`` consecutive cp ranks (``cp_inner``: Ulysses over heads, meant to stay on one node:
 put cp, or tp then cp, first in ``order`` with tp x cp_inner GPUs per node at most) and outer
-groups of the ranks at the same place in each (``cp_outer``: the ring across nodes). A rank's
-inner rank is its cp rank mod cp_inner, its outer rank its cp rank // cp_inner.
+groups of the ranks at the same place in each (``cp_outer``: the ring across nodes); ``build``
+then makes both and ``ParallelGroups.cp_levels`` gives them. A rank's inner rank is its cp rank
+mod cp_inner, its outer rank its cp rank // cp_inner.
 """
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ from itertools import product
 import torch.distributed as dist
 
 DIMS = ("tp", "cp", "dp")
+
+
+def rank_levels(ranks: list[int], per: int) -> tuple[list[list[int]], list[list[int]]]:
+    """An ordered list of ranks cut into consecutive chunks of ``per`` (one node each) and the
+    columns across them (the ranks at the same place of every chunk): (chunks, columns)."""
+    if per < 1 or len(ranks) % per:
+        raise ValueError(f"{len(ranks)} ranks do not split into groups of {per}")
+    chunks = [list(ranks[i:i + per]) for i in range(0, len(ranks), per)]
+    return chunks, [list(col) for col in zip(*chunks)]
 
 
 @dataclass
@@ -104,8 +114,7 @@ class ParallelDims:
         if dims in ("cp_inner", "cp_outer"):
             out = []
             for members in self.group_ranks("cp"):          # ascending ranks: cp rank order
-                chunks = [members[i:i + self.cp_inner] for i in range(0, len(members), self.cp_inner)]
-                out += chunks if dims == "cp_inner" else [list(col) for col in zip(*chunks)]
+                out += rank_levels(members, self.cp_inner)[0 if dims == "cp_inner" else 1]
             return sorted(out)
         varying = dims.split("_")
         for n in varying:
@@ -120,7 +129,8 @@ class ParallelDims:
         return sorted(groups)
 
     def build(self, names: tuple[str, ...] = ("cp", "tp", "dp", "dp_cp")) -> "ParallelGroups":
-        """Create the process groups (collective: every rank calls this, same arguments)."""
+        """Create the process groups (collective: every rank calls this, same arguments); with
+        cp_inner > 1 also "cp_inner" and "cp_outer"."""
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build needs torch.distributed initialised "
                                "(ringX.launch.init_distributed)")
@@ -129,6 +139,8 @@ class ParallelDims:
                              f"default group has {dist.get_world_size()} ranks")
         rank = dist.get_rank()
         groups = {}
+        if self.cp_inner > 1:
+            names = tuple(names) + tuple(n for n in ("cp_inner", "cp_outer") if n not in names)
         for name in names:
             for members in self.group_ranks(name):
                 g = dist.new_group(members)
@@ -159,12 +171,9 @@ class ParallelGroups:
         return self["tp"]
 
     @property
-    def cp_inner(self):
-        return self["cp_inner"]
-
-    @property
-    def cp_outer(self):
-        return self["cp_outer"]
+    def cp_levels(self):
+        """(inner group, outer group) of a two-level cp (cp_inner > 1), else None."""
+        return (self["cp_inner"], self["cp_outer"]) if self.dims.cp_inner > 1 else None
 
     @property
     def dp(self):

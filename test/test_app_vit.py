@@ -155,11 +155,11 @@ def vit_two_level_body(rank, world_size, device, root, attn):
     """cp = 4 as 2 x 2: heads over the inner pairs by all-to-all, ``attn`` over the outer."""
     from ringX.parallel import ParallelDims
     cfg, model, ref, ref_loss = _model_and_reference(device, root)
-    groups = ParallelDims(dp=1, cp=4, tp=1, world_size=4, cp_inner=2).build(names=("cp", "cp_inner", "cp_outer"))
+    groups = ParallelDims(dp=1, cp=4, tp=1, world_size=4, cp_inner=2).build(names=("cp",))
     pos = local_positions(cfg.tokens, groups.cp, device)
     local = ClimateData(root, "train", cfg.lat, cfg.lon, cfg.patch, cfg.channels, rank, world_size)
     xl, yl = (t.unsqueeze(0).to(device) for t in local.sample(3))
-    attn_fn = cp_attention(attn, groups.cp, inner=(groups.cp_inner, groups.cp_outer))
+    attn_fn = cp_attention(attn, groups.cp, inner=groups.cp_levels)
     loss, global_loss = cp_mse(model(xl, pos, attn_fn), yl, groups.cp)
     loss.backward()
     reduce_gradients(model, groups.cp)

@@ -73,7 +73,6 @@ from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, e
                                 run_and_shut_down)
 from app.common.presets import apply_run_settings, parse_overrides  # noqa: E402
 from app.gpt.config import CONFIG_DIR, ModelConfig, load_preset, presets  # noqa: E402
-from ringX import expected_layout  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, PackedTokenFile, TokenFile, passkey_batch  # noqa: E402
 from app.gpt.hf import config_from_hf, export_hf, hf_tensors  # noqa: E402
 from app.common.profiling import device_time_summary, profiler  # noqa: E402
@@ -87,6 +86,7 @@ from app.gpt import deepspeed_engine  # noqa: E402
 from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
 from ringX.launch import init_distributed, leave  # noqa: E402
+from ringX import expected_layout  # noqa: E402
 from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
 
 
@@ -280,8 +280,7 @@ class Trainer:
         self.dims = dims = ParallelDims(dp=-1, cp=args.context_parallel, tp=args.tensor_parallel,
                                         order=args.parallel_order, world_size=info.world_size,
                                         cp_inner=args.context_parallel_inner)
-        two_level = ("cp_inner", "cp_outer") if dims.cp_inner > 1 else ()
-        self.groups = groups = dims.build(names=("cp", "tp", "dp", "dp_cp") + two_level)
+        self.groups = groups = dims.build(names=("cp", "tp", "dp", "dp_cp"))
         if args.attn == "sdpa" and dims.cp > 1:
             raise ValueError("--attn sdpa computes on the local tokens only: use a ringX function with --context_parallel > 1")
         cfg = model_config(args)
@@ -315,8 +314,7 @@ class Trainer:
         else:
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.attn_fn = sdpa_causal if args.attn == "sdpa" else cp_attention(
-            args.attn, groups.cp, as_op=args.ac == "attention",
-            inner=(groups.cp_inner, groups.cp_outer) if dims.cp_inner > 1 else None)
+            args.attn, groups.cp, as_op=args.ac == "attention", inner=groups.cp_levels)
         self.data_cls = PackedTokenFile if args.pack_documents else TokenFile
         self.data = self.data_cls(args.data, cfg.seq_len, seed=args.seed + self.dp_rank) if args.data else None
         self.batch_attn = None                    # packed documents: this batch's attention
@@ -509,7 +507,7 @@ class Trainer:
                     with self.autocast:
                         row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
                                                               self.device, self.cfg.seq_len, args.eval_prompts,
-                                                         cp_inner=args.context_parallel_inner)
+                                                              cp_inner=args.context_parallel_inner)
                 log.record(row)
                 nonfinite.enforce(step, bad, row)
                 if stop_now:

@@ -108,8 +108,7 @@ class Setup:
         self.dims = ParallelDims(dp=-1, cp=args.context_parallel, tp=args.tensor_parallel,
                                  order=args.parallel_order, world_size=info.world_size,
                                  cp_inner=args.context_parallel_inner)
-        two_level = self.dims.cp_inner > 1
-        self.groups = self.dims.build(names=("cp", "tp", "dp", "dp_cp") + (("cp_inner", "cp_outer") if two_level else ()))
+        self.groups = self.dims.build(names=("cp", "tp", "dp", "dp_cp"))
         self.cfg = cfg = load_preset(args.config, **{**parse_overrides(getattr(args, "override", None), ViTConfig),
                                                      **{k: v for k, v in (("embed", args.embed), ("heads", args.heads),
                                                                           ("attn", args.attn)) if v is not None}})
@@ -117,12 +116,11 @@ class Setup:
         self.device, self.dp_rank, self.cp_rank, self.tp_rank = info.device, coords["dp"], coords["cp"], coords["tp"]
         self.is_root = info.rank == 0
         self.data_root = Path(args.data) if args.data else self._synthetic_data()
-        if two_level and (cfg.attn == "allgather" or (cfg.heads // self.dims.tp) % self.dims.cp_inner):
+        if self.dims.cp_inner > 1 and (cfg.attn == "allgather" or (cfg.heads // self.dims.tp) % self.dims.cp_inner):
             raise ValueError(f"--context_parallel_inner {self.dims.cp_inner} splits the heads of a ringX function: "
                              f"it needs a ringX --attn (not {cfg.attn}) and heads per tp rank "
                              f"({cfg.heads // self.dims.tp}) divisible by it")
-        self.attn_fn = cp_attention(cfg.attn, self.groups.cp,
-                                    inner=(self.groups.cp_inner, self.groups.cp_outer) if two_level else None)
+        self.attn_fn = cp_attention(cfg.attn, self.groups.cp, inner=self.groups.cp_levels)
         self.positions = local_positions(cfg.tokens, self.groups.cp, self.device)
         self.weights = patch_weights(cfg.lat, cfg.lon, cfg.patch, self.positions)
         torch.manual_seed(args.seed)

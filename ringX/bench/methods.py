@@ -185,10 +185,13 @@ def ringx(name: str, full: dict, causal: bool, group, backend: str | None,
     return Prepared(step, layout, f"transport {transport}" if transport else "")
 
 
-def _whole_world(group, method: str) -> int:
+def _whole_world(group, method: str, per: int) -> int:
+    """The world size, for a method that cuts the whole world into groups of ``per`` and more."""
     n = dist.get_world_size(group)
     if n != dist.get_world_size():
         raise NotImplementedError(f"{method} splits the whole world into its groups (run it on the default group)")
+    if n % per or n == per:
+        raise NotImplementedError(f"{method} needs a world of a multiple of {per} ranks, more than {per}")
     return n
 
 
@@ -197,9 +200,7 @@ def hybrid(name: str, full: dict, causal: bool, group, backend: str | None) -> P
     from ..hybrid import groups_2d, hybrid_attn_func, hybrid_positions
     split, fn = name.split("-", 1)
     ni = int(split[len("hybrid"):])
-    n = _whole_world(group, name)
-    if n % ni or n == ni:
-        raise NotImplementedError(f"{name} needs a world of a multiple of {ni} ranks, more than {ni}")
+    n = _whole_world(group, name, ni)
     inner, outer = groups_2d(ni)
     pos = hybrid_positions(fn, full["q"].shape[1], dist.get_rank(inner), ni, dist.get_rank(outer), n // ni)
     q, k, v = (_leaf(full[x].index_select(1, pos)) for x in ("q", "k", "v"))
@@ -215,9 +216,7 @@ def hierarchical(name: str, full: dict, causal: bool, group, backend: str | None
     """ringX3-nodes{Ni}: ringX3 over ringX.node_groups(world, Ni) (two-level gathers)."""
     from ..comm import node_groups
     ni = int(name[len("ringX3-nodes"):])
-    n = _whole_world(group, name)
-    if n % ni or n == ni:
-        raise NotImplementedError(f"{name} needs a world of a multiple of {ni} ranks, more than {ni}")
+    n = _whole_world(group, name, ni)
     ng = node_groups(group, ni)
     fn = ATTN_FUNCS["ringX3"]
     r = dist.get_rank(group)
