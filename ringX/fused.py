@@ -99,6 +99,80 @@ if triton is not None:
             tl.store(pd, x.to(tl.float32), mask=mask)
 
 
+    @triton.jit
+    def _row_term(o, l, bi, si, hi, dd, mask, live, o_b, o_s, o_h, l_b, l_h, l_s):
+        """One partial's (lse row, out rows) of this program's items, in float32."""
+        lv = tl.load(l + bi * l_b + hi * l_h + si * l_s, mask=live, other=float("-inf")).to(tl.float32)
+        x = tl.load(o + (bi * o_b + si * o_s + hi * o_h)[:, None] + dd[None, :], mask=mask, other=0.0)
+        return lv, x.to(tl.float32)
+
+    @triton.jit
+    def _merge_many_kernel(acc, lacc, o0, o1, o2, o3, l0, l1, l2, l3, n, rows, heads, d,
+                           a_b, a_s, a_h, la_b, la_h, la_s, o_b, o_s, o_h, l_b, l_h, l_s,
+                           COUNT: tl.constexpr, HAS_ACC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(acc, lacc) <- the log-sum-exp merge of COUNT (1-4) partials, with the accumulators'
+        own value too when HAS_ACC (else they are only written)."""
+        live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
+        pa = acc + (bi * a_b + si * a_s + hi * a_h)[:, None] + dd[None, :]
+        pla = lacc + bi * la_b + hi * la_h + si * la_s
+        v0, x0 = _row_term(o0, l0, bi, si, hi, dd, mask, live, o_b, o_s, o_h, l_b, l_h, l_s)
+        mx = v0
+        if HAS_ACC:
+            va = tl.load(pla, mask=live, other=float("-inf"))
+            mx = tl.where(va > mx, va, mx)
+        if COUNT > 1:
+            v1, x1 = _row_term(o1, l1, bi, si, hi, dd, mask, live, o_b, o_s, o_h, l_b, l_h, l_s)
+            mx = tl.where(v1 > mx, v1, mx)
+        if COUNT > 2:
+            v2, x2 = _row_term(o2, l2, bi, si, hi, dd, mask, live, o_b, o_s, o_h, l_b, l_h, l_s)
+            mx = tl.where(v2 > mx, v2, mx)
+        if COUNT > 3:
+            v3, x3 = _row_term(o3, l3, bi, si, hi, dd, mask, live, o_b, o_s, o_h, l_b, l_h, l_s)
+            mx = tl.where(v3 > mx, v3, mx)
+        empty = mx == float("-inf")
+        safe = tl.where(empty, 0.0, mx)
+        e = tl.exp(v0 - safe)
+        total = e
+        y = x0 * e[:, None]
+        if HAS_ACC:
+            e = tl.exp(va - safe)
+            total += e
+            y += tl.load(pa, mask=mask, other=0.0) * e[:, None]
+        if COUNT > 1:
+            e = tl.exp(v1 - safe)
+            total += e
+            y += x1 * e[:, None]
+        if COUNT > 2:
+            e = tl.exp(v2 - safe)
+            total += e
+            y += x2 * e[:, None]
+        if COUNT > 3:
+            e = tl.exp(v3 - safe)
+            total += e
+            y += x3 * e[:, None]
+        scale = tl.where(empty, 0.0, 1.0 / total)
+        tl.store(pa, y * scale[:, None], mask=mask)
+        tl.store(pla, tl.where(empty, float("-inf"), safe + tl.log(total)), mask=live)
+
+    @triton.jit
+    def _sum_many_kernel(dst, s0, s1, s2, s3, n, rows, heads, d, d_b, d_s, d_h, s_b, s_s, s_h,
+                         COUNT: tl.constexpr, ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dst (+)= the sum of COUNT (1-4) blocks, in float32."""
+        live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
+        pd = dst + (bi * d_b + si * d_s + hi * d_h)[:, None] + dd[None, :]
+        ps = (bi * s_b + si * s_s + hi * s_h)[:, None] + dd[None, :]
+        y = tl.load(s0 + ps, mask=mask, other=0.0).to(tl.float32)
+        if COUNT > 1:
+            y += tl.load(s1 + ps, mask=mask, other=0.0).to(tl.float32)
+        if COUNT > 2:
+            y += tl.load(s2 + ps, mask=mask, other=0.0).to(tl.float32)
+        if COUNT > 3:
+            y += tl.load(s3 + ps, mask=mask, other=0.0).to(tl.float32)
+        if ADD:
+            y = tl.load(pd, mask=mask, other=0.0) + y
+        tl.store(pd, y, mask=mask)
+
 def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple, **flags) -> None:
     b, rows, heads = rows_shape
     n = b * rows * heads
@@ -136,3 +210,27 @@ def accumulate(dst, src, add: bool = True) -> None:
     b, rows, h, d = dst.shape
     _launch(_accumulate_kernel, (b, rows, h), d, (dst, src), (*dst.stride()[:3], *src.stride()[:3]),
             ADD=add)
+
+
+MANY = 4    # partials one merge_many / sum_many kernel takes
+
+
+def merge_many(out_acc, lse_acc, outs, lses, has_acc: bool) -> None:
+    """(out_acc, lse_acc) <- the merge of 1-4 partials (and of the accumulators' own value when
+    ``has_acc``) in one pass. Shapes as ``merge``; every partial has the strides of the first."""
+    b, rows, h, d = out_acc.shape
+    count = len(outs)
+    outs, lses = (*outs, *outs[:1] * (MANY - count)), (*lses, *lses[:1] * (MANY - count))
+    _launch(_merge_many_kernel, (b, rows, h), d, (out_acc, lse_acc, *outs, *lses),
+            (*out_acc.stride()[:3], *lse_acc.stride(), *outs[0].stride()[:3], *lses[0].stride()),
+            COUNT=count, HAS_ACC=has_acc)
+
+
+def sum_many(dst, srcs, add: bool) -> None:
+    """dst (b, rows, h, d) float32 <- (dst +) the sum of 1-4 blocks ``srcs`` (any float dtype,
+    the strides of the first) in one pass."""
+    b, rows, h, d = dst.shape
+    count = len(srcs)
+    srcs = (*srcs, *srcs[:1] * (MANY - count))
+    _launch(_sum_many_kernel, (b, rows, h), d, (dst, *srcs), (*dst.stride()[:3], *srcs[0].stride()[:3]),
+            COUNT=count, ADD=add)

@@ -5,13 +5,16 @@ per rank) and merges their partial results in float32; backward runs N block bac
 dq in float32. This script times, on one device and without communication, that per-rank work
 through RingX's own block path (``RunContext.block_forward`` / ``block_backward`` with the plan
 lookups, slicing and float32 merges the schedules do) against the same N kernel calls made
-directly, and prints the overhead per block size (the first partial of a pass is copied into the
-float32 accumulators and the later ones merged, as the schedules do):
+directly, and prints the overhead per block size, for two ways of merging: each partial as it
+comes ("ringX", the first one copied into the float32 accumulators) and the later partials kept
+and merged four at a time ("grouped": ringX.merge.PendingMerges / PendingSums, what the
+broadcast-kv schedule of ringX4 and of the full-attention ringX1/2 does):
 
     python script/block_overhead.py --sizes 1024 2048 4096 8192 --blocks 4
 
 (b, L, h, d) bfloat16 blocks, 32 query / 8 kv heads, head dim 128 by default; median of
-``--repeats`` timed passes after warm-up. On CPU it runs with small sizes (a smoke run).
+``--repeats`` samples of ``--queued`` passes launched back to back (as in a training step),
+the three paths taking turns. On CPU it runs with small sizes (a smoke run).
 """
 from __future__ import annotations
 
@@ -28,29 +31,39 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ringX.algorithms import RINGX2  # noqa: E402
 from ringX.api import prepare_run  # noqa: E402
-from ringX.merge import acc_copy, accumulate_, new_accumulators, merge_  # noqa: E402
+from ringX.merge import (PendingMerges, PendingSums, acc_copy, accumulate_, merge_, merge_many_,  # noqa: E402
+                         new_accumulators)
 from ringX.plan import Run  # noqa: E402
 
 
-def _timer(device):
-    def timed(fn, repeats: int, warmup: int) -> float:
+def _timed(fns, device, repeats: int, warmup: int, queued: int) -> list[float]:
+    """Median seconds per pass of each of ``fns``: each sample times ``queued`` passes launched
+    back to back between two synchronizations (as the calls of a training step queue), and the
+    functions take turns sample by sample, so a drift of the clock hits them alike."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns:
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, samples):
+            sync()
             t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-    return timed
+            for _ in range(queued):
+                fn()
+            sync()
+            out.append((time.perf_counter() - t) / queued)
+    return [statistics.median(x) for x in samples]
 
 
 def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[float, float]:
-    """(seconds of the N bare kernel calls fwd+bwd, seconds of RingX's block path) for one rank."""
+    """Seconds of the N bare kernel calls fwd+bwd, of RingX's block path merging each partial as
+    it comes (the schedules before grouped merges), and of the same path keeping the partials and
+    merging them four at a time (PendingMerges / PendingSums, as the broadcast-kv schedule does),
+    for one rank."""
     g = torch.Generator(device).manual_seed(0)
     q = torch.randn(1, L, args.heads, args.headdim, device=device, dtype=dtype, generator=g)
     ks = [torch.randn(1, L, args.kv_heads, args.headdim, device=device, dtype=dtype, generator=g) for _ in range(n)]
@@ -65,6 +78,9 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
     for j, blk in enumerate(blocks):
         merge_(out_ref, lse_ref, *run.block_forward(blk, q, ks[j], vs[j]))
     out_final, lse_final = out_ref.to(dtype), lse_ref.float()
+    out_many, lse_many = torch.empty_like(out_ref), torch.empty_like(lse_ref)
+    merge_many_(out_many, lse_many, [run.block_forward(blk, q, ks[j], vs[j]) for j, blk in enumerate(blocks)], True)
+    torch.testing.assert_close(out_many, out_ref, rtol=1e-5, atol=1e-5)   # the two merges agree
 
     def bare():
         for j in range(n):
@@ -86,17 +102,52 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
             blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
             dq_j, dk_j, dv_j = run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)
             accumulate_(dq, dq_j, first=j == 0)
-    timed = _timer(device)
-    result = timed(bare, args.repeats, args.warmup), timed(ringx, args.repeats, args.warmup)
+    def grouped():
+        out = torch.empty(q.shape, dtype=run.acc_dtype, device=device)
+        lse = torch.empty(lse_final.shape, dtype=run.acc_dtype, device=device)
+        merges = PendingMerges(out, lse, fresh=True)
+        for j in range(n):       # the partials kept and merged four at a time, as broadcast-kv does
+            blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
+            merges.add(slice(0, L), *run.block_forward(blk, q, ks[j], vs[j]))
+        merges.flush()
+        o = out.to(dtype)
+        dq = torch.empty(q.shape, dtype=run.acc_dtype, device=device)
+        sums = PendingSums(dq)
+        for j in range(n):
+            blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
+            sums.add(slice(0, L), run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)[0])
+        sums.flush()
+    result = tuple(_timed((bare, ringx, grouped), device, args.repeats, args.warmup, args.queued))
     if args.profile:                      # device time of one pass of each, by kind of kernel
         from app.common.profiling import device_time_summary, profiler
-        for name, fn, wall in (("kernel alone", bare, result[0]), ("ringX block path", ringx, result[1])):
+        for name, fn, wall in (("kernel alone", bare, result[0]), ("ringX block path", ringx, result[1]),
+                               ("grouped merges", grouped, result[2])):
             with profiler(True) as prof:
                 fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             print(f"-- L={L} {'causal' if causal_diag else 'full'} {name}:\n" + device_time_summary(prof, wall, top=6))
+            print(idle_gaps(prof))
     return result
+
+
+def idle_gaps(prof, top: int = 6) -> str:
+    """Where the device waits in a profiled pass: the idle time between its kernels (and copies),
+    the ``top`` longest gaps and the kernel that ends each."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if len(spans) < 2:
+        return "  idle: fewer than two device events"
+    gaps, reach = [], spans[0][1]
+    for start, end, name in spans[1:]:
+        if start > reach:
+            gaps.append((start - reach, name))
+        reach = max(reach, end)
+    total = sum(g for g, _ in gaps)
+    lines = [f"  idle between kernels {total / 1e3:.3f} ms of {(reach - spans[0][0]) / 1e3:.3f} ms "
+             f"({len(gaps)} gaps, {len(spans)} device events); the longest, before:"]
+    lines += [f"    {g:8.1f} us  {name[:100]}" for g, name in sorted(gaps, reverse=True)[:top]]
+    return "\n".join(lines)
 
 
 def host_costs(L: int, args, device, dtype) -> None:
@@ -125,11 +176,17 @@ def host_costs(L: int, args, device, dtype) -> None:
         "to(bf16)": lambda: out.to(dtype),
         "torch.add_ (same shape)": lambda: out.add_(out),
     }
+    env = {}
     if fused.usable(out, o):
         steps["fused.merge (direct)"] = lambda: fused.merge(out, lse, o, l)
+        steps["fused.merge, Triton's launch"] = steps["merge_"]
+        steps["accumulate_, Triton's launch"] = steps["accumulate_"]
+        env = {name: {"RINGX_FUSED_DIRECT": "0"} for name in steps if name.endswith("Triton's launch")}
     print(f"host us per call at L={L} (queued, unsynchronized; fused kernels: {fused.usable(out, o)}):")
     n = args.host_calls
     for name, fn in steps.items():
+        saved = {key: os.environ.get(key) for key in env.get(name, {})}
+        os.environ.update(env.get(name, {}))
         for _ in range(3):
             fn()
         if device.type == "cuda":
@@ -140,6 +197,8 @@ def host_costs(L: int, args, device, dtype) -> None:
         host = (time.perf_counter() - t) / n
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         print(f"  {name:28s} {host * 1e6:8.1f}", flush=True)
 
 
@@ -152,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--queued", type=int, default=5, help="passes launched back to back per timed sample")
     p.add_argument("--profile", action="store_true", help="also print each path's device time by kind of kernel")
     p.add_argument("--host", action="store_true",
                    help="instead: host microseconds per call of each step of the block path")
@@ -167,12 +227,14 @@ def main(argv=None) -> int:
             host_costs(L, args, device, dtype)
         dist.destroy_process_group()
         return 0
-    print(f"{'L':>6} {'blocks':>6} {'diag':>7} {'kernel ms':>10} {'ringX ms':>10} {'overhead':>9}")
+    print(f"{'L':>6} {'blocks':>6} {'diag':>7} {'kernel ms':>10} {'ringX ms':>10} {'overhead':>9} "
+          f"{'grouped ms':>10} {'overhead':>9}")
     for L in args.sizes:
         for causal_diag in (False, True):
-            bare, ringx = measure(L, args.blocks, causal_diag, args, device, dtype)
+            bare, ringx, grouped = measure(L, args.blocks, causal_diag, args, device, dtype)
             print(f"{L:6d} {args.blocks:6d} {'causal' if causal_diag else 'full':>7} {bare * 1e3:10.3f} "
-                  f"{ringx * 1e3:10.3f} {100 * (ringx / bare - 1):8.1f}%", flush=True)
+                  f"{ringx * 1e3:10.3f} {100 * (ringx / bare - 1):8.1f}% {grouped * 1e3:10.3f} "
+                  f"{100 * (grouped / bare - 1):8.1f}%", flush=True)
     dist.destroy_process_group()
     return 0
 

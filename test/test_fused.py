@@ -6,7 +6,9 @@ import torch
 
 import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
 from ringX import fused
-from ringX.merge import accumulate_, add_block_, merge_, merge_formula_, weigh_, weigh_formula_
+from ringX.merge import (PendingMerges, PendingSums, accumulate_, add_block_, merge_, merge_formula_, merge_many_,
+                         merge_many_formula_, new_accumulators, sum_many_,
+                         weigh_, weigh_formula_)
 
 GPU = torch.cuda.is_available() and fused.triton is not None and torch.version.hip is None
 needs_gpu = pytest.mark.skipif(not GPU, reason="the fused kernels need an NVIDIA GPU and Triton")
@@ -115,3 +117,101 @@ def test_add_block_fills_fresh_buffers_like_zeros_plus_adds(device):
             ref[:, rows] += blk.to(device, torch.bfloat16)
         assert fresh is False
         torch.testing.assert_close(dst, ref, rtol=0, atol=0)
+
+
+def _chunk_partials(device, dtype, chunks, seed, b=2, s=48, h=4, d=64):
+    """Attention of q over keys in ``chunks`` pieces: each piece's (out (b, s, h, d) in ``dtype``
+    in cuDNN's storage order, lse (b, h, s)), and the whole attention in float64."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for n in (s, 16 * chunks, 16 * chunks))
+    scores = q @ k.transpose(-1, -2) / d ** 0.5
+    scores[:, :, : s // 4] = float("-inf")              # rows that see no key at all
+    scores[:, :, s // 4: s // 2, 16:] = float("-inf")   # rows that see only the first piece
+    whole = torch.nan_to_num(torch.softmax(scores, -1)) @ v
+    parts = []
+    for c in range(chunks):
+        sc = scores[..., 16 * c: 16 * (c + 1)]
+        lse = torch.logsumexp(sc, -1)
+        o = torch.nan_to_num(torch.softmax(sc, -1)) @ v[:, :, 16 * c: 16 * (c + 1)]
+        parts.append((o.to(dtype).to(device).transpose(1, 2), lse.float().to(device)))
+    return parts, whole.transpose(1, 2)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 6])
+def test_merge_many_gives_the_whole_attention(chunks):
+    """merge_many_ of key-chunk partials (fused on GPUs, pairwise elsewhere) is the attention
+    over all the keys; rows that saw no key stay 0 with lse -inf."""
+    device = "cuda" if GPU else "cpu"
+    parts, whole = _chunk_partials(device, torch.float32, chunks, seed=7)
+    out = torch.full(whole.shape, float("nan"), device=device)
+    lse = torch.full((2, 4, 48), float("nan"), device=device)
+    merge_many_(out, lse, parts, first=True)
+    torch.testing.assert_close(out.double().cpu(), whole, rtol=1e-5, atol=1e-5)
+    assert (out[:, :12] == 0).all() and (lse[:, :, :12] == float("-inf")).all()
+    half_out, half_lse = torch.full_like(out, float("nan")), torch.full_like(lse, float("nan"))
+    merge_many_(half_out, half_lse, parts[: (chunks + 1) // 2], first=True)   # then the rest
+    merge_many_(half_out, half_lse, parts[(chunks + 1) // 2:], first=False)
+    torch.testing.assert_close(half_out, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(half_lse, lse, rtol=1e-6, atol=1e-6)
+
+
+@needs_gpu
+@pytest.mark.parametrize("chunks", [2, 4, 5])
+def test_fused_merge_many_equals_pairwise_formula(chunks):
+    parts, _ = _chunk_partials("cuda", torch.bfloat16, chunks, seed=8)
+    parts[0][1][0, 1, 30] = float("nan")                  # NaN propagates
+    for first in (True, False):
+        mine, ref = (torch.randn(2, 48, 4, 64, device="cuda").clamp(-1, 1) for _ in range(2))
+        ref.copy_(mine)
+        lm = torch.randn(2, 4, 48, device="cuda")
+        lr = lm.clone()
+        merge_many_(mine[:, 8:40], lm[:, :, 8:40], [(o[:, 8:40], l[:, :, 8:40]) for o, l in parts], first)
+        merge_many_formula_(ref[:, 8:40], lr[:, :, 8:40], [(o[:, 8:40], l[:, :, 8:40]) for o, l in parts], first)
+        torch.testing.assert_close(mine, ref, rtol=2e-5, atol=2e-6, equal_nan=True)
+        torch.testing.assert_close(lm, lr, rtol=2e-6, atol=2e-6, equal_nan=True)
+        assert torch.isnan(lm[0, 1, 30]) and torch.isnan(mine[0, 30, 1]).all()
+
+
+@pytest.mark.parametrize("count", [1, 4, 7])
+def test_sum_many_equals_adds(count):
+    device = "cuda" if GPU else "cpu"
+    g = torch.Generator(device="cpu").manual_seed(9)
+    srcs = [torch.randn(2, 4, 40, 80, generator=g).to(device, torch.bfloat16).transpose(1, 2) for _ in range(count)]
+    base = torch.randn(2, 96, 4, 80, generator=g).to(device)
+    for first in (True, False):
+        mine, ref = base.clone(), base.clone()
+        if first:
+            mine[:, 30:70] = float("nan")                 # never read
+            ref[:, 30:70] = 0
+        sum_many_(mine[:, 30:70], srcs, first)
+        for x in srcs:
+            ref[:, 30:70] += x.float()
+        torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_bytes", [2**30, 1])
+def test_pending_merges_and_sums_equal_merging_as_they_come(max_bytes):
+    """PendingMerges / PendingSums (partials kept and merged four at a time, or at once when
+    max_bytes is reached) give what merging each partial as it comes gives, on fresh buffers,
+    with partials of all rows and of row ranges in any order."""
+    device = "cuda" if GPU else "cpu"
+    parts, _ = _chunk_partials(device, torch.float32, 7, seed=10)
+    rows = [slice(0, 48), slice(16, 40), slice(0, 48), slice(16, 40), slice(0, 48), slice(0, 48), slice(8, 24)]
+    out, lse = torch.full((2, 48, 4, 64), float("nan"), device=device), torch.full((2, 4, 48), 0.5, device=device)
+    merges = PendingMerges(out, lse, fresh=True, max_bytes=max_bytes)
+    ref_out, ref_lse = new_accumulators(out, torch.float32)
+    dst, ref_dst = torch.full_like(out, float("nan")), torch.zeros_like(out)
+    sums = PendingSums(dst, max_bytes=max_bytes)
+    for sl, (o, l) in zip(rows[::-1], parts):           # a partial-row block comes first
+        merges.add(sl, o[:, sl], l[:, :, sl])
+        merge_formula_(ref_out[:, sl], ref_lse[:, :, sl], o[:, sl], l[:, :, sl])
+        sums.add(sl, o[:, sl])
+        ref_dst[:, sl] += o[:, sl]
+    merges.flush()
+    sums.flush()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dst, ref_dst, rtol=1e-5, atol=1e-6)
+    empty_out, empty_lse = torch.full_like(out, float("nan")), torch.zeros_like(lse)
+    PendingMerges(empty_out, empty_lse, fresh=True).flush()      # nothing added: no key seen
+    assert (empty_out == 0).all() and (empty_lse == float("-inf")).all()

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..api import RunContext
 from ..comm import broadcast_rounds, wait
-from ..merge import acc_copy, add_block_, merge_, weigh_
+from ..merge import PendingMerges, PendingSums, add_block_, weigh_
 
 
 class _Pack:
@@ -113,7 +113,7 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     dkv_bufs = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
     dkv_own = torch.empty(kv.shape, dtype=acc, device=q.device)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
-    dq_fresh = True                       # the first block that covers every row writes dq
+    dq_sums = PendingSums(dq)             # the blocks' dq summed four at a time
     pending: list = [None, None]
     owners_in_slot = [None, None]
     needed = run.owners("kv", q.shape[1])
@@ -132,7 +132,7 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
         for blk in run.blocks(r, i, q.shape[1]):
             qs, ks = blk.q_rows, blk.kv_rows
             dq_b, dk_b, dv_b = run.block_backward(blk, dout, q, kv_i[0], kv_i[1], out, lse)
-            dq_fresh = add_block_(dq, qs, dq_b, dq_fresh)
+            dq_sums.add(qs, dq_b)
             add_block_(dkv[0], ks, dk_b, dkv_fresh)
             dkv_fresh = add_block_(dkv[1], ks, dv_b, dkv_fresh)
         if dkv_fresh:                     # no block of this rank touches owner i's keys
@@ -145,8 +145,7 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     for slot in range(2):
         if owners_in_slot[slot] is not None:
             finish(slot)
-    if dq_fresh:
-        dq.zero_()
+    dq_sums.flush()
     return dq, dkv_own[0], dkv_own[1]
 
 
@@ -156,14 +155,12 @@ def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch
     comm = run.comm
     r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
-    out = lse = None
-    for i, kv_i in broadcast_rounds(comm, kv, own_first=True, owners=run.owners("kv", q.shape[1])):
-        for blk in run.blocks(r, i, q.shape[1]):
-            qs = blk.q_rows
-            o, l = run.block_forward(blk, q, kv_i[0], kv_i[1])
-            if out is None:               # the own (diagonal) block comes first and covers every row
-                out = acc_copy(o, run.acc_dtype)
-                lse = torch.empty(l.shape, dtype=run.acc_dtype, device=l.device).copy_(l)
-            else:
-                merge_(out[:, qs], lse[:, :, qs], o, l)
+    b, s, h, _ = q.shape
+    out = torch.empty(q.shape, dtype=run.acc_dtype, device=q.device)
+    lse = torch.empty((b, h, s), dtype=run.acc_dtype, device=q.device)
+    merges = PendingMerges(out, lse, fresh=True)          # the partials merged four at a time
+    for i, kv_i in broadcast_rounds(comm, kv, own_first=True, owners=run.owners("kv", s)):
+        for blk in run.blocks(r, i, s):
+            merges.add(blk.q_rows, *run.block_forward(blk, q, kv_i[0], kv_i[1]))
+    merges.flush()
     return out, lse
