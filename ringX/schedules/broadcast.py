@@ -13,11 +13,13 @@ bcast_q_forward (ringX1's forward, and ringX2's for full attention), for each ow
 bcast_kv_forward (ringX4's forward): each owner in turn broadcasts its fused [k; v] (unexpanded,
 received into up to three buffers, each broadcast posted as soon as its buffer is free); every
 rank first attends its local q to its own k/v (the diagonal block, while the first broadcasts
-travel), then to each other owner's, merging the partials in float32.
+travel), then to each other owner's, merging the partials in float32: up to four at a time in one
+pass over the accumulators (ringX.merge.PendingMerges; at most 256 MiB of partials held).
 
 bcast_kv_backward (ringX1's, ringX2's for full attention, ringX4's): owner i broadcasts its fused
-[k_i; v_i] (one message, kv heads unexpanded); every rank accumulates its own dq locally and its
-partial [dk_i; dv_i] (float32), which is reduced to owner i.
+[k_i; v_i] (one message, kv heads unexpanded); every rank accumulates its own dq locally (up to
+four blocks per float32 pass, ringX.merge.PendingSums) and its partial [dk_i; dv_i] (float32),
+which is reduced to owner i.
 
 Per-rank memory is O(S/N). Under a mask an owner whose tensor no other rank needs is left out of
 the broadcasts and reduces (RunContext.owners). On two ranks ringX.schedules.broadcast_pair
