@@ -117,7 +117,10 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
             blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
             sums.add(slice(0, L), run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)[0])
         sums.flush()
-    result = tuple(_timed((bare, ringx, grouped), device, args.repeats, args.warmup, args.queued))
+    fns = (bare, ringx, grouped)
+    if args.graph and device.type == "cuda":       # each pass captured once, then replayed: no host work
+        fns = tuple(_graphed(fn, device) for fn in fns)
+    result = tuple(_timed(fns, device, args.repeats, args.warmup, args.queued))
     if args.profile:                      # device time of one pass of each, by kind of kernel
         from app.common.profiling import device_time_summary, profiler
         for name, fn, wall in (("kernel alone", bare, result[0]), ("ringX block path", ringx, result[1]),
@@ -129,6 +132,20 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
             print(f"-- L={L} {'causal' if causal_diag else 'full'} {name}:\n" + device_time_summary(prof, wall, top=6))
             print(idle_gaps(prof))
     return result
+
+
+def _graphed(fn, device):
+    """fn captured in a CUDA graph (after a warm-up on a side stream): its replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def idle_gaps(prof, top: int = 6) -> str:
@@ -212,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--queued", type=int, default=5, help="passes launched back to back per timed sample")
+    p.add_argument("--graph", action="store_true",
+                   help="time CUDA-graph replays of each path (what they cost without host work)")
     p.add_argument("--profile", action="store_true", help="also print each path's device time by kind of kernel")
     p.add_argument("--host", action="store_true",
                    help="instead: host microseconds per call of each step of the block path")
