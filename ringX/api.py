@@ -133,8 +133,9 @@ class Algorithm:
 
     forward(run, q, k, v) -> (out, lse): out (b, s, h, d) and lse (b, h, s) in run.acc_dtype.
     backward(run, dout, q, k, v, out, lse) -> (dq, dk, dv) in run.acc_dtype.
-    A result that is one kernel call's output, final as it stands, may come back in the input's
-    dtype instead (no float32 round trip); lse is always in run.acc_dtype.
+    A final result may come back in the input's dtype instead (no float32 round trip): one kernel
+    call's output as it stands, or a merge or sum whose last pass rounds its acc-dtype result
+    once into the input's dtype; lse is always in run.acc_dtype.
     """
 
     name: str

@@ -107,14 +107,14 @@ if triton is not None:
         return lv, x.to(tl.float32)
 
     @triton.jit
-    def _merge_many_kernel(acc, lacc, o0, o1, o2, o3, l0, l1, l2, l3, n, rows, heads, d,
-                           a_b, a_s, a_h, la_b, la_h, la_s, o_b, o_s, o_h, l_b, l_h, l_s,
+    def _merge_many_kernel(dst, acc, lacc, o0, o1, o2, o3, l0, l1, l2, l3, n, rows, heads, d,
+                           t_b, t_s, t_h, a_b, a_s, a_h, la_b, la_h, la_s, o_b, o_s, o_h, l_b, l_h, l_s,
                            COUNT: tl.constexpr, HAS_ACC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(acc, lacc) <- the log-sum-exp merge of COUNT (1-4) partials, with the accumulators'
-        own value too when HAS_ACC (else they are only written)."""
+        """(dst, lacc) <- the log-sum-exp merge of COUNT (1-4) partials, with the accumulators'
+        (acc, lacc) own value too when HAS_ACC (else acc is not read); dst in its own dtype
+        (it may be acc)."""
         live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
-        pa = acc + (bi * a_b + si * a_s + hi * a_h)[:, None] + dd[None, :]
         pla = lacc + bi * la_b + hi * la_h + si * la_s
         v0, x0 = _row_term(o0, l0, bi, si, hi, dd, mask, live, o_b, o_s, o_h, l_b, l_h, l_s)
         mx = v0
@@ -138,6 +138,7 @@ if triton is not None:
         if HAS_ACC:
             e = tl.exp(va - safe)
             total += e
+            pa = acc + (bi * a_b + si * a_s + hi * a_h)[:, None] + dd[None, :]
             y += tl.load(pa, mask=mask, other=0.0) * e[:, None]
         if COUNT > 1:
             e = tl.exp(v1 - safe)
@@ -152,15 +153,17 @@ if triton is not None:
             total += e
             y += x3 * e[:, None]
         scale = tl.where(empty, 0.0, 1.0 / total)
-        tl.store(pa, y * scale[:, None], mask=mask)
+        pt = dst + (bi * t_b + si * t_s + hi * t_h)[:, None] + dd[None, :]
+        tl.store(pt, (y * scale[:, None]).to(dst.dtype.element_ty), mask=mask)
         tl.store(pla, tl.where(empty, float("-inf"), safe + tl.log(total)), mask=live)
 
     @triton.jit
-    def _sum_many_kernel(dst, s0, s1, s2, s3, n, rows, heads, d, d_b, d_s, d_h, s_b, s_s, s_h,
-                         COUNT: tl.constexpr, ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """dst (+)= the sum of COUNT (1-4) blocks, in float32."""
+    def _sum_many_kernel(dst, acc, s0, s1, s2, s3, n, rows, heads, d, t_b, t_s, t_h, a_b, a_s, a_h,
+                         s_b, s_s, s_h, COUNT: tl.constexpr, ADD: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dst <- (acc +) the sum of COUNT (1-4) blocks, summed in float32, stored in dst's
+        dtype (dst may be acc; acc is read only when ADD)."""
         live, bi, si, hi, dd, mask = _tile(n, rows, heads, d, BLOCK_M, BLOCK_D)
-        pd = dst + (bi * d_b + si * d_s + hi * d_h)[:, None] + dd[None, :]
         ps = (bi * s_b + si * s_s + hi * s_h)[:, None] + dd[None, :]
         y = tl.load(s0 + ps, mask=mask, other=0.0).to(tl.float32)
         if COUNT > 1:
@@ -170,8 +173,9 @@ if triton is not None:
         if COUNT > 3:
             y += tl.load(s3 + ps, mask=mask, other=0.0).to(tl.float32)
         if ADD:
-            y = tl.load(pd, mask=mask, other=0.0) + y
-        tl.store(pd, y, mask=mask)
+            y += tl.load(acc + (bi * a_b + si * a_s + hi * a_h)[:, None] + dd[None, :], mask=mask, other=0.0)
+        pt = dst + (bi * t_b + si * t_s + hi * t_h)[:, None] + dd[None, :]
+        tl.store(pt, y.to(dst.dtype.element_ty), mask=mask)
 
 def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple, **flags) -> None:
     b, rows, heads = rows_shape
@@ -215,22 +219,27 @@ def accumulate(dst, src, add: bool = True) -> None:
 MANY = 4    # partials one merge_many / sum_many kernel takes
 
 
-def merge_many(out_acc, lse_acc, outs, lses, has_acc: bool) -> None:
-    """(out_acc, lse_acc) <- the merge of 1-4 partials (and of the accumulators' own value when
-    ``has_acc``) in one pass. Shapes as ``merge``; every partial has the strides of the first."""
-    b, rows, h, d = out_acc.shape
+def merge_many(dst, out_acc, lse_acc, outs, lses, has_acc: bool) -> None:
+    """(dst, lse_acc) <- the merge of 1-4 partials (and of the accumulators' own value (out_acc,
+    lse_acc) when ``has_acc``) in one pass. dst (b, rows, h, d) any float dtype (it may be out_acc;
+    out_acc is not read without has_acc and may then be dst); other shapes as ``merge``; every
+    partial has the strides of the first."""
+    b, rows, h, d = dst.shape
     count = len(outs)
+    out_acc = dst if out_acc is None else out_acc
     outs, lses = (*outs, *outs[:1] * (MANY - count)), (*lses, *lses[:1] * (MANY - count))
-    _launch(_merge_many_kernel, (b, rows, h), d, (out_acc, lse_acc, *outs, *lses),
-            (*out_acc.stride()[:3], *lse_acc.stride(), *outs[0].stride()[:3], *lses[0].stride()),
+    _launch(_merge_many_kernel, (b, rows, h), d, (dst, out_acc, lse_acc, *outs, *lses),
+            (*dst.stride()[:3], *out_acc.stride()[:3], *lse_acc.stride(), *outs[0].stride()[:3], *lses[0].stride()),
             COUNT=count, HAS_ACC=has_acc)
 
 
-def sum_many(dst, srcs, add: bool) -> None:
-    """dst (b, rows, h, d) float32 <- (dst +) the sum of 1-4 blocks ``srcs`` (any float dtype,
-    the strides of the first) in one pass."""
+def sum_many(dst, srcs, acc=None) -> None:
+    """dst (b, rows, h, d) any float dtype <- (acc +) the sum of 1-4 blocks ``srcs`` (any float
+    dtype, the strides of the first), summed in float32, in one pass; acc (float32, dst's shape)
+    None: dst is just the sum (acc may be dst itself)."""
     b, rows, h, d = dst.shape
     count = len(srcs)
     srcs = (*srcs, *srcs[:1] * (MANY - count))
-    _launch(_sum_many_kernel, (b, rows, h), d, (dst, *srcs), (*dst.stride()[:3], *srcs[0].stride()[:3]),
-            COUNT=count, ADD=add)
+    base = dst if acc is None else acc
+    _launch(_sum_many_kernel, (b, rows, h), d, (dst, base, *srcs),
+            (*dst.stride()[:3], *base.stride()[:3], *srcs[0].stride()[:3]), COUNT=count, ADD=acc is not None)

@@ -49,31 +49,38 @@ def merge_formula_(out_acc, lse_acc, out_blk, lse_blk) -> None:
 
 
 
-def merge_many_(out_acc: torch.Tensor, lse_acc: torch.Tensor, partials, first: bool) -> None:
+def merge_many_(out_acc: torch.Tensor | None, lse_acc: torch.Tensor, partials, first: bool,
+                dst: torch.Tensor | None = None) -> None:
     """Merge several partials into the accumulators at once, in place: a pass over the float32
     accumulator per four partials instead of one per partial (a merge is memory-bound, so k
     partials cost about what one pairwise merge costs).
 
-    out_acc, lse_acc: as merge_; ``first``: they hold nothing yet (written, never read).
-    partials: a sequence of (out_blk (batch, rows, heads, headdim), lse_blk (batch, heads, rows)).
-    One fused kernel per four partials on GPUs (ringX.fused.merge_many) when the partials share
-    their strides; else the pairwise merges (ringX.merge_, acc_copy's cast for a first one).
+    out_acc (batch, rows, heads, headdim) float32/64, lse_acc (batch, heads, rows): as merge_;
+    ``first``: they hold nothing yet (never read). partials: a non-empty sequence of (out_blk
+    (batch, rows, heads, headdim), lse_blk (batch, heads, rows)). ``dst``: where the merged out
+    goes (default out_acc), in any float dtype: a final pass writes the result in the inputs'
+    dtype directly, rounded once (out_acc may then be None if ``first`` and at most four
+    partials). One fused kernel per four partials on GPUs (ringX.fused.merge_many) when the
+    partials share their strides; else pairwise merges in PyTorch operations.
     """
     partials = list(partials)
-    if not partials:
-        if first:
-            out_acc.zero_()
-            lse_acc.fill_(float("-inf"))
-        return
+    if out_acc is None and not (first and dst is not None):
+        raise ValueError("merge_many_: out_acc may be None only for a first merge into dst")
+    dst = out_acc if dst is None else dst
     o0, l0 = partials[0]
     same = all(o.stride() == o0.stride() and l.stride() == l0.stride() for o, l in partials)
-    if out_acc.dtype == torch.float32 and same and fused.usable(out_acc, *(o for o, _ in partials)):
-        for i in range(0, len(partials), fused.MANY):
-            chunk = partials[i:i + fused.MANY]
-            fused.merge_many(out_acc, lse_acc, [o for o, _ in chunk], [l for _, l in chunk],
-                             has_acc=not (first and i == 0))
+    acc_dtype = lse_acc.dtype
+    if acc_dtype == torch.float32 and same and fused.usable(dst, *(o for o, _ in partials)) and \
+            (out_acc is not None or len(partials) <= fused.MANY):
+        chunks = [partials[i:i + fused.MANY] for i in range(0, len(partials), fused.MANY)]
+        for i, chunk in enumerate(chunks):
+            fused.merge_many(dst if i == len(chunks) - 1 else out_acc, out_acc, lse_acc,
+                             [o for o, _ in chunk], [l for _, l in chunk], has_acc=not (first and i == 0))
         return
-    merge_many_formula_(out_acc, lse_acc, partials, first)
+    acc = out_acc if out_acc is not None else torch.empty(dst.shape, dtype=acc_dtype, device=dst.device)
+    merge_many_formula_(acc, lse_acc, partials, first)
+    if dst is not acc:
+        dst.copy_(acc)
 
 
 def merge_many_formula_(out_acc, lse_acc, partials, first: bool) -> None:
@@ -88,23 +95,30 @@ def merge_many_formula_(out_acc, lse_acc, partials, first: bool) -> None:
         merge_formula_(out_acc, lse_acc, o, l)
 
 
-def sum_many_(dst: torch.Tensor, srcs, first: bool) -> None:
-    """dst (+)= the sum of several blocks (dst = their sum if ``first``), in place: one pass over
-    the float32 dst per four blocks on GPUs (ringX.fused.sum_many) when the blocks share their
-    strides, else accumulate_ per block. dst (batch, rows, heads, headdim) float32 or float64,
-    srcs of its shape in any float dtype; the sum runs in dst's dtype."""
+def sum_many_(dst: torch.Tensor, srcs, acc: torch.Tensor | None = None) -> None:
+    """dst <- (acc +) the sum of several blocks, summed in float32 (float64 for float64), one
+    pass per four blocks on GPUs (ringX.fused.sum_many) when the blocks share their strides.
+    dst (batch, rows, heads, headdim) in any float dtype (a final pass writes the inputs' dtype
+    directly, rounded once); acc: None or a float32/64 buffer of dst's shape, which may be dst
+    and holds an intermediate sum afterwards when more than four blocks come; srcs: a non-empty
+    sequence of blocks of that shape in any float dtype."""
     srcs = list(srcs)
-    if not srcs:
-        if first:
-            dst.zero_()
-        return
     same = all(x.stride() == srcs[0].stride() for x in srcs)
-    if dst.dtype == torch.float32 and same and fused.usable(dst, *srcs):
-        for i in range(0, len(srcs), fused.MANY):
-            fused.sum_many(dst, srcs[i:i + fused.MANY], add=not (first and i == 0))
+    wide = acc.dtype if acc is not None else (torch.float64 if dst.dtype == torch.float64 else torch.float32)
+    if wide == torch.float32 and same and fused.usable(dst, *srcs):
+        chunks = [srcs[i:i + fused.MANY] for i in range(0, len(srcs), fused.MANY)]
+        buf = acc if acc is not None or len(chunks) == 1 else torch.empty(dst.shape, dtype=wide, device=dst.device)
+        for i, chunk in enumerate(chunks):
+            fused.sum_many(dst if i == len(chunks) - 1 else buf, chunk, acc=acc if i == 0 else buf)
         return
-    for i, x in enumerate(srcs):
-        accumulate_(dst, x, first=first and i == 0)
+    if acc is dst:
+        total = dst
+    else:
+        total = acc.to(wide, copy=True) if acc is not None else None
+    for x in srcs:
+        total = x.to(wide, copy=True) if total is None else total.add_(x)
+    if total is not dst:
+        dst.copy_(total)
 
 def weigh_(ow: torch.Tensor, w: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor,
            m: torch.Tensor) -> None:
@@ -171,94 +185,116 @@ def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Ten
 
 
 class PendingMerges:
-    """Partials of row ranges of one accumulator pair, kept until ``group`` of the same rows are
-    there and then merged in one pass (merge_many_): a memory-bound merge costs about the same
-    for four partials as for one, so a schedule that merges N blocks per call makes N/4 passes
-    over its float32 accumulator instead of N, at the price of holding up to group - 1 partials.
+    """The partials of one call's output, by row range, merged ``group`` at a time in one pass
+    each (merge_many_): a memory-bound merge costs about the same for four partials as for one,
+    so a schedule that merges N blocks per call makes about N/4 passes instead of N. A float32
+    accumulator is made only when a pass must keep its result: when every partial covers all
+    rows and at most ``group`` come, ``finish`` merges them straight into the output in the
+    inputs' dtype (no float32 buffer, no cast pass).
 
-    out (b, s, h, d) and lse (b, h, s): the accumulators; ``fresh``: they hold nothing yet (the
-    first pass over every row writes them, as acc_copy does; rows no partial reaches end as 0
-    and -inf). ``add(rows, o, l)`` queues the partial of rows ``rows`` (a slice of s);
-    ``flush()`` merges what is left (call it before reading the accumulators). Once the partials
-    held reach ``max_bytes`` (256 MiB) they are merged: large blocks, where a merge costs little
-    beside the kernel, merge as they come."""
+    shape (b, s, h, d), device, acc_dtype: the output's. ``add(rows, o, l)`` queues a partial
+    of rows ``rows`` (a slice of s): o (b, rows, h, d), l (b, h, rows); ``finish(dtype)`` ->
+    (out (b, s, h, d) in dtype, lse (b, h, s) in acc_dtype); rows no partial reaches are 0 and
+    -inf. Once the partials held reach ``max_bytes`` (256 MiB) they are merged: large blocks,
+    where a merge costs little beside the kernel, merge as they come."""
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor, fresh: bool = False, group: int = fused.MANY,
+    def __init__(self, shape, device, acc_dtype: torch.dtype, group: int = fused.MANY,
                  max_bytes: int = 256 * 2**20):
-        self.out, self.lse, self.fresh, self.group, self.max_bytes = out, lse, fresh, group, max_bytes
+        b, s, h, _ = shape
+        self.shape, self.device, self.acc_dtype = tuple(shape), device, acc_dtype
+        self.group, self.max_bytes = group, max_bytes
+        self.acc: torch.Tensor | None = None       # made by the first pass that keeps its result
+        self.lse = torch.empty((b, h, s), dtype=acc_dtype, device=device)
         self.pending: dict[tuple[int, int], list] = {}
 
     def add(self, rows: slice, o: torch.Tensor, l: torch.Tensor) -> None:
-        key = rows.indices(self.out.shape[1])[:2]
+        key = rows.indices(self.shape[1])[:2]
         parts = self.pending.setdefault(key, [])
         parts.append((o, l))
-        if len(parts) >= self.group:
-            self._merge(key)
+        if len(parts) > self.group:              # one more than a pass takes: merge the oldest
+            self._merge(key, parts[:self.group])
+            del parts[:self.group]
         elif _held(o for parts in self.pending.values() for o, _ in parts) >= self.max_bytes:
             self._merge_pending()
 
-    def flush(self) -> None:
+    def finish(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        whole = (0, self.shape[1])
+        if list(self.pending) == [whole] and len(self.pending[whole]) <= self.group:
+            out = torch.empty(self.shape, dtype=dtype, device=self.device)   # the last pass writes it
+            merge_many_(self.acc, self.lse, self.pending.pop(whole), first=self.acc is None, dst=out)
+            return out, self.lse
         self._merge_pending()
-        if self.fresh:
-            self.out.zero_()
+        if self.acc is None:                      # nothing came
+            self._fresh_acc(zero=True)
+        return self.acc.to(dtype), self.lse
+
+    def _fresh_acc(self, zero: bool) -> None:
+        self.acc = torch.empty(self.shape, dtype=self.acc_dtype, device=self.device)
+        if zero:
+            self.acc.zero_()
             self.lse.fill_(float("-inf"))
-            self.fresh = False
 
     def _merge_pending(self) -> None:
-        whole = (0, self.out.shape[1])
-        if whole in self.pending:                 # the whole rows first: they can write
-            self._merge(whole)
-        for key in list(self.pending):
-            self._merge(key)
+        whole = (0, self.shape[1])
+        for key in sorted(self.pending, key=lambda k: k != whole):    # the whole rows first
+            self._merge(key, self.pending.pop(key))
 
-    def _merge(self, key: tuple[int, int]) -> None:
-        covers = key == (0, self.out.shape[1])
-        if self.fresh and not covers:
-            self.out.zero_()
-            self.lse.fill_(float("-inf"))
+    def _merge(self, key: tuple[int, int], parts: list) -> None:
+        first = self.acc is None and key == (0, self.shape[1])
+        if self.acc is None:
+            self._fresh_acc(zero=not first)
         rows = slice(*key)
-        merge_many_(self.out[:, rows], self.lse[:, :, rows], self.pending.pop(key), first=self.fresh and covers)
-        self.fresh = False
+        merge_many_(self.acc[:, rows], self.lse[:, :, rows], parts, first=first)
 
 
 class PendingSums:
-    """Blocks of row ranges to add into one float32 buffer, kept until ``group`` of the same rows
-    are there and then summed in one pass (sum_many_); the first pass over every row writes
-    instead of adding, as add_block_ does. dst (b, s, h, d); ``flush()`` before reading dst, which
-    is all zeros if nothing was added. The blocks held never pass ``max_bytes`` (256 MiB)."""
+    """Blocks of row ranges to add up into one gradient, ``group`` at a time in one pass each
+    (sum_many_), as PendingMerges does for outputs: with at most ``group`` blocks that cover all
+    rows ``finish`` sums them straight into the gradient in the inputs' dtype, else a float32
+    buffer holds the partial sums. shape (b, s, h, d); ``add(rows, block)``; ``finish(dtype)``
+    -> the sum (b, s, h, d) in dtype (zeros where no block came). The blocks held never pass
+    ``max_bytes`` (256 MiB) for long."""
 
-    def __init__(self, dst: torch.Tensor, group: int = fused.MANY, max_bytes: int = 256 * 2**20):
-        self.dst, self.group, self.max_bytes, self.fresh = dst, group, max_bytes, True
+    def __init__(self, shape, device, acc_dtype: torch.dtype, group: int = fused.MANY,
+                 max_bytes: int = 256 * 2**20):
+        self.shape, self.device, self.acc_dtype = tuple(shape), device, acc_dtype
+        self.group, self.max_bytes = group, max_bytes
+        self.acc: torch.Tensor | None = None
         self.pending: dict[tuple[int, int], list] = {}
 
     def add(self, rows: slice, block: torch.Tensor) -> None:
-        key = rows.indices(self.dst.shape[1])[:2]
+        key = rows.indices(self.shape[1])[:2]
         parts = self.pending.setdefault(key, [])
         parts.append(block)
-        if len(parts) >= self.group:
-            self._sum(key)
+        if len(parts) > self.group:
+            self._sum(key, parts[:self.group])
+            del parts[:self.group]
         elif _held(b for parts in self.pending.values() for b in parts) >= self.max_bytes:
             self._sum_pending()
 
-    def _sum_pending(self) -> None:
-        whole = (0, self.dst.shape[1])
-        if whole in self.pending:                 # the whole rows first: they can write dst
-            self._sum(whole)
-        for key in list(self.pending):
-            self._sum(key)
-
-    def flush(self) -> None:
+    def finish(self, dtype: torch.dtype) -> torch.Tensor:
+        whole = (0, self.shape[1])
+        if list(self.pending) == [whole] and len(self.pending[whole]) <= self.group:
+            out = torch.empty(self.shape, dtype=dtype, device=self.device)
+            sum_many_(out, self.pending.pop(whole), acc=self.acc)
+            return out
         self._sum_pending()
-        if self.fresh:
-            self.dst.zero_()
-            self.fresh = False
+        if self.acc is None:
+            self.acc = torch.zeros(self.shape, dtype=self.acc_dtype, device=self.device)
+        return self.acc.to(dtype)
 
-    def _sum(self, key: tuple[int, int]) -> None:
-        covers = key == (0, self.dst.shape[1])
-        if self.fresh and not covers:
-            self.dst.zero_()
-        sum_many_(self.dst[:, slice(*key)], self.pending.pop(key), first=self.fresh and covers)
-        self.fresh = False
+    def _sum_pending(self) -> None:
+        whole = (0, self.shape[1])
+        for key in sorted(self.pending, key=lambda k: k != whole):    # the whole rows first
+            self._sum(key, self.pending.pop(key))
+
+    def _sum(self, key: tuple[int, int], parts: list) -> None:
+        covers = key == (0, self.shape[1])
+        fresh = self.acc is None
+        if fresh:
+            self.acc = (torch.empty if covers else torch.zeros)(self.shape, dtype=self.acc_dtype, device=self.device)
+        view = self.acc[:, slice(*key)]
+        sum_many_(view, parts, acc=None if fresh and covers else view)
 
 
 def _held(tensors) -> int:

@@ -81,6 +81,7 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
     out_many, lse_many = torch.empty_like(out_ref), torch.empty_like(lse_ref)
     merge_many_(out_many, lse_many, [run.block_forward(blk, q, ks[j], vs[j]) for j, blk in enumerate(blocks)], True)
     torch.testing.assert_close(out_many, out_ref, rtol=1e-5, atol=1e-5)   # the two merges agree
+    torch.testing.assert_close(lse_many, lse_ref, rtol=1e-5, atol=1e-5)
 
     def bare():
         for j in range(n):
@@ -103,20 +104,16 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
             dq_j, dk_j, dv_j = run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)
             accumulate_(dq, dq_j, first=j == 0)
     def grouped():
-        out = torch.empty(q.shape, dtype=run.acc_dtype, device=device)
-        lse = torch.empty(lse_final.shape, dtype=run.acc_dtype, device=device)
-        merges = PendingMerges(out, lse, fresh=True)
-        for j in range(n):       # the partials kept and merged four at a time, as broadcast-kv does
+        merges = PendingMerges(q.shape, device, run.acc_dtype)
+        for j in range(n):       # the partials merged four at a time, as broadcast-kv does
             blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
             merges.add(slice(0, L), *run.block_forward(blk, q, ks[j], vs[j]))
-        merges.flush()
-        o = out.to(dtype)
-        dq = torch.empty(q.shape, dtype=run.acc_dtype, device=device)
-        sums = PendingSums(dq)
+        o, lse = merges.finish(dtype)
+        sums = PendingSums(q.shape, device, run.acc_dtype)
         for j in range(n):
             blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
             sums.add(slice(0, L), run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)[0])
-        sums.flush()
+        sums.finish(dtype)
     fns = (bare, ringx, grouped)
     if args.graph and device.type == "cuda":       # each pass captured once, then replayed: no host work
         fns = tuple(_graphed(fn, device) for fn in fns)

@@ -140,7 +140,8 @@ def _chunk_partials(device, dtype, chunks, seed, b=2, s=48, h=4, d=64):
 @pytest.mark.parametrize("chunks", [1, 3, 6])
 def test_merge_many_gives_the_whole_attention(chunks):
     """merge_many_ of key-chunk partials (fused on GPUs, pairwise elsewhere) is the attention
-    over all the keys; rows that saw no key stay 0 with lse -inf."""
+    over all the keys; rows that saw no key stay 0 with lse -inf; a last pass may write the
+    result in another dtype (dst) without a float32 accumulator."""
     device = "cuda" if GPU else "cpu"
     parts, whole = _chunk_partials(device, torch.float32, chunks, seed=7)
     out = torch.full(whole.shape, float("nan"), device=device)
@@ -150,9 +151,18 @@ def test_merge_many_gives_the_whole_attention(chunks):
     assert (out[:, :12] == 0).all() and (lse[:, :, :12] == float("-inf")).all()
     half_out, half_lse = torch.full_like(out, float("nan")), torch.full_like(lse, float("nan"))
     merge_many_(half_out, half_lse, parts[: (chunks + 1) // 2], first=True)   # then the rest
-    merge_many_(half_out, half_lse, parts[(chunks + 1) // 2:], first=False)
-    torch.testing.assert_close(half_out, out, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(half_lse, lse, rtol=1e-6, atol=1e-6)
+    if chunks > 1:
+        low = torch.empty(out.shape, dtype=torch.bfloat16, device=device)
+        merge_many_(half_out, half_lse, parts[(chunks + 1) // 2:], first=False, dst=low)
+        torch.testing.assert_close(low, out.to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(half_lse, lse, rtol=1e-6, atol=1e-6)
+    if chunks <= 4:
+        low, low_lse = torch.empty(out.shape, dtype=torch.bfloat16, device=device), torch.empty_like(lse)
+        merge_many_(None, low_lse, parts, first=True, dst=low)
+        torch.testing.assert_close(low, out.to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(low_lse, lse, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out_acc may be None"):
+        merge_many_(None, lse, parts, first=False, dst=out)
 
 
 @needs_gpu
@@ -174,44 +184,57 @@ def test_fused_merge_many_equals_pairwise_formula(chunks):
 
 @pytest.mark.parametrize("count", [1, 4, 7])
 def test_sum_many_equals_adds(count):
+    """dst <- (acc +) the blocks' sum, in float32 whatever dst's dtype: into the accumulator
+    itself, from nothing, and from an accumulator into a bf16 result."""
     device = "cuda" if GPU else "cpu"
     g = torch.Generator(device="cpu").manual_seed(9)
     srcs = [torch.randn(2, 4, 40, 80, generator=g).to(device, torch.bfloat16).transpose(1, 2) for _ in range(count)]
     base = torch.randn(2, 96, 4, 80, generator=g).to(device)
-    for first in (True, False):
-        mine, ref = base.clone(), base.clone()
-        if first:
-            mine[:, 30:70] = float("nan")                 # never read
-            ref[:, 30:70] = 0
-        sum_many_(mine[:, 30:70], srcs, first)
-        for x in srcs:
-            ref[:, 30:70] += x.float()
-        torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
+    total = sum(x.float() for x in srcs)
+    mine = base.clone()
+    sum_many_(mine[:, 30:70], srcs, acc=mine[:, 30:70])
+    ref = base.clone()
+    ref[:, 30:70] += total
+    torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
+    fresh = torch.full_like(base, float("nan"))
+    sum_many_(fresh[:, 30:70], srcs)
+    torch.testing.assert_close(fresh[:, 30:70], total, rtol=1e-6, atol=1e-6)
+    assert fresh[:, :30].isnan().all()
+    acc = base[:, 30:70].clone()
+    low = torch.empty(acc.shape, dtype=torch.bfloat16, device=device)
+    sum_many_(low, srcs, acc=acc)
+    torch.testing.assert_close(low, (base[:, 30:70] + total).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("max_bytes", [2**30, 1])
-def test_pending_merges_and_sums_equal_merging_as_they_come(max_bytes):
-    """PendingMerges / PendingSums (partials kept and merged four at a time, or at once when
-    max_bytes is reached) give what merging each partial as it comes gives, on fresh buffers,
-    with partials of all rows and of row ranges in any order."""
+@pytest.mark.parametrize("order", ["whole first", "part first", "whole only"])
+def test_pending_merges_and_sums_equal_merging_as_they_come(max_bytes, order):
+    """PendingMerges / PendingSums (kept and merged four at a time, at once when max_bytes is
+    reached, the last pass straight into the result's dtype) give what merging each partial as
+    it comes gives, with partials of all rows and of row ranges in any order."""
     device = "cuda" if GPU else "cpu"
     parts, _ = _chunk_partials(device, torch.float32, 7, seed=10)
-    rows = [slice(0, 48), slice(16, 40), slice(0, 48), slice(16, 40), slice(0, 48), slice(0, 48), slice(8, 24)]
-    out, lse = torch.full((2, 48, 4, 64), float("nan"), device=device), torch.full((2, 4, 48), 0.5, device=device)
-    merges = PendingMerges(out, lse, fresh=True, max_bytes=max_bytes)
-    ref_out, ref_lse = new_accumulators(out, torch.float32)
-    dst, ref_dst = torch.full_like(out, float("nan")), torch.zeros_like(out)
-    sums = PendingSums(dst, max_bytes=max_bytes)
-    for sl, (o, l) in zip(rows[::-1], parts):           # a partial-row block comes first
-        merges.add(sl, o[:, sl], l[:, :, sl])
-        merge_formula_(ref_out[:, sl], ref_lse[:, :, sl], o[:, sl], l[:, :, sl])
-        sums.add(sl, o[:, sl])
-        ref_dst[:, sl] += o[:, sl]
-    merges.flush()
-    sums.flush()
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dst, ref_dst, rtol=1e-5, atol=1e-6)
-    empty_out, empty_lse = torch.full_like(out, float("nan")), torch.zeros_like(lse)
-    PendingMerges(empty_out, empty_lse, fresh=True).flush()      # nothing added: no key seen
-    assert (empty_out == 0).all() and (empty_lse == float("-inf")).all()
+    rows = {"whole first": [slice(0, 48), slice(16, 40), slice(0, 48), slice(16, 40), slice(0, 48), slice(0, 48),
+                            slice(8, 24)],
+            "part first": [slice(8, 24), slice(0, 48), slice(0, 48), slice(16, 40), slice(0, 48)],
+            "whole only": [slice(0, 48)] * 3}[order]
+    for dtype in (torch.float32, torch.bfloat16):
+        merges = PendingMerges((2, 48, 4, 64), device, torch.float32, max_bytes=max_bytes)
+        sums = PendingSums((2, 48, 4, 64), device, torch.float32, max_bytes=max_bytes)
+        ref_out, ref_lse = new_accumulators(torch.empty(2, 48, 4, 64), torch.float32)
+        ref_out, ref_lse, ref_dst = ref_out.to(device), ref_lse.to(device), torch.zeros(2, 48, 4, 64, device=device)
+        for sl, (o, l) in zip(rows, parts):
+            merges.add(sl, o[:, sl], l[:, :, sl])
+            merge_formula_(ref_out[:, sl], ref_lse[:, :, sl], o[:, sl], l[:, :, sl])
+            sums.add(sl, o[:, sl])
+            ref_dst[:, sl] += o[:, sl]
+        out, lse = merges.finish(dtype)
+        dst = sums.finish(dtype)
+        assert out.dtype == dst.dtype == dtype and lse.dtype == torch.float32
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(out, ref_out.to(dtype), **tol)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dst, ref_dst.to(dtype), **tol)
+    out, lse = PendingMerges((2, 48, 4, 64), device, torch.float32).finish(torch.bfloat16)   # nothing came
+    assert (out == 0).all() and (lse == float("-inf")).all()
+    assert (PendingSums((2, 48, 4, 64), device, torch.float32).finish(torch.float32) == 0).all()

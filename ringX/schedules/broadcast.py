@@ -108,14 +108,14 @@ def bcast_q_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     """Broadcast-kv backward. dout/q/out: (b, s, h, d), k/v: (b, s, hk, d), lse: (b, h, s) ->
-    (dq, dk, dv) in run.acc_dtype. Works for any layout that has a block plan."""
+    (dq in q's dtype (summed in acc dtype, rounded once), dk, dv in run.acc_dtype). Works for any
+    layout that has a block plan."""
     comm, acc = run.comm, run.acc_dtype
     r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
     dkv_bufs = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
     dkv_own = torch.empty(kv.shape, dtype=acc, device=q.device)
-    dq = torch.empty(q.shape, dtype=acc, device=q.device)
-    dq_sums = PendingSums(dq)             # the blocks' dq summed four at a time
+    dq_sums = PendingSums(q.shape, q.device, acc)     # the blocks' dq summed four at a time
     pending: list = [None, None]
     owners_in_slot = [None, None]
     needed = run.owners("kv", q.shape[1])
@@ -147,22 +147,19 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     for slot in range(2):
         if owners_in_slot[slot] is not None:
             finish(slot)
-    dq_sums.flush()
-    return dq, dkv_own[0], dkv_own[1]
+    return dq_sums.finish(q.dtype), dkv_own[0], dkv_own[1]
 
 
 
 def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d), lse (b, h, s)) in acc dtype."""
+    """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d) in q's dtype, merged in acc
+    dtype and rounded once; lse (b, h, s) in acc dtype)."""
     comm = run.comm
     r = comm.rank
     kv = torch.stack([k, v])                                          # (2, b, s, hk, d)
-    b, s, h, _ = q.shape
-    out = torch.empty(q.shape, dtype=run.acc_dtype, device=q.device)
-    lse = torch.empty((b, h, s), dtype=run.acc_dtype, device=q.device)
-    merges = PendingMerges(out, lse, fresh=True)          # the partials merged four at a time
+    s = q.shape[1]
+    merges = PendingMerges(q.shape, q.device, run.acc_dtype)     # the partials merged four at a time
     for i, kv_i in broadcast_rounds(comm, kv, own_first=True, owners=run.owners("kv", s)):
         for blk in run.blocks(r, i, s):
             merges.add(blk.q_rows, *run.block_forward(blk, q, kv_i[0], kv_i[1]))
-    merges.flush()
-    return out, lse
+    return merges.finish(q.dtype)                   # out final in q's dtype, lse in acc dtype
