@@ -14,7 +14,8 @@ bcast_kv_forward (ringX4's forward): each owner in turn broadcasts its fused [k;
 received into up to three buffers, each broadcast posted as soon as its buffer is free); every
 rank first attends its local q to its own k/v (the diagonal block, while the first broadcasts
 travel), then to each other owner's, merging the partials in float32: up to four at a time in one
-pass over the accumulators (ringX.merge.PendingMerges; at most 256 MiB of partials held).
+pass (ringX.merge.PendingMerges; at most 256 MiB of partials held), the last pass writing the
+output in q's dtype.
 
 bcast_kv_backward (ringX1's, ringX2's for full attention, ringX4's): owner i broadcasts its fused
 [k_i; v_i] (one message, kv heads unexpanded); every rank accumulates its own dq locally (up to
