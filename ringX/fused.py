@@ -98,7 +98,6 @@ if triton is not None:
         else:
             tl.store(pd, x.to(tl.float32), mask=mask)
 
-
     @triton.jit
     def _row_term(o, l, bi, si, hi, dd, mask, live, o_b, o_s, o_h, l_b, l_h, l_s):
         """One partial's (lse row, out rows) of this program's items, in float32."""
@@ -176,6 +175,7 @@ if triton is not None:
             y += tl.load(acc + (bi * a_b + si * a_s + hi * a_h)[:, None] + dd[None, :], mask=mask, other=0.0)
         pt = dst + (bi * t_b + si * t_s + hi * t_h)[:, None] + dd[None, :]
         tl.store(pt, y.to(dst.dtype.element_ty), mask=mask)
+
 
 def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple, **flags) -> None:
     b, rows, heads = rows_shape

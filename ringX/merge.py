@@ -48,7 +48,6 @@ def merge_formula_(out_acc, lse_acc, out_blk, lse_blk) -> None:
     lse_acc.copy_(new_lse)
 
 
-
 def merge_many_(out_acc: torch.Tensor | None, lse_acc: torch.Tensor, partials, first: bool,
                 dst: torch.Tensor | None = None) -> None:
     """Merge several partials into the accumulators at once, in place: a pass over the float32
@@ -120,6 +119,7 @@ def sum_many_(dst: torch.Tensor, srcs, acc: torch.Tensor | None = None) -> None:
     if total is not dst:
         dst.copy_(total)
 
+
 def weigh_(ow: torch.Tensor, w: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor,
            m: torch.Tensor) -> None:
     """The reduce message of the broadcast-q schedule (ringX1/ringX2), in place.
@@ -184,7 +184,45 @@ def new_accumulators(q: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Ten
     return out, lse
 
 
-class PendingMerges:
+class _Pending:
+    """What PendingMerges and PendingSums share: blocks queued by row range (a slice of the s
+    rows of a (b, s, h, d) result), handed ``group`` at a time to the subclass's ``_pass(key,
+    parts)``, all at once when those held reach ``max_bytes``, the whole rows first."""
+
+    def __init__(self, shape, device, acc_dtype: torch.dtype, group: int = fused.MANY,
+                 max_bytes: int = 256 * 2**20):
+        self.shape, self.device, self.acc_dtype = tuple(shape), device, acc_dtype
+        self.group, self.max_bytes = group, max_bytes
+        self.acc: torch.Tensor | None = None       # made by the first pass that keeps its result
+        self.pending: dict[tuple[int, int], list] = {}
+        self.whole = (0, self.shape[1])
+
+    def _queue(self, rows: slice, item, tensor: torch.Tensor) -> None:
+        key = rows.indices(self.shape[1])[:2]
+        parts = self.pending.setdefault(key, [])
+        parts.append((item, tensor))
+        if len(parts) > self.group:              # one more than a pass takes: pass the oldest
+            self._pass(key, [it for it, _ in parts[:self.group]])
+            del parts[:self.group]
+        elif sum(t.numel() * t.element_size() for q in self.pending.values() for _, t in q) >= self.max_bytes:
+            self._pass_pending()
+
+    def _last_pass(self) -> list | None:
+        """The items of a last pass that can write the result itself (all whole rows, at most
+        ``group``), taken from the queue; else None."""
+        if list(self.pending) == [self.whole] and len(self.pending[self.whole]) <= self.group:
+            return [item for item, _ in self.pending.pop(self.whole)]
+        return None
+
+    def _pass_pending(self) -> None:
+        for key in sorted(self.pending, key=lambda k: k != self.whole):    # the whole rows first
+            self._pass(key, [item for item, _ in self.pending.pop(key)])
+
+    def _pass(self, key: tuple[int, int], parts: list) -> None:
+        raise NotImplementedError
+
+
+class PendingMerges(_Pending):
     """The partials of one call's output, by row range, merged ``group`` at a time in one pass
     each (merge_many_): a memory-bound merge costs about the same for four partials as for one,
     so a schedule that merges N blocks per call makes about N/4 passes instead of N. A float32
@@ -200,30 +238,20 @@ class PendingMerges:
 
     def __init__(self, shape, device, acc_dtype: torch.dtype, group: int = fused.MANY,
                  max_bytes: int = 256 * 2**20):
-        b, s, h, _ = shape
-        self.shape, self.device, self.acc_dtype = tuple(shape), device, acc_dtype
-        self.group, self.max_bytes = group, max_bytes
-        self.acc: torch.Tensor | None = None       # made by the first pass that keeps its result
+        super().__init__(shape, device, acc_dtype, group, max_bytes)
+        b, s, h, _ = self.shape
         self.lse = torch.empty((b, h, s), dtype=acc_dtype, device=device)
-        self.pending: dict[tuple[int, int], list] = {}
 
     def add(self, rows: slice, o: torch.Tensor, l: torch.Tensor) -> None:
-        key = rows.indices(self.shape[1])[:2]
-        parts = self.pending.setdefault(key, [])
-        parts.append((o, l))
-        if len(parts) > self.group:              # one more than a pass takes: merge the oldest
-            self._merge(key, parts[:self.group])
-            del parts[:self.group]
-        elif _held(o for parts in self.pending.values() for o, _ in parts) >= self.max_bytes:
-            self._merge_pending()
+        self._queue(rows, (o, l), o)
 
     def finish(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        whole = (0, self.shape[1])
-        if list(self.pending) == [whole] and len(self.pending[whole]) <= self.group:
+        last = self._last_pass()
+        if last is not None:
             out = torch.empty(self.shape, dtype=dtype, device=self.device)   # the last pass writes it
-            merge_many_(self.acc, self.lse, self.pending.pop(whole), first=self.acc is None, dst=out)
+            merge_many_(self.acc, self.lse, last, first=self.acc is None, dst=out)
             return out, self.lse
-        self._merge_pending()
+        self._pass_pending()
         if self.acc is None:                      # nothing came
             self._fresh_acc(zero=True)
         return self.acc.to(dtype), self.lse
@@ -234,20 +262,15 @@ class PendingMerges:
             self.acc.zero_()
             self.lse.fill_(float("-inf"))
 
-    def _merge_pending(self) -> None:
-        whole = (0, self.shape[1])
-        for key in sorted(self.pending, key=lambda k: k != whole):    # the whole rows first
-            self._merge(key, self.pending.pop(key))
-
-    def _merge(self, key: tuple[int, int], parts: list) -> None:
-        first = self.acc is None and key == (0, self.shape[1])
+    def _pass(self, key: tuple[int, int], parts: list) -> None:
+        first = self.acc is None and key == self.whole
         if self.acc is None:
             self._fresh_acc(zero=not first)
         rows = slice(*key)
         merge_many_(self.acc[:, rows], self.lse[:, :, rows], parts, first=first)
 
 
-class PendingSums:
+class PendingSums(_Pending):
     """Blocks of row ranges to add up into one gradient, ``group`` at a time in one pass each
     (sum_many_), as PendingMerges does for outputs: with at most ``group`` blocks that cover all
     rows ``finish`` sums them straight into the gradient in the inputs' dtype, else a float32
@@ -255,48 +278,24 @@ class PendingSums:
     -> the sum (b, s, h, d) in dtype (zeros where no block came). The blocks held never pass
     ``max_bytes`` (256 MiB) for long."""
 
-    def __init__(self, shape, device, acc_dtype: torch.dtype, group: int = fused.MANY,
-                 max_bytes: int = 256 * 2**20):
-        self.shape, self.device, self.acc_dtype = tuple(shape), device, acc_dtype
-        self.group, self.max_bytes = group, max_bytes
-        self.acc: torch.Tensor | None = None
-        self.pending: dict[tuple[int, int], list] = {}
-
     def add(self, rows: slice, block: torch.Tensor) -> None:
-        key = rows.indices(self.shape[1])[:2]
-        parts = self.pending.setdefault(key, [])
-        parts.append(block)
-        if len(parts) > self.group:
-            self._sum(key, parts[:self.group])
-            del parts[:self.group]
-        elif _held(b for parts in self.pending.values() for b in parts) >= self.max_bytes:
-            self._sum_pending()
+        self._queue(rows, block, block)
 
     def finish(self, dtype: torch.dtype) -> torch.Tensor:
-        whole = (0, self.shape[1])
-        if list(self.pending) == [whole] and len(self.pending[whole]) <= self.group:
+        last = self._last_pass()
+        if last is not None:
             out = torch.empty(self.shape, dtype=dtype, device=self.device)
-            sum_many_(out, self.pending.pop(whole), acc=self.acc)
+            sum_many_(out, last, acc=self.acc)
             return out
-        self._sum_pending()
+        self._pass_pending()
         if self.acc is None:
             self.acc = torch.zeros(self.shape, dtype=self.acc_dtype, device=self.device)
         return self.acc.to(dtype)
 
-    def _sum_pending(self) -> None:
-        whole = (0, self.shape[1])
-        for key in sorted(self.pending, key=lambda k: k != whole):    # the whole rows first
-            self._sum(key, self.pending.pop(key))
-
-    def _sum(self, key: tuple[int, int], parts: list) -> None:
-        covers = key == (0, self.shape[1])
+    def _pass(self, key: tuple[int, int], parts: list) -> None:
+        covers = key == self.whole
         fresh = self.acc is None
         if fresh:
             self.acc = (torch.empty if covers else torch.zeros)(self.shape, dtype=self.acc_dtype, device=self.device)
         view = self.acc[:, slice(*key)]
         sum_many_(view, parts, acc=None if fresh and covers else view)
-
-
-def _held(tensors) -> int:
-    """Bytes of the tensors (partials a Pending* holds)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
