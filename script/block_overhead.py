@@ -59,7 +59,7 @@ def _timed(fns, device, repeats: int, warmup: int, queued: int) -> list[float]:
     return [statistics.median(x) for x in samples]
 
 
-def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[float, float]:
+def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[float, float, float]:
     """Seconds of the N bare kernel calls fwd+bwd, of RingX's block path merging each partial as
     it comes (the schedules before grouped merges), and of the same path keeping the partials and
     merging them four at a time (PendingMerges / PendingSums, as the broadcast-kv schedule does),
@@ -73,13 +73,18 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
     kern, scale = run.kernel, run.scale
     # block j: the diagonal (causal when asked) for j == 0, a whole earlier block otherwise
     q_runs = (Run(n * L, 1, L),) if causal_diag else (Run(0, 1, L),)
-    blocks = [run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),)) for j in range(n)]
+
+    def plan(j: int):            # the block path's plan lookup (cached), timed with it
+        return run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
+
+    partials = [run.block_forward(plan(j), q, ks[j], vs[j]) for j in range(n)]
     out_ref, lse_ref = new_accumulators(q, run.acc_dtype)
-    for j, blk in enumerate(blocks):
-        merge_(out_ref, lse_ref, *run.block_forward(blk, q, ks[j], vs[j]))
+    for o_j, l_j in partials:
+        merge_(out_ref, lse_ref, o_j, l_j)
     out_final, lse_final = out_ref.to(dtype), lse_ref.float()
     out_many, lse_many = torch.empty_like(out_ref), torch.empty_like(lse_ref)
-    merge_many_(out_many, lse_many, [run.block_forward(blk, q, ks[j], vs[j]) for j, blk in enumerate(blocks)], True)
+    merge_many_(out_many, lse_many, partials, True)
+    del partials
     torch.testing.assert_close(out_many, out_ref, rtol=1e-5, atol=1e-5)   # the two merges agree
     torch.testing.assert_close(lse_many, lse_ref, rtol=1e-5, atol=1e-5)
 
@@ -91,7 +96,7 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
 
     def ringx():
         for j in range(n):       # the first partial is copied into the accumulators, as the schedules do
-            blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
+            blk = plan(j)
             o_j, l_j = run.block_forward(blk, q, ks[j], vs[j])
             if j == 0:
                 out, lse = acc_copy(o_j, run.acc_dtype), l_j.to(run.acc_dtype).contiguous()
@@ -100,20 +105,20 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
         o = out.to(dtype)
         dq = torch.empty(q.shape, dtype=run.acc_dtype, device=device)
         for j in range(n):
-            blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
+            blk = plan(j)
             dq_j, dk_j, dv_j = run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)
             accumulate_(dq, dq_j, first=j == 0)
+
     def grouped():
         merges = PendingMerges(q.shape, device, run.acc_dtype)
         for j in range(n):       # the partials merged four at a time, as broadcast-kv does
-            blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
-            merges.add(slice(0, L), *run.block_forward(blk, q, ks[j], vs[j]))
+            merges.add(slice(0, L), *run.block_forward(plan(j), q, ks[j], vs[j]))
         o, lse = merges.finish(dtype)
         sums = PendingSums(q.shape, device, run.acc_dtype)
         for j in range(n):
-            blk = run.runs_block(q_runs, (Run(n * L if j == 0 and causal_diag else j * L, 1, L),))
-            sums.add(slice(0, L), run.block_backward(blk, dout, q, ks[j], vs[j], o, lse_final)[0])
+            sums.add(slice(0, L), run.block_backward(plan(j), dout, q, ks[j], vs[j], o, lse_final)[0])
         sums.finish(dtype)
+
     fns = (bare, ringx, grouped)
     if args.graph and device.type == "cuda":       # each pass captured once, then replayed: no host work
         fns = tuple(_graphed(fn, device) for fn in fns)
@@ -190,17 +195,11 @@ def host_costs(L: int, args, device, dtype) -> None:
         "to(bf16)": lambda: out.to(dtype),
         "torch.add_ (same shape)": lambda: out.add_(out),
     }
-    env = {}
     if fused.usable(out, o):
         steps["fused.merge (direct)"] = lambda: fused.merge(out, lse, o, l)
-        steps["fused.merge, Triton's launch"] = steps["merge_"]
-        steps["accumulate_, Triton's launch"] = steps["accumulate_"]
-        env = {name: {"RINGX_FUSED_DIRECT": "0"} for name in steps if name.endswith("Triton's launch")}
     print(f"host us per call at L={L} (queued, unsynchronized; fused kernels: {fused.usable(out, o)}):")
     n = args.host_calls
     for name, fn in steps.items():
-        saved = {key: os.environ.get(key) for key in env.get(name, {})}
-        os.environ.update(env.get(name, {}))
         for _ in range(3):
             fn()
         if device.type == "cuda":
@@ -211,8 +210,6 @@ def host_costs(L: int, args, device, dtype) -> None:
         host = (time.perf_counter() - t) / n
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         print(f"  {name:28s} {host * 1e6:8.1f}", flush=True)
 
 
