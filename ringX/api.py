@@ -24,6 +24,14 @@ from .peer import ENV_VAR as TRANSPORT_ENV, TRANSPORTS, PeerWorkspace, requested
 _STATE = GroupStates()
 
 
+def _rows(x: torch.Tensor, rows: slice, dim: int = 1) -> torch.Tensor:
+    """x restricted to ``rows`` along ``dim`` (1: (b, s, ...) tensors, 2: lse (b, h, s)): x itself
+    when they cover it, so the hot path makes no view for a whole block."""
+    if rows.start in (0, None) and rows.step in (1, None) and (rows.stop is None or rows.stop >= x.shape[dim]):
+        return x
+    return x[:, rows] if dim == 1 else x[:, :, rows]
+
+
 @dataclass(frozen=True)
 class RunContext:
     """Everything a schedule needs besides the tensors.
@@ -89,10 +97,10 @@ class RunContext:
     def block_forward(self, blk: Block, q, k, v):
         """(out, lse) of rows blk.q_rows of q (b, s, h, d) against rows blk.kv_rows of k/v
         (b, s, hk, d): out (b, rows, h, d) in the kernel's or the acc dtype, lse (b, h, rows)."""
-        qs, ks = blk.q_rows, blk.kv_rows
+        q, k, v = _rows(q, blk.q_rows), _rows(k, blk.kv_rows), _rows(v, blk.kv_rows)
         if blk.calls is None:
-            return self.kernel.forward(q[:, qs], k[:, ks], v[:, ks], blk.causal, self.scale)
-        return calls_forward(self, blk.calls, q[:, qs], k[:, ks], v[:, ks])
+            return self.kernel.forward(q, k, v, blk.causal, self.scale)
+        return calls_forward(self, blk.calls, q, k, v)
 
     def whole_block_forward(self, q_i, k, v, q_rank: int, kv_rank: int):
         """(out, lse) of every row of rank q_rank's queries q_i (b, s, h, d) against rank
@@ -119,11 +127,11 @@ class RunContext:
         """(dq, dk, dv) of one block of a block plan: rows blk.q_rows of this rank's dout/q/out
         (b, s, h, d) and lse (b, h, s) against rows blk.kv_rows of k/v (b, s, hk, d)."""
         qs, ks = blk.q_rows, blk.kv_rows
+        dout, q, out, lse = _rows(dout, qs), _rows(q, qs), _rows(out, qs), _rows(lse, qs, dim=2)
+        k, v = _rows(k, ks), _rows(v, ks)
         if blk.calls is not None:
-            return calls_backward(self, blk.calls, dout[:, qs], q[:, qs], k[:, ks], v[:, ks],
-                                  out[:, qs], lse[:, :, qs])
-        return self.kernel.backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs],
-                                    lse[:, :, qs], blk.causal, self.scale)
+            return calls_backward(self, blk.calls, dout, q, k, v, out, lse)
+        return self.kernel.backward(dout, q, k, v, out, lse, blk.causal, self.scale)
 
 
 @dataclass(frozen=True)

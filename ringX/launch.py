@@ -231,16 +231,21 @@ def leave(code: int = 0) -> NoReturn:
     os._exit(code)
 
 
-def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg_timeout_s) -> None:
+def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg_timeout_s,
+             shared_gpu: bool = False) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
-    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    use_nccl = not shared_gpu and torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    if shared_gpu:
+        device = torch.device("cuda", 0)
+    else:
+        device = torch.device("cuda", rank) if use_nccl else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+    if use_nccl:
         nccl_env_defaults()
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}",
+    dist.init_process_group("nccl" if use_nccl else "gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world_size, timeout=resolve_timeout(pg_timeout_s),
-                            **({"device_id": device} if use_cuda else {}))
+                            **({"device_id": device} if use_nccl else {}))
     try:
         body(rank, world_size, device, *args)
     except BaseException:
@@ -250,17 +255,22 @@ def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg
 
 
 def spawn(world_size: int, body, *args, deadline_s: float | None = None, threads: int | None = None,
-          pg_timeout_s: float | None = None) -> None:
+          pg_timeout_s: float | None = None, shared_gpu: bool = False) -> None:
     """Run ``body(rank, world_size, device, *args)`` on ``world_size`` new local processes: NCCL
     with one GPU each where enough GPUs exist, else gloo on CPUs (``threads`` torch threads each,
-    default cores / ranks). Raises if a rank fails; with ``deadline_s`` the ranks are killed and
-    TimeoutError raised once it passes, so a hang cannot outlive it. A rank whose ``body``
-    returns ends through ``leave(0)``, without the interpreter's exit-time teardown."""
+    default cores / ranks). ``shared_gpu``: every rank on the first GPU, talking through gloo
+    (which stages CUDA tensors through host memory), so the GPU code of multi-rank schedules runs
+    at any world size on one GPU (for correctness: its timings mean nothing); needs CUDA. Raises
+    if a rank fails; with ``deadline_s`` the ranks are killed and TimeoutError raised once it
+    passes, so a hang cannot outlive it. A rank whose ``body`` returns ends through ``leave(0)``,
+    without the interpreter's exit-time teardown."""
     import torch.multiprocessing as mp
+    if shared_gpu and not torch.cuda.is_available():
+        raise ValueError("spawn(shared_gpu=True) puts every rank on the first CUDA device, and none is visible")
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_spawned, nprocs=world_size, join=False, start_method="spawn",
                                  args=(world_size, os.path.join(tmp, "rendezvous"), body, args,
-                                       threads, pg_timeout_s))
+                                       threads, pg_timeout_s, shared_gpu))
         end = None if deadline_s is None else time.monotonic() + deadline_s
         while not ctx.join(timeout=1.0):
             if end is not None and time.monotonic() > end:

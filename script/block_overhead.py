@@ -36,10 +36,12 @@ from ringX.merge import (PendingMerges, PendingSums, acc_copy, accumulate_, merg
 from ringX.plan import Run  # noqa: E402
 
 
-def _timed(fns, device, repeats: int, warmup: int, queued: int) -> list[float]:
-    """Median seconds per pass of each of ``fns``: each sample times ``queued`` passes launched
-    back to back between two synchronizations (as the calls of a training step queue), and the
-    functions take turns sample by sample, so a drift of the clock hits them alike."""
+def _timed(fns, device, repeats: int, warmup: int, queued: int) -> tuple[list[float], list[float]]:
+    """Median seconds per pass of each of ``fns``, and the host's share of it: each sample times
+    ``queued`` passes launched back to back between two synchronizations (as the calls of a
+    training step queue), the host's time being until the last launch returns; the functions
+    take turns sample by sample, so a drift of the clock hits them alike. A path whose host time
+    reaches its pass time is launch-bound: the device waits for the host."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -47,16 +49,17 @@ def _timed(fns, device, repeats: int, warmup: int, queued: int) -> list[float]:
     for fn in fns:
         for _ in range(warmup):
             fn()
-    samples = [[] for _ in fns]
+    samples, hosts = [[] for _ in fns], [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in zip(fns, samples):
+        for fn, out, host in zip(fns, samples, hosts):
             sync()
             t = time.perf_counter()
             for _ in range(queued):
                 fn()
+            host.append((time.perf_counter() - t) / queued)
             sync()
             out.append((time.perf_counter() - t) / queued)
-    return [statistics.median(x) for x in samples]
+    return [statistics.median(x) for x in samples], [statistics.median(x) for x in hosts]
 
 
 def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[float, float, float]:
@@ -122,18 +125,24 @@ def measure(L: int, n: int, causal_diag: bool, args, device, dtype) -> tuple[flo
     fns = (bare, ringx, grouped)
     if args.graph and device.type == "cuda":       # each pass captured once, then replayed: no host work
         fns = tuple(_graphed(fn, device) for fn in fns)
-    result = tuple(_timed(fns, device, args.repeats, args.warmup, args.queued))
-    if args.profile:                      # device time of one pass of each, by kind of kernel
-        from app.common.profiling import device_time_summary, profiler
+    times, hosts = _timed(fns, device, args.repeats, args.warmup, args.queued)
+    result = tuple(times)
+    if args.profile:                      # device time of queued passes of each, by kernel
+        from app.common.profiling import profiler
         for name, fn, wall in (("kernel alone", bare, result[0]), ("ringX block path", ringx, result[1]),
                                ("grouped merges", grouped, result[2])):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             with profiler(True) as prof:
-                fn()
+                for _ in range(args.queued):
+                    fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-            print(f"-- L={L} {'causal' if causal_diag else 'full'} {name}:\n" + device_time_summary(prof, wall, top=6))
-            print(idle_gaps(prof))
-    return result
+            print(f"-- L={L} {'causal' if causal_diag else 'full'} {name}: {args.queued} passes queued, "
+                  f"{wall * 1e3:.3f} ms a pass unprofiled")
+            print(kernel_means(prof, args.queued))
+            print(idle_gaps(prof, args.queued))
+    return result, tuple(hosts)
 
 
 def _graphed(fn, device):
@@ -150,21 +159,44 @@ def _graphed(fn, device):
     return graph.replay
 
 
-def idle_gaps(prof, top: int = 6) -> str:
-    """Where the device waits in a profiled pass: the idle time between its kernels (and copies),
-    the ``top`` longest gaps and the kernel that ends each."""
+def kernel_means(prof, passes: int) -> str:
+    """Device microseconds per pass of each kernel (and copy or memset) name, with its launches
+    per pass and mean duration."""
+    per: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            per.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+    rows = sorted(((sum(v) / passes, len(v) / passes, sum(v) / len(v), k) for k, v in per.items()), reverse=True)
+    lines = [f"  device us a pass {sum(r[0] for r in rows):.1f}; by kernel (us a pass, launches a pass, mean us):"]
+    lines += [f"    {t:8.1f} {c:5.1f} {m:8.1f}  {k[:90]}" for t, c, m, k in rows]
+    calls: dict[str, list[float]] = {}          # host runtime calls: a synchronizing one shows here
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(("cuda", "cu")):
+            calls.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+    lines.append("  runtime calls a pass (count, mean host us): " + ", ".join(
+        f"{k} {len(v) / passes:.1f} x {sum(v) / len(v):.1f}" for k, v in sorted(calls.items())))
+    return "\n".join(lines)
+
+
+def idle_gaps(prof, passes: int = 1, top: int = 6) -> str:
+    """Where the device waits in profiled passes: the idle time between kernels (and copies),
+    per pass (the device events split evenly), and the ``top`` longest gaps with the kernel that
+    ends each."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
     if len(spans) < 2:
         return "  idle: fewer than two device events"
-    gaps, reach = [], spans[0][1]
-    for start, end, name in spans[1:]:
+    per_pass = max(1, len(spans) // passes)
+    gaps, reach, by_pass = [], spans[0][1], [0.0] * passes
+    for i, (start, end, name) in enumerate(spans[1:], 1):
         if start > reach:
             gaps.append((start - reach, name))
+            by_pass[min(i // per_pass, passes - 1)] += start - reach
         reach = max(reach, end)
     total = sum(g for g, _ in gaps)
     lines = [f"  idle between kernels {total / 1e3:.3f} ms of {(reach - spans[0][0]) / 1e3:.3f} ms "
-             f"({len(gaps)} gaps, {len(spans)} device events); the longest, before:"]
+             f"({len(gaps)} gaps, {len(spans)} device events); by pass (us): "
+             + " ".join(f"{x:.0f}" for x in by_pass) + "; the longest, before:"]
     lines += [f"    {g:8.1f} us  {name[:100]}" for g, name in sorted(gaps, reverse=True)[:top]]
     return "\n".join(lines)
 
@@ -241,13 +273,13 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
         return 0
     print(f"{'L':>6} {'blocks':>6} {'diag':>7} {'kernel ms':>10} {'ringX ms':>10} {'overhead':>9} "
-          f"{'grouped ms':>10} {'overhead':>9}")
+          f"{'grouped ms':>10} {'overhead':>9}  host ms a pass (kernel, ringX, grouped)")
     for L in args.sizes:
         for causal_diag in (False, True):
-            bare, ringx, grouped = measure(L, args.blocks, causal_diag, args, device, dtype)
+            (bare, ringx, grouped), hosts = measure(L, args.blocks, causal_diag, args, device, dtype)
             print(f"{L:6d} {args.blocks:6d} {'causal' if causal_diag else 'full':>7} {bare * 1e3:10.3f} "
                   f"{ringx * 1e3:10.3f} {100 * (ringx / bare - 1):8.1f}% {grouped * 1e3:10.3f} "
-                  f"{100 * (grouped / bare - 1):8.1f}%", flush=True)
+                  f"{100 * (grouped / bare - 1):8.1f}%  " + " ".join(f"{h * 1e3:6.3f}" for h in hosts), flush=True)
     dist.destroy_process_group()
     return 0
 

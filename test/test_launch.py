@@ -36,6 +36,17 @@ def test_openmpi_and_pmi_env():
     assert (e.launcher, e.rank, e.world_size, e.local_rank) == ("pmi", 1, 2, 1)
 
 
+def _never_runs(rank, world_size, device):
+    raise AssertionError("spawn(shared_gpu=True) must refuse before starting ranks without CUDA")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA refusal")
+def test_shared_gpu_spawn_without_cuda_is_a_clear_error():
+    from ringX.launch import spawn as spawn_ranks
+    with pytest.raises(ValueError, match="first CUDA device"):
+        spawn_ranks(2, _never_runs, deadline_s=30, shared_gpu=True)
+
+
 def test_no_launcher_is_a_single_process():
     e = detect_env({})
     assert (e.launcher, e.rank, e.world_size) == ("none", 0, 1)
