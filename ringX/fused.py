@@ -177,7 +177,69 @@ if triton is not None:
         tl.store(pt, y.to(dst.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple, **flags) -> None:
+class _Launcher:
+    """One of this module's Triton kernels, launched at a fraction of ``kernel[grid](...)``'s
+    host cost once a call of the same specialization has run.
+
+    A plain Triton launch binds and specializes every argument in Python and then, in its
+    compiled launcher, asks the driver about every tensor's pointer (one query per tensor): for
+    kernels of 6-11 tensors that is most of a 25-50 us launch, about what a 2K-token block's
+    kernels take on the device, so the device waits for the host. Here the first call of each
+    specialization (the key Triton itself specializes on: each tensor's dtype and 16-byte
+    alignment, each integer's being 1, divisible by 16, or past 32 bits) goes through Triton,
+    which compiles and launches it; later calls hand the compiled launcher the tensors'
+    addresses as integers (the tensors are CUDA tensors by ``usable``), skipping both. Used with
+    the Triton versions whose launcher calling convention it was written and run against (3.6);
+    with others, with a launch hook set (a profiler's), or with RINGX_FUSED_DIRECT=0, every call
+    is a plain Triton launch.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled: dict = {}
+
+    def __call__(self, grid: tuple, tensors: tuple, ints: tuple, **meta) -> None:
+        device = tensors[0].device
+        if device.index != torch.cuda.current_device():     # Triton launches on the current device
+            with torch.cuda.device(device):
+                return self(grid, tensors, ints, **meta)
+        if not _direct_launches():
+            self.kernel[grid](*tensors, *ints, **meta)
+            return None
+        ptrs = [t.data_ptr() for t in tensors]
+        key = (device.index, tuple(t.dtype for t in tensors), tuple(p % 16 == 0 for p in ptrs),
+               tuple((i == 1, i % 16 == 0, -2**31 <= i < 2**31) for i in ints), tuple(meta.items()))
+        hit = self.compiled.get(key)
+        if hit is None:
+            compiled = self.kernel[grid](*tensors, *ints, **meta)
+            constexprs = tuple(meta[name] for name in self.kernel.arg_names[len(tensors) + len(ints):])
+            self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs)
+            return None
+        run, function, packed, constexprs = hit
+        run(grid[0], 1, 1, _stream(device.index), function, packed, None, None, None, *ptrs, *ints, *constexprs)
+        return None
+
+
+def _direct_launches() -> bool:
+    """Whether _Launcher may skip Triton's own launch path (see its docstring)."""
+    if not triton.__version__.startswith("3.6.") or os.environ.get("RINGX_FUSED_DIRECT", "1") == "0":
+        return False
+    runtime = triton.knobs.runtime           # launch hooks: None, or a chain of hooks (empty: none)
+    return all(h is None or not getattr(h, "calls", True)
+               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
+def _stream(index: int) -> int:
+    """The current CUDA stream of device ``index``, as Triton's own launch takes it."""
+    return triton.runtime.driver.active.get_current_stream(index)
+
+
+if triton is not None:
+    _MERGE, _WEIGH, _ACCUMULATE, _MERGE_MANY, _SUM_MANY = (_Launcher(k) for k in (
+        _merge_kernel, _weigh_kernel, _accumulate_kernel, _merge_many_kernel, _sum_many_kernel))
+
+
+def _launch(kernel: _Launcher, rows_shape, d: int, tensors: tuple, strides: tuple, **flags) -> None:
     b, rows, heads = rows_shape
     n = b * rows * heads
     if n == 0:
@@ -185,18 +247,14 @@ def _launch(kernel, rows_shape, d: int, tensors: tuple, strides: tuple, **flags)
     block_d = triton.next_power_of_2(d)
     block_m = max(1, 4096 // block_d)
     grid = ((n + block_m - 1) // block_m,)
-    if tensors[0].device.index == torch.cuda.current_device():   # Triton launches on the current
-        kernel[grid](*tensors, n, rows, heads, d, *strides, BLOCK_M=block_m, BLOCK_D=block_d, **flags)
-        return                                                  # device: switch only when needed
-    with torch.cuda.device(tensors[0].device):
-        kernel[grid](*tensors, n, rows, heads, d, *strides, BLOCK_M=block_m, BLOCK_D=block_d, **flags)
+    kernel(grid, tensors, (n, rows, heads, d, *strides), **flags, BLOCK_M=block_m, BLOCK_D=block_d)
 
 
 def merge(out_acc, lse_acc, out_blk, lse_blk) -> None:
     """ringX.merge.merge_ in one kernel. out_acc (b, rows, h, d) float32 and lse_acc (b, h, rows)
     float32, views allowed; out_blk (b, rows, h, d) any float dtype; lse_blk (b, h, rows)."""
     b, rows, h, d = out_acc.shape
-    _launch(_merge_kernel, (b, rows, h), d, (out_acc, lse_acc, out_blk, lse_blk),
+    _launch(_MERGE, (b, rows, h), d, (out_acc, lse_acc, out_blk, lse_blk),
             (*out_acc.stride()[:3], *lse_acc.stride(), *out_blk.stride()[:3], *lse_blk.stride()))
 
 
@@ -204,7 +262,7 @@ def weigh(ow, w, out_blk, lse_blk, m) -> None:
     """ow (b, s, h, d) float32 <- out_blk * w and w (b, s, h) float32 <- exp(lse_blk - m):
     out_blk (b, s, h, d) any float dtype, lse_blk and m (b, h, s); views allowed."""
     b, s, h, d = out_blk.shape
-    _launch(_weigh_kernel, (b, s, h), d, (ow, w, out_blk, lse_blk, m),
+    _launch(_WEIGH, (b, s, h), d, (ow, w, out_blk, lse_blk, m),
             (*ow.stride()[:3], *w.stride(), *out_blk.stride()[:3], *lse_blk.stride(), *m.stride()))
 
 
@@ -212,7 +270,7 @@ def accumulate(dst, src, add: bool = True) -> None:
     """dst (b, rows, h, d) float32 += src (b, rows, h, d) any float dtype, or dst = src when not
     add (no read of dst); views allowed."""
     b, rows, h, d = dst.shape
-    _launch(_accumulate_kernel, (b, rows, h), d, (dst, src), (*dst.stride()[:3], *src.stride()[:3]),
+    _launch(_ACCUMULATE, (b, rows, h), d, (dst, src), (*dst.stride()[:3], *src.stride()[:3]),
             ADD=add)
 
 
@@ -228,7 +286,7 @@ def merge_many(dst, out_acc, lse_acc, outs, lses, has_acc: bool) -> None:
     count = len(outs)
     out_acc = dst if out_acc is None else out_acc
     outs, lses = (*outs, *outs[:1] * (MANY - count)), (*lses, *lses[:1] * (MANY - count))
-    _launch(_merge_many_kernel, (b, rows, h), d, (dst, out_acc, lse_acc, *outs, *lses),
+    _launch(_MERGE_MANY, (b, rows, h), d, (dst, out_acc, lse_acc, *outs, *lses),
             (*dst.stride()[:3], *out_acc.stride()[:3], *lse_acc.stride(), *outs[0].stride()[:3], *lses[0].stride()),
             COUNT=count, HAS_ACC=has_acc)
 
@@ -241,5 +299,5 @@ def sum_many(dst, srcs, acc=None) -> None:
     count = len(srcs)
     srcs = (*srcs, *srcs[:1] * (MANY - count))
     base = dst if acc is None else acc
-    _launch(_sum_many_kernel, (b, rows, h), d, (dst, base, *srcs),
+    _launch(_SUM_MANY, (b, rows, h), d, (dst, base, *srcs),
             (*dst.stride()[:3], *base.stride()[:3], *srcs[0].stride()[:3]), COUNT=count, ADD=acc is not None)

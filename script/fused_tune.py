@@ -15,6 +15,7 @@ ceiling) and the bytes each moves:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -137,19 +138,42 @@ if triton is not None:           # launch cost by argument count (the kernels do
         pass
 
 
+def direct_call(kernel, grid, args, meta, as_ints: bool):
+    """A call of kernel's compiled launcher with these arguments, skipping Triton's binding (and,
+    with ``as_ints``, passing the tensors' addresses, which skips the launcher's pointer query)."""
+    compiled = kernel[grid](*args, **meta)
+    bound, _, _ = kernel.device_caches[torch.cuda.current_device()][4](*args, **meta)
+    vals = [v.data_ptr() if as_ints and isinstance(v, torch.Tensor) else v for v in bound.values()]
+    stream = torch.cuda.current_stream().cuda_stream
+    run, fn, packed = compiled.run, compiled.function, compiled.packed_metadata
+    grid = (*grid, 1, 1)
+    return lambda: run(grid[0], grid[1], grid[2], stream, fn, packed, None, None, None, *vals)
+
+
 def host_costs(dst, lse_acc, outs, lses, calls: int = 200) -> None:
-    """Host microseconds per call (queued, unsynchronized) of the wrappers and the bare launches."""
+    """Host microseconds per call (queued, unsynchronized) of the wrappers, with ringX.fused's
+    direct launches and with Triton's own launch path (RINGX_FUSED_DIRECT=0), of the bare
+    Triton launches and of the compiled launcher called directly, against a PyTorch op."""
     merge, summ = launches(dst, lse_acc, outs, lses, "rows", 32, 4)
-    steps = {"fused.merge_many (wrapper)": lambda: fused.merge_many(dst, None, lse_acc, outs, lses, has_acc=False),
-             "_merge_many_kernel[grid](...)": merge,
-             "fused.sum_many (wrapper)": lambda: fused.sum_many(dst, outs),
-             "_sum_many_kernel[grid](...)": summ,
-             "torch add_ (reference)": lambda: dst.add_(outs[0]),
-             "empty kernel, 2 tensors + 1 int": lambda: _nop_few[(1,)](dst, outs[0], 1, BLOCK=16),
-             "empty kernel, 11 tensors + 19 ints": lambda: _nop_many[(1,)](
-                 dst, dst, lse_acc, *outs, *lses, *(16,) * 19, BLOCK=16)}
+    wrappers = {"fused.merge_many": lambda: fused.merge_many(dst, None, lse_acc, outs, lses, has_acc=False),
+                "fused.sum_many": lambda: fused.sum_many(dst, outs),
+                "fused.merge": lambda acc=dst.float(): fused.merge(acc, lse_acc, outs[0], lses[0])}
+    steps = {}
+    for direct in ("1", "0"):
+        for name, fn in wrappers.items():
+            steps[f"{name} (RINGX_FUSED_DIRECT={direct})"] = (direct, fn)
+    steps.update({"_merge_many_kernel[grid](...)": ("0", merge), "_sum_many_kernel[grid](...)": ("0", summ),
+                  "torch add_ (reference)": ("0", lambda: dst.add_(outs[0])),
+                  "empty kernel, 2 tensors + 1 int": ("0", lambda: _nop_few[(1,)](dst, outs[0], 1, BLOCK=16)),
+                  "empty kernel, 11 tensors + 19 ints": ("0", lambda: _nop_many[(1,)](
+                      dst, dst, lse_acc, *outs, *lses, *(16,) * 19, BLOCK=16))})
+    nop_args = (dst, dst, lse_acc, *outs, *lses, *(16,) * 19)
+    for as_ints in (False, True):      # the compiled launcher called directly (no argument binding)
+        what = "pointers as ints" if as_ints else "tensors"
+        steps[f"empty kernel direct, {what}"] = ("0", direct_call(_nop_many, (1,), nop_args, dict(BLOCK=16), as_ints))
     print("  host us per call:")
-    for name, fn in steps.items():
+    for name, (direct, fn) in steps.items():
+        os.environ["RINGX_FUSED_DIRECT"] = direct
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
@@ -158,17 +182,18 @@ def host_costs(dst, lse_acc, outs, lses, calls: int = 200) -> None:
             fn()
         host = (time.perf_counter() - t) / calls
         torch.cuda.synchronize()
-        print(f"    {name:32s} {host * 1e6:7.1f}", flush=True)
+        print(f"    {name:42s} {host * 1e6:7.1f}", flush=True)
+    os.environ["RINGX_FUSED_DIRECT"] = "1"
     import cProfile
     import pstats
     prof = cProfile.Profile()      # where a wrapper call's host time goes, by function
     prof.enable()
     for _ in range(calls):
-        steps["fused.merge_many (wrapper)"]()
+        wrappers["fused.merge_many"]()
     prof.disable()
     torch.cuda.synchronize()
-    print(f"  cProfile of {calls} fused.merge_many calls (tottime, by function):")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    print(f"  cProfile of {calls} fused.merge_many calls, direct launches (tottime, by function):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(10)
 
 
 if __name__ == "__main__":

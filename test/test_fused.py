@@ -241,3 +241,48 @@ def test_pending_merges_and_sums_equal_merging_as_they_come(max_bytes, order):
     out, lse = PendingMerges((2, 48, 4, 64), device, torch.float32).finish(torch.bfloat16)   # nothing came
     assert (out == 0).all() and (lse == float("-inf")).all()
     assert (PendingSums((2, 48, 4, 64), device, torch.float32).finish(torch.float32) == 0).all()
+
+
+def _fused_ops(device, offset: int, heads: int):
+    """Every fused op once on fresh inputs (merge, weigh, accumulate, merge_many, sum_many):
+    their results. ``offset`` shifts each view's start by that many elements (off 16-byte
+    alignment when odd), ``heads`` 1 makes an integer argument 1: other specializations."""
+    g = torch.Generator(device="cpu").manual_seed(11)
+
+    def t(*shape, dtype=torch.float32):
+        flat = torch.randn(offset + torch.Size(shape).numel(), generator=g).to(device, dtype)
+        return flat[offset:].view(shape)
+
+    b, s, h, d = 2, 40, heads, 64
+    acc, lacc = t(b, s, h, d), t(b, h, s)
+    outs = [t(b, s, h, d, dtype=torch.bfloat16) for _ in range(4)]
+    lses = [t(b, h, s) for _ in range(4)]
+    fused.merge(acc, lacc, outs[0], lses[0])
+    ow, w, m = t(b, s, h, d), t(b, s, h), t(b, h, s)
+    fused.weigh(ow, w, outs[1], lses[1], m)
+    grad = t(b, s, h, d)
+    fused.accumulate(grad, outs[2])
+    many, many_lse = t(b, s, h, d, dtype=torch.bfloat16), t(b, h, s)
+    fused.merge_many(many, None, many_lse, outs, lses, has_acc=False)
+    total = t(b, s, h, d, dtype=torch.bfloat16)
+    fused.sum_many(total, outs[:3], acc=grad)
+    return [acc, lacc, ow, w, grad, many, many_lse, total]
+
+
+@needs_gpu
+def test_direct_launches_equal_tritons_own(monkeypatch):
+    """The fused kernels launched through their compiled launcher (every call after the first of
+    a specialization) give bit for bit what Triton's own launch gives, for aligned and unaligned
+    views and an integer argument of 1, each specialization's launch repeated."""
+    cases = [(0, 4), (1, 4), (0, 1), (0, 4), (3, 1)]
+    monkeypatch.setenv("RINGX_FUSED_DIRECT", "0")
+    plain = [_fused_ops("cuda", *c) for c in cases]
+    monkeypatch.setenv("RINGX_FUSED_DIRECT", "1")
+    for _ in range(2):
+        direct = [_fused_ops("cuda", *c) for c in cases]
+        for p, q in zip(plain, direct):
+            for x, y in zip(p, q):
+                torch.testing.assert_close(y, x, rtol=0, atol=0)
+    if fused.triton.__version__.startswith("3.6."):    # the version it was written for: it did launch
+        assert fused._direct_launches()
+        assert len(fused._MERGE_MANY.compiled) >= 3 and len(fused._SUM_MANY.compiled) >= 3
