@@ -151,7 +151,6 @@ def bcast_kv_backward(run: RunContext, dout, q, k, v, out, lse):
     return dq_sums.finish(q.dtype), dkv_own[0], dkv_own[1]
 
 
-
 def bcast_kv_forward(run: RunContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: (b, s, h, d), k/v: (b, s, hk, d) -> (out (b, s, h, d) in q's dtype, merged in acc
     dtype and rounded once; lse (b, h, s) in acc dtype)."""
