@@ -195,28 +195,33 @@ class _Pending:
         self.group, self.max_bytes = group, max_bytes
         self.acc: torch.Tensor | None = None       # made by the first pass that keeps its result
         self.pending: dict[tuple[int, int], list] = {}
+        self.held = 0                              # bytes of the blocks in ``pending``
         self.whole = (0, self.shape[1])
 
     def _queue(self, rows: slice, item, tensor: torch.Tensor) -> None:
         key = rows.indices(self.shape[1])[:2]
         parts = self.pending.setdefault(key, [])
         parts.append((item, tensor))
+        self.held += tensor.numel() * tensor.element_size()
         if len(parts) > self.group:              # one more than a pass takes: pass the oldest
             self._pass(key, [it for it, _ in parts[:self.group]])
+            self.held -= sum(t.numel() * t.element_size() for _, t in parts[:self.group])
             del parts[:self.group]
-        elif sum(t.numel() * t.element_size() for q in self.pending.values() for _, t in q) >= self.max_bytes:
+        elif self.held >= self.max_bytes:
             self._pass_pending()
 
     def _last_pass(self) -> list | None:
         """The items of a last pass that can write the result itself (all whole rows, at most
         ``group``), taken from the queue; else None."""
         if list(self.pending) == [self.whole] and len(self.pending[self.whole]) <= self.group:
+            self.held = 0
             return [item for item, _ in self.pending.pop(self.whole)]
         return None
 
     def _pass_pending(self) -> None:
         for key in sorted(self.pending, key=lambda k: k != self.whole):    # the whole rows first
             self._pass(key, [item for item, _ in self.pending.pop(key)])
+        self.held = 0
 
     def _pass(self, key: tuple[int, int], parts: list) -> None:
         raise NotImplementedError
