@@ -21,6 +21,8 @@ GPU tests compare against.
 """
 from __future__ import annotations
 
+import functools
+import operator
 import os
 
 import torch
@@ -179,44 +181,47 @@ if triton is not None:
 
 class _Launcher:
     """One of this module's Triton kernels, launched at a fraction of ``kernel[grid](...)``'s
-    host cost once a call of the same specialization has run.
+    host cost once a call of the same arguments' shape has run.
 
-    A plain Triton launch binds and specializes every argument in Python and then, in its
-    compiled launcher, asks the driver about every tensor's pointer (one query per tensor): for
-    kernels of 6-11 tensors that is most of a 25-50 us launch, about what a 2K-token block's
-    kernels take on the device, so the device waits for the host. Here the first call of each
-    specialization (the key Triton itself specializes on: each tensor's dtype and 16-byte
-    alignment, each integer's being 1, divisible by 16, or past 32 bits) goes through Triton,
-    which compiles and launches it; later calls hand the compiled launcher the tensors'
-    addresses as integers (the tensors are CUDA tensors by ``usable``), skipping both. Used with
-    the Triton versions whose launcher calling convention it was written and run against (3.6);
-    with others, with a launch hook set (a profiler's), or with RINGX_FUSED_DIRECT=0, every call
-    is a plain Triton launch.
+    A plain Triton launch binds and specializes every argument in Python, builds launch
+    metadata for its hooks and then, in its compiled launcher, asks the driver about every
+    tensor's pointer: for kernels of 6-11 tensors 30-50 us, more than a 2K-token block's merge
+    takes on the device. Here the first call of each key (the dtypes, the integer arguments
+    themselves, the meta-parameters: a finer key than Triton's own specialization) goes through
+    Triton, which compiles and launches it; later calls hand its compiled launcher the tensors'
+    addresses as integers (CUDA tensors, by ``usable``), skipping all of that. Calls with a
+    tensor off 16-byte alignment (views rarely are) always take Triton's path. Used with the
+    Triton version whose launcher calling convention it was written and run against (3.6); with
+    others, with a launch hook set (a profiler's), or with RINGX_FUSED_DIRECT=0, every call is a
+    plain Triton launch.
     """
+
+    MAX_KEYS = 1024         # distinct argument shapes kept; the cache starts over beyond
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.compiled: dict = {}
 
     def __call__(self, grid: tuple, tensors: tuple, ints: tuple, **meta) -> None:
-        device = tensors[0].device
-        if device.index != torch.cuda.current_device():     # Triton launches on the current device
-            with torch.cuda.device(device):
+        index = tensors[0].get_device()
+        if index != torch.cuda.current_device():     # Triton launches on the current device
+            with torch.cuda.device(index):
                 return self(grid, tensors, ints, **meta)
-        if not _direct_launches():
+        ptrs = [t.data_ptr() for t in tensors]
+        if not _direct_launches() or functools.reduce(operator.or_, ptrs) % 16:
             self.kernel[grid](*tensors, *ints, **meta)
             return None
-        ptrs = [t.data_ptr() for t in tensors]
-        key = (device.index, tuple(t.dtype for t in tensors), tuple(p % 16 == 0 for p in ptrs),
-               tuple((i == 1, i % 16 == 0, -2**31 <= i < 2**31) for i in ints), tuple(meta.items()))
+        key = (index, tuple([t.dtype for t in tensors]), ints, tuple(meta.items()))
         hit = self.compiled.get(key)
         if hit is None:
             compiled = self.kernel[grid](*tensors, *ints, **meta)
             constexprs = tuple(meta[name] for name in self.kernel.arg_names[len(tensors) + len(ints):])
+            if len(self.compiled) >= self.MAX_KEYS:
+                self.compiled.clear()
             self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs)
             return None
         run, function, packed, constexprs = hit
-        run(grid[0], 1, 1, _stream(device.index), function, packed, None, None, None, *ptrs, *ints, *constexprs)
+        run(grid[0], 1, 1, _stream(index), function, packed, None, None, None, *ptrs, *ints, *constexprs)
         return None
 
 
@@ -244,7 +249,7 @@ def _launch(kernel: _Launcher, rows_shape, d: int, tensors: tuple, strides: tupl
     n = b * rows * heads
     if n == 0:
         return
-    block_d = triton.next_power_of_2(d)
+    block_d = 1 << (d - 1).bit_length()      # the next power of two (no Triton call on the hot path)
     block_m = max(1, 2048 // block_d)     # 2048 elements a program (script/fused_tune.py: the
                                           # grouped merge 11-14 % faster than 4096 at 2-4K rows)
     grid = ((n + block_m - 1) // block_m,)

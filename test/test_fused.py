@@ -272,8 +272,9 @@ def _fused_ops(device, offset: int, heads: int):
 @needs_gpu
 def test_direct_launches_equal_tritons_own(monkeypatch):
     """The fused kernels launched through their compiled launcher (every call after the first of
-    a specialization) give bit for bit what Triton's own launch gives, for aligned and unaligned
-    views and an integer argument of 1, each specialization's launch repeated."""
+    the same argument shape) give bit for bit what Triton's own launch gives, for aligned and
+    unaligned views (those always take Triton's path) and an integer argument of 1, each case
+    repeated."""
     cases = [(0, 4), (1, 4), (0, 1), (0, 4), (3, 1)]
     monkeypatch.setenv("RINGX_FUSED_DIRECT", "0")
     plain = [_fused_ops("cuda", *c) for c in cases]
@@ -285,4 +286,4 @@ def test_direct_launches_equal_tritons_own(monkeypatch):
                 torch.testing.assert_close(y, x, rtol=0, atol=0)
     if fused.triton.__version__.startswith("3.6."):    # the version it was written for: it did launch
         assert fused._direct_launches()
-        assert len(fused._MERGE_MANY.compiled) >= 3 and len(fused._SUM_MANY.compiled) >= 3
+        assert len(fused._MERGE_MANY.compiled) >= 2 and len(fused._SUM_MANY.compiled) >= 2   # aligned cases
