@@ -14,7 +14,11 @@ broadcast-kv schedule of ringX4 and of the full-attention ringX1/2 does):
 
 (b, L, h, d) bfloat16 blocks, 32 query / 8 kv heads, head dim 128 by default; median of
 ``--repeats`` samples of ``--queued`` passes launched back to back (as in a training step),
-the three paths taking turns. On CPU it runs with small sizes (a smoke run).
+the three paths taking turns. The last columns give the host's time a pass (until its last
+launch returns): below the pass's time, the host runs ahead and the device waits only at the
+start of a sample, whose share shrinks as ``--queued`` grows (20 is closer to a training step,
+where many layers queue). ``--graph`` times CUDA-graph replays (the device alone). On CPU it
+runs with small sizes (a smoke run).
 """
 from __future__ import annotations
 
