@@ -234,19 +234,26 @@ def host_costs(L: int, args, device, dtype) -> None:
     if fused.usable(out, o):
         steps["fused.merge (direct)"] = lambda: fused.merge(out, lse, o, l)
     print(f"host us per call at L={L} (queued, unsynchronized; fused kernels: {fused.usable(out, o)}):")
-    n = args.host_calls
     for name, fn in steps.items():
-        for _ in range(3):
-            fn()
+        print(f"  {name:28s} {host_seconds(fn, args.host_calls, device) * 1e6:8.1f}", flush=True)
+
+
+def host_seconds(fn, calls: int, device, warmup: int = 3) -> float:
+    """Host seconds per call of fn: ``calls`` calls queued without synchronizing (launch cost,
+    fewer than the launch queue holds), after ``warmup`` calls and a synchronization."""
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t) / n
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        print(f"  {name:28s} {host * 1e6:8.1f}", flush=True)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls
+    sync()
+    return host
 
 
 def main(argv=None) -> int:

@@ -18,13 +18,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ringX import fused  # noqa: E402
+from block_overhead import host_seconds  # noqa: E402  (this folder comes first on sys.path)
 
 try:
     import triton
@@ -175,15 +175,7 @@ def host_costs(dst, lse_acc, outs, lses, calls: int = 200) -> None:
     print("  host us per call:")
     for name, (direct, fn) in steps.items():
         os.environ["RINGX_FUSED_DIRECT"] = direct
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        host = (time.perf_counter() - t) / calls
-        torch.cuda.synchronize()
-        print(f"    {name:42s} {host * 1e6:7.1f}", flush=True)
+        print(f"    {name:42s} {host_seconds(fn, calls, dst.device, warmup=5) * 1e6:7.1f}", flush=True)
     os.environ["RINGX_FUSED_DIRECT"] = "1"
     import cProfile
     import pstats
