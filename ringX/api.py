@@ -27,7 +27,8 @@ _STATE = GroupStates()
 def _rows(x: torch.Tensor, rows: slice, dim: int = 1) -> torch.Tensor:
     """x restricted to ``rows`` along ``dim`` (1: (b, s, ...) tensors, 2: lse (b, h, s)): x itself
     when they cover it, so the hot path makes no view for a whole block."""
-    if rows.start in (0, None) and rows.step in (1, None) and (rows.stop is None or rows.stop >= x.shape[dim]):
+    n = x.shape[dim]
+    if rows.indices(n) == (0, n, 1):              # the test ringX.merge.add_block_ makes
         return x
     return x[:, rows] if dim == 1 else x[:, :, rows]
 
