@@ -20,7 +20,9 @@ steps 2-6 (tokens/s, MFU with the app's FLOP count, peak memory of a step). Rows
   per-layer gradient checkpointing; ``hf-liger`` / ``hf-liger-ckpt``: after
   ``apply_liger_kernel_to_llama()`` (needs liger-kernel).
 
-A row that runs out of memory says so. The table goes to stdout and OUT/compare.json.
+A row that runs out of memory says so. The table goes to stdout and OUT/compare.json. With
+``--profile_step N`` every row runs its step N under torch.profiler and writes the device time of
+every kernel, by kind, to OUT/ROW.profile.txt (the app rows through their own ``--profile_step``).
 """
 from __future__ import annotations
 
@@ -50,9 +52,10 @@ HF_ROWS = ("hf", "hf-ckpt", "hf-liger", "hf-liger-ckpt")
 DEFAULT_ROWS = ("app", "app-compile", "app-compile-ac", "hf-liger", "hf-liger-ckpt", "hf")
 
 
-def _median_rows(rows: list[dict]) -> dict:
-    """The median of steps 2-6 (or of whatever steps after the first two there are)."""
-    timed = [r for r in rows if 2 <= r["step"] <= 6] or rows[-1:]
+def _median_rows(rows: list[dict], skip: int = -1) -> dict:
+    """The median of steps 2-6 (or of whatever steps after the first two there are), leaving out
+    step ``skip`` (the profiled one)."""
+    timed = [r for r in rows if 2 <= r["step"] <= 6 and r["step"] != skip] or rows[-1:]
     return {k: statistics.median(r[k] or 0.0 for r in timed) for k in ("tokens_per_s", "mfu", "max_mem_gb")}
 
 
@@ -72,9 +75,13 @@ def app_row(name: str, args) -> dict:
            "--out", str(out), *APP_ROWS[name]]
     if args.n_layers:
         cmd += ["--n_layers", str(args.n_layers)]
+    if args.profile_step >= 0:
+        cmd += ["--profile_step", str(args.profile_step)]
     cmd += args.app_flags.split()
     res = run_app_row(cmd, out)
-    return res if "error" in res else {**_median_rows(res["rows"]), "paths": res["kernels"]}
+    if args.profile_step >= 0 and (out / f"profile_step{args.profile_step}.txt").exists():
+        (out / f"profile_step{args.profile_step}.txt").replace(Path(args.out) / f"{name}.profile.txt")
+    return res if "error" in res else {**_median_rows(res["rows"], args.profile_step), "paths": res["kernels"]}
 
 
 def run_app_row(cmd: list, out: Path) -> dict:
@@ -118,33 +125,40 @@ def hf_row(name: str, args) -> dict:
                             **({"fused": True} if device.type == "cuda" else {}))
     gen = torch.Generator(device).manual_seed(0)
     rows = hf_train_steps(model, opt, lambda: torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), device=device,
-                                                            generator=gen), args.steps, device)
+                                                            generator=gen), args.steps, device,
+                          args.profile_step, Path(args.out) / f"{name}.profile.txt")
     for r in rows:
         r.update(tokens_per_s=cfg.seq_len / r["seconds"],
                  mfu=step_flops(cfg, cfg.seq_len) / r["seconds"] / 1e12 / args.peak_tflops)
-    return {**_median_rows(rows), "paths": paths}
+    return {**_median_rows(rows, args.profile_step), "paths": paths}
 
 
-def hf_train_steps(model, opt, next_tokens, steps: int, device) -> list[dict]:
+def hf_train_steps(model, opt, next_tokens, steps: int, device, profile_step: int = -1,
+                   profile_table=None) -> list[dict]:
     """``steps`` training steps of a transformers causal LM as its users write them (autocast to
     bf16, ``labels=input_ids``, clipping at 1.0): per step its index, loss, seconds and peak GB.
-    ``next_tokens()`` gives each step's (1, S) tokens on ``device``."""
+    ``next_tokens()`` gives each step's (1, S) tokens on ``device``. Step ``profile_step`` runs
+    under torch.profiler, its kernels written to ``profile_table``."""
     import torch
+    from app.common.profiling import device_time_summary, profiler
     rows = []
     for step in range(steps):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        tok = next_tokens()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=tok, labels=tok).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with profiler(step == profile_step) as prof:
+            tok = next_tokens()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(input_ids=tok, labels=tok).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        if prof is not None:
+            device_time_summary(prof, time.perf_counter() - start, table=profile_table)
         rows.append({"step": step, "loss": float(loss), "seconds": time.perf_counter() - start,
                      "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
     return rows
@@ -152,7 +166,8 @@ def hf_train_steps(model, opt, next_tokens, steps: int, device) -> list[dict]:
 
 def run_hf_row(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--hf_row", name, "--config", args.config, "--seq_len", str(args.seq_len),
-           "--steps", str(args.steps), "--n_layers", str(args.n_layers), "--peak_tflops", str(args.peak_tflops)]
+           "--steps", str(args.steps), "--n_layers", str(args.n_layers), "--peak_tflops", str(args.peak_tflops),
+           "--profile_step", str(args.profile_step), "--out", args.out]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = next((l for l in res.stdout.splitlines() if l.startswith("ROW ")), None)
     if line is None:
@@ -169,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(APP_ROWS) + list(HF_ROWS))
     p.add_argument("--peak_tflops", type=float, default=989.0)
     p.add_argument("--app_flags", default="", help="more app/gpt/train.py flags for the app rows")
+    p.add_argument("--profile_step", type=int, default=-1,
+                   help="profile this step of every row: OUT/ROW.profile.txt (its kernels by kind)")
     p.add_argument("--out", default="runs/app_compare")
     p.add_argument("--hf_row", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

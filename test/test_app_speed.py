@@ -44,16 +44,32 @@ def test_app_compare_and_block_overhead_run(tmp_path):
     """script/app_compare.py runs an app row and a transformers row side by side and writes its
     table; a row that cannot run (Liger on a CPU) reports why instead of failing the run."""
     res = subprocess.run([sys.executable, "script/app_compare.py", "--config", "debug", "--seq_len", "256",
-                          "--steps", "3", "--rows", "app-ac", "hf-ckpt", "hf-liger", "--out", str(tmp_path)],
+                          "--steps", "3", "--rows", "app-ac", "hf-ckpt", "hf-liger", "--out", str(tmp_path),
+                          "--profile_step", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
     assert rows["app-ac"]["tokens_per_s"] > 0 and "torch fallback" in rows["app-ac"]["paths"]
     assert rows["hf-ckpt"]["tokens_per_s"] > 0 and "checkpointing" in rows["hf-ckpt"]["paths"]
     assert "liger_kernel" in rows["hf-liger"]["error"]
+    for row in ("app-ac", "hf-ckpt"):            # the profiled step's table (no device kernels on a CPU)
+        assert (tmp_path / f"{row}.profile.txt").read_text().startswith("profile:")
     res = subprocess.run([sys.executable, "script/block_overhead.py", "--sizes", "64", "--heads", "4",
                           "--kv-heads", "2", "--headdim", "16", "--repeats", "2", "--warmup", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [l.split() for l in res.stdout.splitlines() if l.strip().startswith("64")]
     assert [l[2] for l in lines] == ["full", "causal"] and all(float(l[3]) > 0 for l in lines)
+
+
+def test_idle_gaps_by_neighbours():
+    """The profile's idle report: gaps between kernels (overlapping kernels close none), summed by
+    the kernels around them, with the innermost host call under way in the largest one."""
+    from app.common.profiling import idle_gaps
+    kernels = [(0, 100, "gemm"), (50, 120, "norm"), (200, 300, "gemm"), (310, 400, "norm"),
+               (1400, 1500, "gemm")]
+    host = [(0, 2000, "step"), (500, 1300, "aten::item"), (120, 200, "launch")]
+    lines = idle_gaps(kernels, host, min_us=20)
+    assert lines[0].startswith("  idle between kernels: 1.1 ms in 2 gaps") and "1.5 ms" in lines[0]
+    assert "after norm | before gemm | host in: aten::item" in lines[1] and "x2" in lines[1]
+    assert idle_gaps([]) == []

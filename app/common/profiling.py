@@ -1,5 +1,6 @@
 """Where a training step's device time goes: one step under torch.profiler, summed by kind of
-kernel (attention, matrix multiply, Triton-generated or Liger, communication, other)."""
+kernel (attention, matrix multiply, Triton-generated or Liger, communication, other), and where
+the device waits for the host (idle gaps, by the kernels around them and the host call under way)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -30,17 +31,68 @@ def profiler(enabled: bool):
     return torch.profiler.profile(activities=acts)
 
 
-def device_time_summary(prof, wall_s: float, top: int = 12) -> str:
+def idle_gaps(kernels: list[tuple[float, float, str]], host: list[tuple[float, float, str]] = (),
+              top: int = 12, min_us: float = 20.0) -> list[str]:
+    """Where the device had no kernel to run, from one step's kernels and host calls, each a
+    (start_us, end_us, name): the total idle between the first and the last kernel, and the
+    ``top`` kinds of gap of ``min_us`` or more, by (kernel before, kernel after), each with the
+    innermost host call under way in its middle for its largest instance."""
+    if not kernels:
+        return []
+    spans = sorted(kernels)
+    gaps, end, before = [], spans[0][1], spans[0][2]
+    for s, e, name in spans[1:]:
+        if s - end >= min_us:
+            gaps.append((s - end, end, before, name))
+        if e > end:
+            end, before = e, name
+    total = sum(g[0] for g in gaps)
+    by_pair: dict[tuple[str, str], list] = {}
+    for gap in gaps:
+        key = (gap[2][:48], gap[3][:48])
+        acc = by_pair.setdefault(key, [0.0, 0, gap])
+        acc[0] += gap[0]
+        acc[1] += 1
+        acc[2] = max(acc[2], gap)
+    lines = [f"  idle between kernels: {total / 1e3:.1f} ms in {len(gaps)} gaps of >= {min_us:.0f} us "
+             f"(first kernel to last: {(end - spans[0][0]) / 1e3:.1f} ms)"]
+    for (a, b), (us, n, big) in sorted(by_pair.items(), key=lambda x: -x[1][0])[:top]:
+        mid = big[1] + big[0] / 2
+        under = [h for h in host if h[0] <= mid <= h[1]]
+        call = min(under, key=lambda h: h[1] - h[0])[2][:40] if under else "-"
+        lines.append(f"    {us / 1e3:7.2f} ms x{n:<4d} after {a} | before {b} | host in: {call}")
+    return lines
+
+
+def _profiled_spans(prof):
+    """(kernels, host calls) of a finished profiler as (start_us, end_us, name) lists (device
+    kernels, copies and sets; user annotations left out)."""
+    kernels, host = [], []
+    for evt in prof.events():
+        span = (evt.time_range.start, evt.time_range.end, evt.name)
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            if not getattr(evt, "is_user_annotation", False):
+                kernels.append(span)
+        else:
+            host.append(span)
+    return kernels, host
+
+
+def device_time_summary(prof, wall_s: float, top: int = 12, table=None) -> str:
     """Device milliseconds per kind of kernel and the ``top`` kernels, from a finished profiler,
-    beside the step's wall time."""
+    beside the step's wall time. With ``table`` (a path), every kernel's row is also written there."""
     rows = []
     for evt in prof.key_averages():
         t = getattr(evt, "self_device_time_total", None)
         if t is None:
             t = getattr(evt, "self_cuda_time_total", 0)
-        if t and getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+        if (t and getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
+                and not getattr(evt, "is_user_annotation", False)):        # a range, not a kernel
             rows.append((t / 1e3, evt.count, evt.key))
     if not rows:
+        if table is not None:
+            with open(table, "w") as f:
+                f.write("profile: no device kernels recorded\n")
         return "profile: no device kernels recorded"
     by_kind: dict[str, float] = {}
     for ms, _, name in rows:
@@ -48,6 +100,9 @@ def device_time_summary(prof, wall_s: float, top: int = 12) -> str:
     total = sum(by_kind.values())
     lines = [f"profile: step wall {wall_s * 1e3:.1f} ms, device busy {total:.1f} ms"]
     lines += [f"  {k:14s} {ms:9.1f} ms {100 * ms / total:5.1f} %" for k, ms in sorted(by_kind.items(), key=lambda x: -x[1])]
-    lines.append("  top kernels:")
-    lines += [f"    {ms:9.1f} ms x{n:<5d} {kind_of(name):13s} {name[:110]}" for ms, n, name in sorted(rows, reverse=True)[:top]]
-    return "\n".join(lines)
+    lines += idle_gaps(*_profiled_spans(prof))
+    every = [f"    {ms:9.1f} ms x{n:<5d} {kind_of(name):13s} {name[:110]}" for ms, n, name in sorted(rows, reverse=True)]
+    if table is not None:
+        with open(table, "w") as f:
+            f.write("\n".join(lines + ["  every kernel:"] + every) + "\n")
+    return "\n".join(lines + ["  top kernels:"] + every[:top])

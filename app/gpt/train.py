@@ -501,7 +501,9 @@ class Trainer:
                 with profiler(step == args.profile_step) as prof:
                     row, bad, stop_now = self.step(step, stop)
                 if prof is not None:
-                    self.say(device_time_summary(prof, self.cfg.seq_len * args.batch * self.dims.dp / row["tokens_per_s"]))
+                    table = self.out / f"profile_step{step}.txt" if self.is_root else None   # rank 0's kernels
+                    self.say(device_time_summary(prof, self.cfg.seq_len * args.batch * self.dims.dp / row["tokens_per_s"],
+                                                 table=table))
                 nonfinite.count(bad, row)
                 if self.data is None and every_and_last(step, args.eval_every, args.steps):
                     with self.autocast:
