@@ -12,6 +12,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from app.gpt.kernels import choose_kernels, linear_cross_entropy_torch  # noqa: E402
+from launcher import spawn  # noqa: E402
 
 
 def test_kernel_choice_says_which_path_it_took():
@@ -73,3 +74,88 @@ def test_idle_gaps_by_neighbours():
     assert lines[0].startswith("  idle between kernels: 1.1 ms in 2 gaps") and "1.5 ms" in lines[0]
     assert "after norm | before gemm | host in: aten::item" in lines[1] and "x2" in lines[1]
     assert idle_gaps([]) == []
+
+
+def test_clip_grad_norm_equals_float64():
+    """The app's clipping (foreach norms and scaling per device and dtype) gives the float64 global
+    norm and the gradients scaled by min(1, max_norm / norm), over float32 and bfloat16 gradients
+    and an empty one; below max_norm nothing changes."""
+    from app.common.sharding import clip_grad_norm
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4).to(torch.bfloat16))
+    model.register_parameter("empty", torch.nn.Parameter(torch.zeros(0)))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 3
+    want = [p.grad.double().clone() for p in model.parameters()]
+    norm = float(torch.sqrt(sum(w.square().sum() for w in want)))
+    total = float(clip_grad_norm(model, 1.0, None, None, lambda n: False))
+    assert abs(total - norm) <= 1e-6 * norm and norm > 1
+    for p, w in zip(model.parameters(), want):
+        tol = 1e-6 if p.dtype == torch.float32 else 1e-2
+        assert torch.allclose(p.grad.double(), w / (total + 1e-6), rtol=tol, atol=0)
+    before = [p.grad.clone() for p in model.parameters()]
+    assert float(clip_grad_norm(model, 10.0, None, None, lambda n: False)) <= 1 + 1e-3
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
+def _local_shard_adamw_body(rank, world_size, device):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from app.common.optim import LocalShardAdamW
+    mesh = init_device_mesh(device.type, (world_size,))
+    models, opts = [], []
+    for kind in (torch.optim.AdamW, LocalShardAdamW):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Linear(10, 3, bias=False))
+        fully_shard(m, mesh=mesh)
+        models.append(m)
+        opts.append(kind(m.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=True))
+    for step in range(3):
+        for m, opt in zip(models, opts):
+            torch.manual_seed(step)
+            m(torch.randn(5, 6)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert isinstance(b, DTensor) and torch.equal(a.to_local(), b.to_local())
+    states = [list(o.state.values()) for o in opts]
+    for sa, sb in zip(*states):
+        assert isinstance(sb["exp_avg"], DTensor) and torch.equal(sa["exp_avg"].to_local(), sb["exp_avg"].to_local())
+        assert torch.equal(sa["exp_avg_sq"].to_local(), sb["exp_avg_sq"].to_local())
+        assert float(sa["step"]) == float(sb["step"]) == 3
+
+
+def test_local_shard_adamw_equals_adamw_on_fsdp():
+    """AdamW over FSDP2's local shards: the parameters and the (DTensor) state of torch's AdamW,
+    bit for bit, over three steps on two ranks."""
+    spawn(2, _local_shard_adamw_body)
+
+
+def test_swiglu_op_exact_and_in_place_when_compiled():
+    """The SwiGLU custom op (eager and compiled) against float64 autograd of silu(a) * b, and the
+    compiled backward calls the in-place op on the forward's own buffers: no copy of a or b."""
+    from torch._inductor.utils import run_and_get_code
+    from app.gpt.swiglu_op import silu_mul_inplace_backward
+    torch.manual_seed(0)
+    x = torch.randn(48, 16, dtype=torch.float64)
+    w1, w3, t = torch.randn(40, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64), torch.randn(48, 40)
+
+    def loss(fn, x, w1, w3):
+        return (fn(x @ w1.T, x @ w3.T) * t.to(x.dtype)).sum()
+
+    leaves = [p.clone().requires_grad_() for p in (x, w1, w3)]
+    loss(lambda a, b: F.silu(a) * b, *leaves).backward()
+    want = [p.grad for p in leaves]
+    for compiled in (False, True):
+        fn = torch.compile(loss, fullgraph=True) if compiled else loss
+        ins = [p.float().requires_grad_() for p in (x, w1, w3)]
+
+        def step():
+            fn(silu_mul_inplace_backward, *ins).backward()
+        _, codes = run_and_get_code(step) if compiled else (step(), [])
+        for got, ref in zip((p.grad for p in ins), want):
+            assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
+        if compiled:
+            backward = [c for c in codes if "swiglu_backward_" in c]
+            assert len(backward) == 1 and "clone" not in backward[0] and ".copy_(" not in backward[0]

@@ -96,6 +96,14 @@ def set_fsdp_divide_factor(model: nn.Module, factor: float, sum_only: bool) -> N
                 m.set_force_sum_reduction_for_comms(True)
 
 
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` in lists of one device and dtype each (what one foreach call takes)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group,
                    is_tp_sharded: Callable[[str], bool]) -> torch.Tensor:
     """Clip all gradients by their global 2-norm (returned, float64) over every parameter of the
@@ -109,9 +117,13 @@ def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group,
         return torch.zeros((), dtype=torch.float64)
     sharded = any(isinstance(g, DTensor) for _, g in grads)
     locals_ = [(n, g.to_local() if isinstance(g, DTensor) else g) for n, g in grads]
-    sq = torch.zeros(2, dtype=torch.float64, device=locals_[0][1].device)
-    for name, g in locals_:
-        sq[0 if tp > 1 and is_tp_sharded(name) else 1] += torch.linalg.vector_norm(g, dtype=torch.float32).double() ** 2
+    device = locals_[0][1].device
+    sq = torch.zeros(2, dtype=torch.float64, device=device)
+    for slot, tp_sharded in ((0, True), (1, False)):  # sq[0]: tp slices, sq[1]: replicated
+        mine = [g for n, g in locals_ if (tp > 1 and is_tp_sharded(n)) == tp_sharded]
+        for same in _by_device_and_dtype(mine):       # one foreach norm per device and dtype
+            norms = torch._foreach_norm(same, 2, dtype=torch.float32)
+            sq[slot] += torch.stack(norms).to(device, torch.float64).square().sum()
     if sharded and dist.get_world_size(shard_group) > 1:
         dist.all_reduce(sq, group=shard_group)
     if tp > 1:
@@ -119,6 +131,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group,
         sq[1] /= tp                                   # replicated: the same on every tp rank
     total = sq.sum().sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for _, g in locals_:
-        g.mul_(coef.to(g.dtype))
+    for same in _by_device_and_dtype([g for _, g in locals_]):
+        torch._foreach_mul_(same, coef.to(same[0].device, same[0].dtype))
     return total

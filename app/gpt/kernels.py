@@ -13,8 +13,9 @@ over (tokens, dim) or (tokens, ffn_dim) tensors each: RMSNorm, the SwiGLU produc
   them in backward. With ``--compile`` torch.compile fuses the norms, RoPE and SwiGLU of each
   block itself, so the torch pieces are what a compiled block should see.
 
-``auto`` takes Liger for the loss when it is importable on a CUDA device, and for the norms and
-SwiGLU as well when the blocks are not compiled; otherwise torch. The chosen paths are in
+``auto`` takes Liger for the loss and the SwiGLU when it is importable on a CUDA device, and for
+the norms as well when the blocks are not compiled; otherwise torch. In compiled blocks Liger's
+SwiGLU runs as a custom op (``swiglu_op``), so that its in-place backward stays in place. The chosen paths are in
 ``Kernels.paths`` (the app prints them).
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .swiglu_op import silu_mul_inplace_backward
 
 KERNEL_CHOICES = ("auto", "liger", "torch")
 
@@ -99,13 +102,17 @@ def choose_kernels(request: str, device: torch.device, compiled: bool) -> Kernel
     def linear_ce(h, weight, labels, chunk, ignore_index=-100):
         return liger.liger_fused_linear_cross_entropy(h, weight, labels, ignore_index=ignore_index,
                                                       reduction="sum", accum_dtype=torch.float32).float()
-    if compiled and request == "auto":       # torch.compile fuses the norms itself; Liger's SwiGLU
-        return Kernels(silu_mul=liger.liger_swiglu, linear_cross_entropy=linear_ce,   # writes its
-                       paths={"rms_norm": "torch.compile", "swiglu": "liger", "rope": rope,  # grads in place
+    # Liger's SwiGLU writes its gradients into its saved inputs (no third (tokens, ffn_dim) tensor
+    # in backward); in a compiled block it runs as a custom op, which Inductor keeps in place
+    swiglu, swiglu_path = ((silu_mul_inplace_backward, "liger (custom op)") if compiled
+                           else (liger.liger_swiglu, "liger"))
+    if compiled and request == "auto":       # torch.compile fuses the norms itself
+        return Kernels(silu_mul=swiglu, linear_cross_entropy=linear_ce,
+                       paths={"rms_norm": "torch.compile", "swiglu": swiglu_path, "rope": rope,
                               "loss": "liger fused linear cross-entropy"})
 
     def norm(x, weight, eps):
         return liger.liger_rms_norm(x, weight, eps, 0.0, "llama", False)
-    return Kernels(rms_norm=norm, silu_mul=liger.liger_swiglu, linear_cross_entropy=linear_ce,
-                   paths={"rms_norm": "liger", "swiglu": "liger", "rope": rope,
+    return Kernels(rms_norm=norm, silu_mul=swiglu, linear_cross_entropy=linear_ce,
+                   paths={"rms_norm": "liger", "swiglu": swiglu_path, "rope": rope,
                           "loss": "liger fused linear cross-entropy"})

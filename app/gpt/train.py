@@ -68,6 +68,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
+from app.common.optim import LocalShardAdamW  # noqa: E402
 from app.common.sharding import set_fsdp_divide_factor  # noqa: E402
 from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
                                 run_and_shut_down)
@@ -303,7 +304,9 @@ class Trainer:
         self.kernels = choose_kernels(args.kernels, self.device, args.compile)
         self.model = build_model(args, cfg, dims, groups, self.device, self.kernels)
         fused = {"fused": True} if self.device.type == "cuda" else {}     # one kernel for the whole update
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
+        # DeepSpeed checks the optimizer's class; FSDP's DTensor parameters update through their shards
+        adamw = torch.optim.AdamW if args.dp_engine == "deepspeed" else LocalShardAdamW
+        self.opt = adamw(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
 
         def schedule(s: int) -> float:           # linear warm-up from --warmup_start, then constant
             return 1.0 if s < args.warmup_start else min(1.0, (s - args.warmup_start + 1) / max(1, args.warmup))

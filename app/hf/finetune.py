@@ -38,6 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
+from app.common.optim import LocalShardAdamW  # noqa: E402
 from app.common.runtime import RunLog, StopRequest, any_rank, run_and_shut_down  # noqa: E402
 from app.common.sharding import apply_fsdp, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
 from app.gpt.data import PackedTokenFile, TokenFile  # noqa: E402
@@ -169,7 +170,7 @@ class Run:
         set_fsdp_divide_factor(model, dims.dp, dist.get_backend(self.groups["dp_cp"]) == "gloo")
         self.model = model
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, **fused)
+        self.opt = LocalShardAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, **fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
 
     def say(self, msg: str) -> None:

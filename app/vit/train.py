@@ -40,6 +40,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.common import checkpoint  # noqa: E402
+from app.common.optim import LocalShardAdamW  # noqa: E402
 from app.common.sharding import apply_fsdp, checkpoint_blocks, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
 from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
                                 run_and_shut_down)
@@ -180,7 +181,7 @@ def train(args) -> list[dict]:
     s = Setup(args)
     dims, groups, model, device = s.dims, s.groups, s.model, s.device
     data = s.dataset("train", args.seed + s.dp_rank)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = LocalShardAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     horizon = max(1, args.decay_steps or args.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, args.warmup)) *
                                               0.5 * (1 + math.cos(math.pi * min(k, horizon) / horizon)))
