@@ -105,16 +105,17 @@ def _local_shard_adamw_body(rank, world_size, device):
     from app.common.optim import LocalShardAdamW
     mesh = init_device_mesh(device.type, (world_size,))
     models, opts = [], []
+    how = {"fused": True} if device.type == "cuda" else {"foreach": True}   # as the apps run it
     for kind in (torch.optim.AdamW, LocalShardAdamW):
         torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Linear(10, 3, bias=False))
+        m = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Linear(10, 3, bias=False)).to(device)
         fully_shard(m, mesh=mesh)
         models.append(m)
-        opts.append(kind(m.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=True))
+        opts.append(kind(m.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, **how))
     for step in range(3):
         for m, opt in zip(models, opts):
             torch.manual_seed(step)
-            m(torch.randn(5, 6)).square().sum().backward()
+            m(torch.randn(5, 6, device=device)).square().sum().backward()
             opt.step()
             opt.zero_grad()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
@@ -128,8 +129,14 @@ def _local_shard_adamw_body(rank, world_size, device):
 
 def test_local_shard_adamw_equals_adamw_on_fsdp():
     """AdamW over FSDP2's local shards: the parameters and the (DTensor) state of torch's AdamW,
-    bit for bit, over three steps on two ranks."""
+    bit for bit, over three steps on two ranks (fused, on GPUs where there are two)."""
     spawn(2, _local_shard_adamw_body)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused update needs CUDA")
+def test_local_shard_adamw_fused_on_one_gpu():
+    """The same on one rank on the GPU, with the fused update the apps use there."""
+    spawn(1, _local_shard_adamw_body)
 
 
 def test_swiglu_op_exact_and_in_place_when_compiled():
@@ -159,3 +166,23 @@ def test_swiglu_op_exact_and_in_place_when_compiled():
         if compiled:
             backward = [c for c in codes if "swiglu_backward_" in c]
             assert len(backward) == 1 and "clone" not in backward[0] and ".copy_(" not in backward[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels need CUDA")
+def test_swiglu_op_on_cuda_is_ligers_bit_for_bit():
+    """On CUDA the custom op runs Liger's kernels: output and gradients (eager and compiled) equal
+    Liger's own autograd function's bit for bit, in bfloat16."""
+    liger = pytest.importorskip("liger_kernel.transformers.functional")
+    from app.gpt.swiglu_op import silu_mul_inplace_backward
+    torch.manual_seed(0)
+    a0, b0 = (torch.randn(4, 512, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dc = torch.randn_like(a0)
+
+    def run(fn):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        out = fn(a, b)
+        out.backward(dc)
+        return out, a.grad, b.grad
+    want = run(liger.liger_swiglu)
+    for fn in (silu_mul_inplace_backward, torch.compile(silu_mul_inplace_backward, fullgraph=True)):
+        assert all(torch.equal(g, w) for g, w in zip(run(fn), want))
