@@ -73,5 +73,9 @@ swiglu_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def silu_mul_inplace_backward(a: Tensor, b: Tensor) -> Tensor:
-    """silu(a) * b through the custom ops (the gradients overwrite the saved a and b)."""
+    """silu(a) * b through the custom ops. Backward overwrites a and b with their gradients, so
+    they must be intermediates used nowhere else (a block's two up-projections), not leaves."""
+    if (a.is_leaf and a.requires_grad) or (b.is_leaf and b.requires_grad):
+        raise ValueError("silu_mul_inplace_backward overwrites a and b with their gradients in "
+                         "backward: pass intermediate tensors (e.g. x @ w1.T), not leaves that require grad")
     return swiglu_forward(a, b)
