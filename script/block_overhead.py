@@ -38,6 +38,7 @@ from ringX.api import prepare_run  # noqa: E402
 from ringX.merge import (PendingMerges, PendingSums, acc_copy, accumulate_, merge_, merge_many_,  # noqa: E402
                          new_accumulators)
 from ringX.plan import Run  # noqa: E402
+from app.common.profiling import device_gaps  # noqa: E402
 
 
 def _timed(fns, device, repeats: int, warmup: int, queued: int) -> tuple[list[float], list[float]]:
@@ -185,18 +186,17 @@ def kernel_means(prof, passes: int) -> str:
 def idle_gaps(prof, passes: int = 1, top: int = 6) -> str:
     """Where the device waits in profiled passes: the idle time between kernels (and copies),
     per pass (the device events split evenly), and the ``top`` longest gaps with the kernel that
-    ends each."""
+    follows each."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
     if len(spans) < 2:
         return "  idle: fewer than two device events"
     per_pass = max(1, len(spans) // passes)
-    gaps, reach, by_pass = [], spans[0][1], [0.0] * passes
-    for i, (start, end, name) in enumerate(spans[1:], 1):
-        if start > reach:
-            gaps.append((start - reach, name))
-            by_pass[min(i // per_pass, passes - 1)] += start - reach
-        reach = max(reach, end)
+    gaps, by_pass = [], [0.0] * passes
+    for g, _, _, after, i in device_gaps(spans):
+        gaps.append((g, after))
+        by_pass[min(i // per_pass, passes - 1)] += g
+    reach = max(e for _, e, _ in spans)
     total = sum(g for g, _ in gaps)
     lines = [f"  idle between kernels {total / 1e3:.3f} ms of {(reach - spans[0][0]) / 1e3:.3f} ms "
              f"({len(gaps)} gaps, {len(spans)} device events); by pass (us): "

@@ -13,20 +13,15 @@ from __future__ import annotations
 import torch
 
 
-def _local(t):
-    """The local shard of a DTensor (the tensor it wraps: its storage, not a copy); anything else
-    as it is. ``to_local()`` would give the same tensor through an autograd function, at several
-    microseconds a call."""
-    from torch.distributed.tensor import DTensor
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
 class LocalShardAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` (same arguments, same state) whose update runs on local shards."""
 
     def _init_group(self, group, params_with_grad, grads, *state_lists):
+        from torch.distributed.tensor import DTensor
         has_complex = super()._init_group(group, params_with_grad, grads, *state_lists)
+        # a DTensor's local shard is the tensor it wraps (its storage, not a copy); to_local()
+        # would give the same through an autograd function, at several microseconds a call
         for seq in (params_with_grad, grads, *state_lists):
             if isinstance(seq, list):
-                seq[:] = [_local(t) for t in seq]
+                seq[:] = [t._local_tensor if isinstance(t, DTensor) else t for t in seq]
         return has_complex

@@ -31,6 +31,19 @@ def profiler(enabled: bool):
     return torch.profiler.profile(activities=acts)
 
 
+def device_gaps(spans: list[tuple[float, float, str]], min_us: float = 0.0) -> list[tuple]:
+    """The gaps in which no span runs, from (start_us, end_us, name) spans sorted by start: each
+    gap longer than 0 and at least ``min_us`` as (length_us, start_us, name of the span that ended
+    last before it, name of the span after it, index of that span in ``spans``)."""
+    gaps, end, before = [], spans[0][1], spans[0][2]
+    for i, (s, e, name) in enumerate(spans[1:], 1):
+        if s - end > 0 and s - end >= min_us:
+            gaps.append((s - end, end, before, name, i))
+        if e > end:
+            end, before = e, name
+    return gaps
+
+
 def idle_gaps(kernels: list[tuple[float, float, str]], host: list[tuple[float, float, str]] = (),
               top: int = 12, min_us: float = 20.0) -> list[str]:
     """Where the device had no kernel to run, from one step's kernels and host calls, each a
@@ -40,12 +53,8 @@ def idle_gaps(kernels: list[tuple[float, float, str]], host: list[tuple[float, f
     if not kernels:
         return []
     spans = sorted(kernels)
-    gaps, end, before = [], spans[0][1], spans[0][2]
-    for s, e, name in spans[1:]:
-        if s - end >= min_us:
-            gaps.append((s - end, end, before, name))
-        if e > end:
-            end, before = e, name
+    gaps = [g[:4] for g in device_gaps(spans, min_us)]
+    end = max(e for _, e, _ in spans)
     total = sum(g[0] for g in gaps)
     by_pair: dict[tuple[str, str], list] = {}
     for gap in gaps:
