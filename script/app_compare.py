@@ -157,9 +157,10 @@ def hf_train_steps(model, opt, next_tokens, steps: int, device, profile_step: in
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start          # the step, not the profiler's shutdown
         if prof is not None:
-            device_time_summary(prof, time.perf_counter() - start, table=profile_table)
-        rows.append({"step": step, "loss": float(loss), "seconds": time.perf_counter() - start,
+            device_time_summary(prof, seconds, table=profile_table)
+        rows.append({"step": step, "loss": float(loss), "seconds": seconds,
                      "max_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
     return rows
 
