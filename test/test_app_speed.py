@@ -139,6 +139,51 @@ def test_local_shard_adamw_fused_on_one_gpu():
     spawn(1, _local_shard_adamw_body)
 
 
+def _guarded_update_body(rank, world_size, device):
+    from app.common.runtime import guarded_update
+    for how in ({"fused": True}, {"foreach": True}):     # skipped on the device / decided on the host
+        models, opts, scheds = [], [], []
+        for _ in range(2):               # 0: guarded, a NaN at step 1 on rank 1 only; 1: step 1 left out
+            torch.manual_seed(0)
+            models.append(torch.nn.Linear(4, 3).to(device))
+            opts.append(torch.optim.AdamW(models[-1].parameters(), lr=1e-2, weight_decay=0.1, **how))
+            scheds.append(torch.optim.lr_scheduler.LambdaLR(opts[-1], lambda s: 1.0 / (s + 1)))
+        flags = []
+        for step in range(4):
+            torch.manual_seed(10 + step)
+            x = torch.randn(5, 4, device=device)
+            for i, (m, opt, sched) in enumerate(zip(models, opts, scheds)):
+                if i == 1 and step == 1:
+                    continue
+                loss = m(x).square().mean()
+                loss.backward()
+                norm = torch.stack([p.grad.norm() for p in m.parameters()]).norm().double()
+                if i == 0:
+                    if step == 1 and rank == 1:
+                        loss = loss * float("nan")
+                    flags.append(guarded_update(opt, sched, loss.detach(), norm, step == 2 and rank == 0,
+                                                torch.device("cpu")))
+                else:
+                    opt.step()
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
+        assert flags == [(False, False), (True, False), (False, True), (False, False)], (how, flags)
+        assert not hasattr(opts[0], "found_inf")
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(a, b), how
+        for sa, sb in zip(opts[0].state.values(), opts[1].state.values()):
+            assert float(sa["step"]) == float(sb["step"]) == 3
+            assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+        assert scheds[0].last_epoch == scheds[1].last_epoch == 3
+
+
+def test_guarded_update_skips_a_non_finite_step_on_every_rank():
+    """The apps' update: a NaN loss on one rank skips the step on both (parameters, AdamW state
+    and step counts, learning-rate schedule as if it had not been taken), a stop request on one
+    rank reaches both; the fused optimizer's device-side skip and the host's decision agree."""
+    spawn(2, _guarded_update_body)
+
+
 def test_swiglu_op_exact_and_in_place_when_compiled():
     """The SwiGLU custom op (eager and compiled) against float64 autograd of silu(a) * b, and the
     compiled backward calls the in-place op on the forward's own buffers: no copy of a or b."""

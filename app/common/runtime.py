@@ -1,5 +1,5 @@
 """What the training apps share at run time: the entry-point wrapper, the stop-request signal
-flag, the all-rank flag check, the non-finite-step policy, the progress bar and the run log."""
+flag, the all-rank flag check, the guarded optimizer update, the non-finite-step policy, the progress bar and the run log."""
 from __future__ import annotations
 
 import json
@@ -41,6 +41,37 @@ def any_rank(flags: list[bool], device) -> list[bool]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(x) for x in t.tolist()]
+
+
+def guarded_update(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, grad_norm: torch.Tensor,
+                   stop_requested: bool, flag_device) -> tuple[bool, bool]:
+    """The optimizer and scheduler step unless the loss or the gradient norm (0-dim tensors, the
+    same on every rank) is not finite on some rank -> (update skipped, stop requested on some
+    rank). A fused optimizer skips on the device (its ``found_inf``, as under a GradScaler): the
+    flags are worked out and all-reduced there and the update is queued before the host reads
+    them, so the host never waits for the backward in between. Others decide on the host first.
+    Either way the parameters, optimizer state (step counts included) and schedule are as if a
+    skipped step had not been taken."""
+    if opt.defaults.get("fused"):
+        flags = torch.zeros(2, device=flag_device)
+        flags[0] = torch.logical_or(~torch.isfinite(loss), ~torch.isfinite(grad_norm)).to(flag_device)
+        if stop_requested:
+            flags[1].fill_(1.0)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        opt.found_inf = flags[0]             # the fused kernels skip the update (and the step count)
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        bad, stop_now = (bool(x) for x in flags.tolist())
+    else:
+        bad, stop_now = any_rank([NonFiniteSteps.bad(loss.item(), grad_norm.item()), stop_requested], flag_device)
+        if not bad:
+            opt.step()
+    if not bad:
+        sched.step()
+    return bad, stop_now
 
 
 class NonFiniteSteps:

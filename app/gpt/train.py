@@ -70,8 +70,8 @@ if __package__ in (None, ""):
 from app.common import checkpoint  # noqa: E402
 from app.common.optim import LocalShardAdamW  # noqa: E402
 from app.common.sharding import set_fsdp_divide_factor  # noqa: E402
-from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
-                                run_and_shut_down)
+from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last,  # noqa: E402
+                                guarded_update, resume_lr, run_and_shut_down)
 from app.common.presets import apply_run_settings, parse_overrides  # noqa: E402
 from app.gpt.config import CONFIG_DIR, ModelConfig, load_preset, presets  # noqa: E402
 from app.gpt.data import BYTE_VOCAB, PackedTokenFile, TokenFile, passkey_batch  # noqa: E402
@@ -426,18 +426,17 @@ class Trainer:
         if dims.dp > 1:
             dist.all_reduce(mean_loss, group=self.groups.dp)
             mean_loss /= dims.dp
-        loss_value, lr = mean_loss.item(), self.opt.param_groups[0]["lr"]
+        lr = self.opt.param_groups[0]["lr"]
         if self.engine is not None:
+            loss_value = mean_loss.item()
             bad, norm_value, stop_now = self._deepspeed_update(loss, loss_value, stop)
         else:
             loss.backward()
             if args.dp_engine == "allreduce":
                 reduce_gradients(self.model, self.groups["dp_cp"], divide_by=dims.dp)
-            norm_value = clip_grad_norm(self.model, 1.0, self.groups.tp, self.groups["dp_cp"]).item()
-            bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, norm_value), stop.signum != 0], self.flag_device)
-            if not bad:
-                self.opt.step()
-                self.sched.step()
+            norm = clip_grad_norm(self.model, 1.0, self.groups.tp, self.groups["dp_cp"])
+            bad, stop_now = guarded_update(self.opt, self.sched, mean_loss, norm, stop.signum != 0, self.flag_device)
+            loss_value, norm_value = mean_loss.item(), norm.item()
             self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

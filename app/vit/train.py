@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 from app.common import checkpoint  # noqa: E402
 from app.common.optim import LocalShardAdamW  # noqa: E402
 from app.common.sharding import apply_fsdp, checkpoint_blocks, clip_grad_norm, set_fsdp_divide_factor  # noqa: E402
-from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last, resume_lr,  # noqa: E402
+from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, every_and_last, guarded_update, resume_lr,  # noqa: E402
                                 run_and_shut_down)
 from app.common.presets import parse_overrides  # noqa: E402
 from app.vit.config import ViTConfig, load_preset, presets  # noqa: E402
@@ -228,12 +228,9 @@ def train(args) -> list[dict]:
             if dims.dp > 1:
                 dist.all_reduce(global_loss, group=groups.dp)
                 global_loss /= dims.dp
-            loss_value, norm_value = global_loss.item(), grad_norm.item()
             lr = opt.param_groups[0]["lr"]
-            bad, stop_now = any_rank([NonFiniteSteps.bad(loss_value, norm_value), stop.signum != 0], flag_device)
-            if not bad:
-                opt.step()
-                sched.step()
+            bad, stop_now = guarded_update(opt, sched, global_loss, grad_norm, stop.signum != 0, flag_device)
+            loss_value, norm_value = global_loss.item(), grad_norm.item()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
