@@ -143,7 +143,7 @@ def _guarded_update_body(rank, world_size, device):
     from app.common.runtime import guarded_update
     for how in ({"fused": True}, {"foreach": True}):     # skipped on the device / decided on the host
         models, opts, scheds = [], [], []
-        for _ in range(2):               # 0: guarded, a NaN at step 1 on rank 1 only; 1: step 1 left out
+        for _ in range(2):               # 0: guarded, a NaN at step 1 on the last rank only; 1: step 1 left out
             torch.manual_seed(0)
             models.append(torch.nn.Linear(4, 3).to(device))
             opts.append(torch.optim.AdamW(models[-1].parameters(), lr=1e-2, weight_decay=0.1, **how))
@@ -159,10 +159,10 @@ def _guarded_update_body(rank, world_size, device):
                 loss.backward()
                 norm = torch.stack([p.grad.norm() for p in m.parameters()]).norm().double()
                 if i == 0:
-                    if step == 1 and rank == 1:
+                    if step == 1 and rank == world_size - 1:
                         loss = loss * float("nan")
                     flags.append(guarded_update(opt, sched, loss.detach(), norm, step == 2 and rank == 0,
-                                                torch.device("cpu")))
+                                                device))         # the collective device: CPU for gloo
                 else:
                     opt.step()
                     sched.step()
@@ -182,6 +182,12 @@ def test_guarded_update_skips_a_non_finite_step_on_every_rank():
     and step counts, learning-rate schedule as if it had not been taken), a stop request on one
     rank reaches both; the fused optimizer's device-side skip and the host's decision agree."""
     spawn(2, _guarded_update_body)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device-side skip on a GPU needs CUDA")
+def test_guarded_update_on_one_gpu():
+    """The same on one rank on the GPU, the flags kept on the GPU as the app keeps them."""
+    spawn(1, _guarded_update_body)
 
 
 def test_swiglu_op_exact_and_in_place_when_compiled():
