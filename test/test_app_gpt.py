@@ -235,6 +235,44 @@ def test_ac_attention_keeps_the_attention_and_recomputes_the_rest(attn):
         assert _rel(grads[name], g) <= 1e-6, name
 
 
+def test_ac_layers_checkpoints_only_the_first_blocks():
+    """--ac_layers N: the first N blocks recomputed, the rest kept whole (attention runs once more
+    per checkpointed block under full checkpointing), the loss and gradients of no checkpointing;
+    out-of-range N, or N without --ac, is refused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from app.common.sharding import Checkpointed, _attention_ops
+    from app.gpt.parallelize import apply_activation_checkpointing
+    ops = _attention_ops()
+    runs = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            runs.append(func in ops)
+            return func(*args, **(kwargs or {}))
+
+    cfg, model, tokens, labels = _model_and_batch()
+    positions = torch.arange(tokens.shape[1])
+    fn = cp_attention("ringX3", None)
+    assert cfg.n_layers >= 2
+    results = {}
+    for mode, layers in (("none", None), ("full", 1)):
+        m = apply_activation_checkpointing(copy.deepcopy(model), mode, layers)
+        runs.clear()
+        with Count():
+            loss = m(tokens, positions, fn, labels=labels)
+            loss.backward()
+        results[mode] = (sum(runs), loss.detach(), {n.replace("inner.", ""): p.grad for n, p in m.named_parameters()})
+        if mode == "full":
+            assert [isinstance(b, Checkpointed) for b in m.layers] == [True] + [False] * (cfg.n_layers - 1)
+    assert results["full"][0] == cfg.n_layers + 1 and results["none"][0] == cfg.n_layers
+    assert torch.equal(results["full"][1], results["none"][1])
+    for name, g in results["none"][2].items():
+        assert _rel(results["full"][2][name], g) <= 1e-6, name
+    for mode, layers in (("none", 1), ("full", cfg.n_layers + 1), ("attention", -1)):
+        with pytest.raises(ValueError, match="--ac_layers"):
+            apply_activation_checkpointing(copy.deepcopy(model), mode, layers)
+
+
 def test_eval_only_reads_the_newest_checkpoint(tmp_path):
     import json
     _train(tmp_path, 2, "--context_parallel", "2", "--attn", "ringX4", "--steps", "2")

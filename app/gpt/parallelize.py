@@ -132,16 +132,22 @@ AC_MODES = ("none", "selective", "attention", "full")
 DP_ENGINES = ("fsdp", "allreduce")
 
 
-def apply_activation_checkpointing(model: Llama, mode: str) -> Llama:
+def apply_activation_checkpointing(model: Llama, mode: str, layers: int | None = None) -> Llama:
     """``full``: every block is recomputed in backward (only block inputs are kept);
     ``attention``: every block is recomputed except its attention, whose output and lse are kept
     (per block: the input, the attention output and a float32 lse; the projections, norms, RoPE
     and MLP are recomputed, the attention, the one piece that costs a whole ringX pass with its
     communication, is not); ``selective``: only the feed-forward is recomputed (everything of the
-    attention half is kept); ``none``: nothing."""
+    attention half is kept); ``none``: nothing. ``layers``: only the first ``layers`` blocks are
+    checkpointed (None: all). The last blocks' backward runs first, right after the forward,
+    before the gradients fill in, so keeping their activations whole can cost no peak memory."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing {mode!r}: expected one of {', '.join(AC_MODES)}")
-    for i, block in enumerate(model.layers):
+    n = len(model.layers)
+    if layers is not None and (mode == "none" or not 0 <= layers <= n):
+        raise ValueError(f"--ac_layers {layers}: needs --ac other than none and 0 <= ac_layers <= {n} "
+                         f"(the number of blocks)")
+    for i, block in enumerate(model.layers[:n if layers is None else layers]):
         if mode == "full":
             model.layers[i] = Checkpointed(block)
         elif mode == "attention":

@@ -179,6 +179,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--zero_stage", type=int, choices=deepspeed_engine.ZERO_STAGES, default=2,
                    help="--dp_engine deepspeed: ZeRO stage")
     p.add_argument("--ac", choices=AC_MODES, default="none", help="activation checkpointing")
+    p.add_argument("--ac_layers", type=int, default=None,
+                   help="checkpoint only the first N blocks (default: all); the last blocks' activations, used "
+                        "right after the forward, often fit under the peak of the gradients' fill-in")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (fullgraph: the ringX functions are custom ops)")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile")
@@ -222,7 +225,7 @@ def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device, kern
     with torch.device("meta"):
         model = Llama(cfg, mlp_chunk=args.mlp_chunk, loss_chunk=args.loss_chunk, kernels=kernels)
     apply_tensor_parallel(model, groups.tp)
-    apply_activation_checkpointing(model, args.ac)
+    apply_activation_checkpointing(model, args.ac, args.ac_layers)
     if args.compile:                      # each block on its own (the attention is a custom op)
         for block in model.layers:        # in place: parameter names stay the plain model's
             block.compile(fullgraph=True, backend=args.compile_backend)
