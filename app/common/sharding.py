@@ -85,10 +85,15 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool, units:
     return model
 
 
-def set_fsdp_divide_factor(model: nn.Module, factor: float, sum_only: bool) -> None:
-    """Gradients reduced by FSDP are divided by ``factor``; ``sum_only`` for backends without
-    pre-scaled reductions (gloo): reduce with SUM, then divide."""
+def set_fsdp_divide_factor(model: nn.Module, factor: float, group) -> None:
+    """Gradients reduced by FSDP over ``group`` (the model's FSDP ranks) are divided by
+    ``factor``; on gloo, which has no pre-scaled reductions, they are summed, then divided. On
+    one rank nothing is reduced and nothing is set: FSDP would otherwise divide every gradient
+    by the factor (one pass over all of them, even by 1)."""
     from torch.distributed.fsdp import FSDPModule
+    if dist.get_world_size(group) == 1:
+        return
+    sum_only = dist.get_backend(group) == "gloo"
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(float(factor))

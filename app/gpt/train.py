@@ -232,7 +232,7 @@ def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device, kern
     if args.dp_engine == "fsdp":
         from torch.distributed.device_mesh import DeviceMesh
         apply_fsdp(model, DeviceMesh.from_group(groups["dp_cp"], device.type), args.dtype == "bfloat16")
-        set_fsdp_divide_factor(model, dims.dp, dist.get_backend(groups["dp_cp"]) == "gloo")
+        set_fsdp_divide_factor(model, dims.dp, groups["dp_cp"])
     if args.hf_checkpoint:
         tensors = hf_tensors(args.hf_checkpoint, cfg)
     else:

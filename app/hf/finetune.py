@@ -167,7 +167,7 @@ class Run:
                                  ([model.model.norm, model.get_output_embeddings()], False))
         apply_fsdp(model, model.model.layers, DeviceMesh.from_group(self.groups["dp_cp"], self.device.type),
                    args.dtype == "bfloat16", units=units)
-        set_fsdp_divide_factor(model, dims.dp, dist.get_backend(self.groups["dp_cp"]) == "gloo")
+        set_fsdp_divide_factor(model, dims.dp, self.groups["dp_cp"])
         self.model = model
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.opt = LocalShardAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, **fused)

@@ -137,7 +137,7 @@ class Setup:
             from torch.distributed.device_mesh import DeviceMesh
             dp_cp = self.groups["dp_cp"]
             apply_fsdp(self.model, self.model.blocks, DeviceMesh.from_group(dp_cp, self.device.type), bf16)
-            set_fsdp_divide_factor(self.model, self.dims.dp, dist.get_backend(dp_cp) == "gloo")
+            set_fsdp_divide_factor(self.model, self.dims.dp, dp_cp)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def _synthetic_data(self) -> Path:
