@@ -7,7 +7,10 @@ sequence, ||x - ref|| / ||ref||, against float64 attention on the same rounded i
 - float32 / float64: out and lse <= 2e-5, gradients <= 1e-4.
 - bfloat16 / float16: out and gradients <= 2x the error of single-device PyTorch attention
   (F.scaled_dot_product_attention) in the same dtype on the same inputs, and <= 1.5x the error of
-  the same ringX function on a group of one rank; lse <= 2e-5 (it is computed in float32).
+  the same ringX function on a group of one rank; lse <= 2e-5 (the kernels accumulate it in
+  float32), or, where the kernel itself is less exact than that, <= 2x the lse error of the same
+  function on one rank, which is the kernel on the whole sequence (PyTorch's CPU flash kernel in
+  bf16 on AVX2-only processors: 3.9e-5 on a case whose float32 lse is within 4e-8).
 """
 from __future__ import annotations
 
@@ -215,7 +218,7 @@ def bounds(case: Case, torch_errs: dict[str, float] | None,
         return dict(FP32_TOL)
     if torch_errs is None:
         raise ValueError("low-precision cases need the single-device PyTorch errors")
-    out = {"lse": FP32_TOL["lse"]}
+    out = {"lse": FP32_TOL["lse"] if solo_errs is None else max(FP32_TOL["lse"], 2.0 * solo_errs["lse"])}
     for name in ("out", "dq", "dk", "dv"):
         bound = 2.0 * torch_errs[name]
         if solo_errs is not None:

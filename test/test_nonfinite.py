@@ -3,7 +3,8 @@
 For every algorithm, a NaN, +Inf or -Inf in q, k or v (one element, or a whole row of one head),
 causal and not, on 4 ranks:
 - forward: the output is non-finite wherever exact attention is (computed row by row over the
-  keys each row attends, float64), never where both exact attention and PyTorch's own
+  keys each row attends, float64; in bf16, wherever exact attention and PyTorch's own attention
+  in bf16 both are), never where both exact attention and PyTorch's own
   scaled_dot_product_attention on the whole sequence are finite (PyTorch, like ringX inside a
   block, spreads 0 x NaN over masked positions of a tile; in bf16 PyTorch returns 0 for a row
   whose scores are all non-finite, where ringX returns NaN), and equal to exact attention
@@ -86,10 +87,14 @@ def nonfinite_body(rank, world, device, algo, dtype):
                     label = f"{algo} {dtype} {where}={value} whole_row={whole_row} causal={causal}"
                     got = _gather_whole(out.detach(), layout, rank, world, seqlen)
                     exact = _exact(q.cpu(), k.cpu(), v.cpu(), causal).to(device)
-                    assert not (_bad(exact) & ~_bad(got)).any(), f"{label}: finite where exact attention is not"
+                    # in bf16 the kernel itself may return finite values (0) where exact attention
+                    # is not: PyTorch's CPU flash kernel does so on AVX2-only processors for a row
+                    # with an infinite score; there ringX (the same kernel on one rank) may too
+                    must_be_bad = _bad(exact) if dtype == torch.float32 else _bad(exact) & _bad(ref.detach())
+                    assert not (must_be_bad & ~_bad(got)).any(), f"{label}: finite where exact attention is not"
                     assert not (_bad(got) & ~_bad(ref.detach()) & ~_bad(exact)).any(), \
                         f"{label}: non-finite where both PyTorch and exact attention are finite"
-                    ok = ~_bad(got)
+                    ok = ~_bad(got) & ~_bad(exact)
                     assert torch.allclose(got[ok].double(), exact[ok], atol=tol, rtol=tol), label
                     for name, x, x_ref in zip("qkv", ins, ref_in):
                         grad = _gather_whole(x.grad, layout, rank, world, seqlen)
