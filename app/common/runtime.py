@@ -1,5 +1,6 @@
 """What the training apps share at run time: the entry-point wrapper, the stop-request signal
-flag, the all-rank flag check, the guarded optimizer update, the non-finite-step policy, the progress bar and the run log."""
+flag, the all-rank flag check, the guarded optimizer update, the non-finite-step policy, the
+progress bar and the run log."""
 from __future__ import annotations
 
 import json

@@ -180,8 +180,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="--dp_engine deepspeed: ZeRO stage")
     p.add_argument("--ac", choices=AC_MODES, default="none", help="activation checkpointing")
     p.add_argument("--ac_layers", type=int, default=None,
-                   help="checkpoint only the first N blocks (default: all); the last blocks' activations, used "
-                        "right after the forward, often fit under the peak of the gradients' fill-in")
+                   help="checkpoint only the first N blocks (default: all): the others keep their activations "
+                        "(faster, more memory at the start of the backward)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (fullgraph: the ringX functions are custom ops)")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --compile")
