@@ -46,6 +46,36 @@ def _run(cmd, cwd=ROOT, timeout=400, **env) -> tuple[int, str]:
     return res.returncode, res.stdout + res.stderr
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def _job_state(job: str) -> dict:
+    rc, out = _run(["scontrol", "show", "job", job], timeout=30)
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    return fields if rc == 0 else {}
+
+
+def _sbatch_wait(args: list[str], cwd=ROOT, timeout=400, **env) -> tuple[int, str]:
+    """``sbatch ARGS``, then wait for the job to end -> (the job's exit code, sbatch's output), as
+    ``sbatch --wait`` gives, but looking every half second: sbatch's own wait looks at growing
+    intervals, and every test that used it took 42.0 s whatever its job's length."""
+    _need("scontrol", "scancel")
+    rc, out = _run(["sbatch", "--parsable", *args], cwd=cwd, timeout=60, **env)
+    if rc != 0:
+        return rc, out
+    job = out.strip().splitlines()[-1].split(";")[0]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = _job_state(job)
+        if state.get("JobState") in ENDED:
+            code, signal = (int(x) for x in state.get("ExitCode", "1:0").split(":"))
+            ok = state["JobState"] == "COMPLETED"
+            return (code or (128 + signal if signal else (0 if ok else 1))), out
+        time.sleep(0.5)
+    _run(["scancel", job], timeout=30)
+    pytest.fail(f"job {job} still running {timeout} s after sbatch {' '.join(args)}")
+
+
 def _assert_passed(rc: int, out: str, ranks: int, launcher: str) -> None:
     assert rc == 0, out[-3000:]
     assert out.count("PASSED rank") == ranks, out[-3000:]
@@ -80,7 +110,7 @@ def test_sbatch_job_script_cpu_mode(tmp_path, script, algo):
     _need("srun", "sbatch")
     logs, runs = tmp_path / "logs", tmp_path / "runs"
     logs.mkdir()
-    rc, out = _run(["sbatch", "--wait", "-o", str(logs / "job-%j.out"), script, f"{algo}_attn"],
+    rc, out = _sbatch_wait(["-o", str(logs / "job-%j.out"), script, f"{algo}_attn"],
                    cwd=ROOT / "script", RINGX_MODE="cpu", RINGX_LOG_DIR=str(logs),
                    RINGX_RUN_DIR=str(runs), RINGX_BENCH_ARGS="--repeats 1 --warmup 0")
     log = logs / f"{algo}_N1.log"
@@ -97,7 +127,7 @@ def test_sbatch_job_script_cpu_mode(tmp_path, script, algo):
 
 def test_sbatch_rejects_an_unknown_algorithm(tmp_path):
     _need("srun", "sbatch")
-    rc, out = _run(["sbatch", "--wait", "-o", str(tmp_path / "job-%j.out"), "submit_frontier.sh", "ringX9_attn"],
+    rc, out = _sbatch_wait(["-o", str(tmp_path / "job-%j.out"), "submit_frontier.sh", "ringX9_attn"],
                    cwd=ROOT / "script", RINGX_MODE="cpu", RINGX_LOG_DIR=str(tmp_path))
     assert rc != 0
     assert "unknown algorithm 'ringX9_attn'" in "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
@@ -191,12 +221,6 @@ def test_dead_rank_under_mpirun(tmp_path):
                 "test/dead_rank_worker.py", str(stamp)], stamp)
 
 
-def _job_state(job: str) -> dict:
-    rc, out = _run(["scontrol", "show", "job", job], timeout=30)
-    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
-    return fields if rc == 0 else {}
-
-
 def test_gpt_job_preempted_requeues_and_resumes(tmp_path):
     """app/gpt/job.sb under the real Slurm: USR1 to the job's tasks (as before a time limit or a
     preemption) -> checkpoint, exit 0, the script requeues the job, which resumes and finishes."""
@@ -217,9 +241,9 @@ def test_gpt_job_preempted_requeues_and_resumes(tmp_path):
     state = {}
     while time.time() < deadline:
         state = _job_state(job)
-        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if state.get("JobState") in ENDED:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     log = (tmp_path / f"job-{job}.out").read_text()
     assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", (state, log[-3000:])
     assert "preempted after step" in log and "requeueing job" in log and "resumed from" in log, log[-3000:]
@@ -231,7 +255,7 @@ def test_vit_submit_script_cpu_mode(tmp_path):
     """app/vit/submit_frontier_cp.sh under the real Slurm in CPU mode, from app/vit as in the seed."""
     _need("srun", "sbatch")
     runs = tmp_path / "runs"
-    rc, out = _run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "job-%j.out"), "submit_frontier_cp.sh",
+    rc, out = _sbatch_wait(["-o", str(tmp_path / "job-%j.out"), "submit_frontier_cp.sh",
                     "debug", "--context_parallel", "2", "--steps", "3", "--dtype", "float32"],
                    cwd=ROOT / "app" / "vit", RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="2", RINGX_RUN_DIR=str(runs),
                    RINGX_PYTHON=sys.executable)
@@ -253,7 +277,7 @@ def test_seed_gpt_command_runs_the_1m_run_preset(tmp_path):
     added."""
     _need("srun", "sbatch")
     runs = tmp_path / "runs"
-    rc, out = _run(["sbatch", "--wait", "-o", str(tmp_path / "job-%j.out"), "job.sb", "xforge/llama3-8b-1m",
+    rc, out = _sbatch_wait(["-o", str(tmp_path / "job-%j.out"), "job.sb", "xforge/llama3-8b-1m",
                     "--override", DEBUG_GPT, "--seq_len", "1024", "--steps", "2", "--dtype", "float32",
                     "--checkpoint_every", "0"],
                    cwd=ROOT / "app" / "gpt" / "train", RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="8",
@@ -277,7 +301,7 @@ def test_seed_vit_inference_command_finds_the_newest_checkpoint(tmp_path):
     _need("srun", "sbatch")
     runs = tmp_path / "runs"
     env = dict(RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="2", RINGX_RUN_DIR=str(runs), RINGX_PYTHON=sys.executable)
-    rc, out = _run(["sbatch", "--wait", "-o", str(tmp_path / "job-%j.out"), "submit_frontier_cp.sh",
+    rc, out = _sbatch_wait(["-o", str(tmp_path / "job-%j.out"), "submit_frontier_cp.sh",
                     "mp_p2_ringX", "--override", DEBUG_VIT, "--context_parallel", "2", "--steps", "3",
                     "--dtype", "float32"], cwd=ROOT / "app" / "vit", timeout=600, **env)
     logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
@@ -316,7 +340,7 @@ def test_gpt_job_with_two_level_cp(tmp_path):
     --context_parallel_inner and trains with the hybrid."""
     _need("srun", "sbatch")
     runs = tmp_path / "runs"
-    rc, out = _run(["sbatch", "--wait", "-o", str(tmp_path / "job-%j.out"), "app/gpt/job.sb", "debug",
+    rc, out = _sbatch_wait(["-o", str(tmp_path / "job-%j.out"), "app/gpt/job.sb", "debug",
                     "--context_parallel", "4", "--attn", "ringX3", "--dtype", "float32", "--steps", "2"],
                    RINGX_PLATFORM="cpu", RINGX_CPU_RANKS="4", RINGX_CP_INNER="2", RINGX_RUN_DIR=str(runs),
                    RINGX_PYTHON=sys.executable, timeout=400)
