@@ -417,7 +417,7 @@ def test_resumed_stage_warms_up_again_from_warmup_start(tmp_path):
     assert [r["lr"] for r in resumed[2:]] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
 
 
-@pytest.mark.parametrize("data", ["passkey", "token_file"])
+@pytest.mark.parametrize("data", [pytest.param("passkey", marks=pytest.mark.slow), "token_file"])
 def test_resume_under_another_layout_keeps_each_sequence_whole(tmp_path, data):
     """A stage written on tp=2 x dp=2 and resumed as tp=2 x cp=2: the ranks that split one sequence
     continue from one data state (each rank's own saved state differs, having drawn for another

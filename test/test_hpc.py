@@ -82,7 +82,9 @@ def _assert_passed(rc: int, out: str, ranks: int, launcher: str) -> None:
     assert f"({launcher}, " in out, out[-3000:]
 
 
-@pytest.mark.parametrize("algo", ALGOS)
+# ringX1 and ringX2 run under srun in the two tests below as well
+@pytest.mark.parametrize("algo", [pytest.param(a, marks=pytest.mark.slow) if a in ("ringX1", "ringX2") else a
+                                  for a in ALGOS])
 def test_srun_each_algorithm(algo):
     _need("srun")
     rc, out = _run(["srun", "-n", "4", "--kill-on-bad-exit=1", "bash", "-c",

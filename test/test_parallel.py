@@ -88,7 +88,10 @@ def groups_body(rank, world_size, device, order):
         groups["pp"]
 
 
-@pytest.mark.parametrize("order", ["tp-cp-dp", "cp-tp-dp", "dp-cp-tp"])
+# every order's rank sets are checked without processes (test_group_rank_sets); building the
+# real groups on 8 processes once is the default run's share
+@pytest.mark.parametrize("order", [pytest.param("tp-cp-dp", marks=pytest.mark.slow),
+                                   pytest.param("cp-tp-dp", marks=pytest.mark.slow), "dp-cp-tp"])
 def test_built_groups_world8(order):
     spawn(8, groups_body, order)
 

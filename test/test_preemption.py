@@ -29,7 +29,9 @@ def vit_data(tmp_path_factory):
                         spinup=20, log=lambda m: None)
 
 
-@pytest.mark.parametrize("app", ["gpt", "vit"])
+# the GPT app's path (SIGUSR1 -> checkpoint -> exit 0 -> resume) also runs under the real Slurm in
+# test_hpc.py::test_gpt_job_preempted_requeues_and_resumes, so its torchrun variant is a slow one
+@pytest.mark.parametrize("app", [pytest.param("gpt", marks=pytest.mark.slow), "vit"])
 def test_sigusr1_checkpoints_and_exits_0_then_resumes_exactly(tmp_path, app, request):
     common = ["--context_parallel", "2", "--attn", "ringX1"]
     if app == "vit":
