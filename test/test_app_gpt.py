@@ -199,35 +199,38 @@ def test_memory_options_and_engines_give_the_same_losses(tmp_path):
     assert base[-1] < base[0]
 
 
-@pytest.mark.parametrize("attn", ["ringX3", "sdpa"])
-def test_ac_attention_keeps_the_attention_and_recomputes_the_rest(attn):
-    """--ac attention: one attention kernel run per block (its outputs are kept through backward,
-    where full checkpointing runs it twice), and the loss and gradients of no checkpointing."""
+def _step_counting_attention(m, fn, tokens, labels):
+    """Forward and backward of ``m`` -> (attention kernel runs, loss, gradients by plain-model
+    name): the runs of the ops a selective checkpoint keeps (app.common.sharding)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from app.common.sharding import _attention_ops
-    from app.gpt.parallelize import apply_activation_checkpointing
-    from app.gpt.model import sdpa_causal
     ops = _attention_ops()
 
     class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.runs = 0
+        runs = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.runs += func in ops
             return func(*args, **(kwargs or {}))
 
+    with Count() as count:
+        loss = m(tokens, torch.arange(tokens.shape[1]), fn, labels=labels)
+        loss.backward()
+    return count.runs, loss.detach(), {n.replace("inner.", ""): p.grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("attn", ["ringX3", "sdpa"])
+def test_ac_attention_keeps_the_attention_and_recomputes_the_rest(attn):
+    """--ac attention: one attention kernel run per block (its outputs are kept through backward,
+    where full checkpointing runs it twice), and the loss and gradients of no checkpointing."""
+    from app.gpt.parallelize import apply_activation_checkpointing
+    from app.gpt.model import sdpa_causal
     cfg, model, tokens, labels = _model_and_batch()
-    positions = torch.arange(tokens.shape[1])
     results = {}
     for mode in ("none", "attention", "full"):
         m = apply_activation_checkpointing(copy.deepcopy(model), mode)
         fn = sdpa_causal if attn == "sdpa" else cp_attention(attn, None, as_op=mode == "attention")
-        with Count() as count:
-            loss = m(tokens, positions, fn, labels=labels)
-            loss.backward()
-        results[mode] = (count.runs, loss.detach(), {n.replace("inner.", ""): p.grad for n, p in m.named_parameters()})
+        results[mode] = _step_counting_attention(m, fn, tokens, labels)
     runs, loss, grads = results["attention"]
     assert results["full"][0] == 2 * cfg.n_layers and runs == cfg.n_layers, (results["full"][0], runs)
     assert torch.equal(loss, results["none"][1])
@@ -239,29 +242,15 @@ def test_ac_layers_checkpoints_only_the_first_blocks():
     """--ac_layers N: the first N blocks recomputed, the rest kept whole (attention runs once more
     per checkpointed block under full checkpointing), the loss and gradients of no checkpointing;
     out-of-range N, or N without --ac, is refused."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from app.common.sharding import Checkpointed, _attention_ops
+    from app.common.sharding import Checkpointed
     from app.gpt.parallelize import apply_activation_checkpointing
-    ops = _attention_ops()
-    runs = []
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            runs.append(func in ops)
-            return func(*args, **(kwargs or {}))
-
     cfg, model, tokens, labels = _model_and_batch()
-    positions = torch.arange(tokens.shape[1])
     fn = cp_attention("ringX3", None)
     assert cfg.n_layers >= 2
     results = {}
     for mode, layers in (("none", None), ("full", 1)):
         m = apply_activation_checkpointing(copy.deepcopy(model), mode, layers)
-        runs.clear()
-        with Count():
-            loss = m(tokens, positions, fn, labels=labels)
-            loss.backward()
-        results[mode] = (sum(runs), loss.detach(), {n.replace("inner.", ""): p.grad for n, p in m.named_parameters()})
+        results[mode] = _step_counting_attention(m, fn, tokens, labels)
         if mode == "full":
             assert [isinstance(b, Checkpointed) for b in m.layers] == [True] + [False] * (cfg.n_layers - 1)
     assert results["full"][0] == cfg.n_layers + 1 and results["none"][0] == cfg.n_layers
