@@ -378,16 +378,15 @@ def test_deepspeed_resumes_exactly_and_skips_a_nan_step(tmp_path):
     for loss; a checkpoint of another engine is refused with a reason; a NaN loss skips the step
     as the replicated engine does. (Slow: six 4-rank runs, each importing DeepSpeed.)"""
     pytest.importorskip("deepspeed")
-    common, ds = DS_COMMON, DS
-    straight = _train(tmp_path / "a", 4, *common, *ds, "--steps", "4", "--no_checkpoint")
-    _train(tmp_path / "b", 4, *common, *ds, "--steps", "2")
-    resumed = _train(tmp_path / "b", 4, *common, *ds, "--steps", "4", "--resume")
+    straight = _train(tmp_path / "a", 4, *DS_COMMON, *DS, "--steps", "4", "--no_checkpoint")
+    _train(tmp_path / "b", 4, *DS_COMMON, *DS, "--steps", "2")
+    resumed = _train(tmp_path / "b", 4, *DS_COMMON, *DS, "--steps", "4", "--resume")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     with pytest.raises(AssertionError, match="resume with the engine that wrote it"):
-        _train(tmp_path / "b", 4, *common, "--steps", "6", "--resume")
+        _train(tmp_path / "b", 4, *DS_COMMON, "--steps", "6", "--resume")
     nan = ["--steps", "3", "--no_checkpoint", "--inject_nan_at", "1"]
-    poisoned = _train(tmp_path / "nan", 4, *common, *ds, *nan)
-    skipped = _train(tmp_path / "nan_ref", 4, *common, *nan, "--dp_engine", "allreduce")
+    poisoned = _train(tmp_path / "nan", 4, *DS_COMMON, *DS, *nan)
+    skipped = _train(tmp_path / "nan_ref", 4, *DS_COMMON, *nan, "--dp_engine", "allreduce")
     assert [r["skipped"] for r in poisoned] == [0, 1, 1] and poisoned[1]["loss"] != poisoned[1]["loss"]
     assert abs(poisoned[2]["loss"] - skipped[2]["loss"]) <= 1e-5 * skipped[2]["loss"]   # no trace left
 
