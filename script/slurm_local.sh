@@ -43,8 +43,8 @@ SlurmUser=root
 SlurmctldPort=${RINGX_SLURMCTLD_PORT:-$(free_port)}
 SlurmdPort=${RINGX_SLURMD_PORT:-$(free_port)}
 AuthType=auth/munge
-# requeued jobs wait cred_expire + 1 s before they start again (default 120 s)
-AuthInfo=cred_expire=10
+# a requeued job becomes eligible cred_expire + 1 s after it ended (default 120 s)
+AuthInfo=cred_expire=5
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -58,6 +58,8 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
+# look at pending jobs every second (defaults 60 s and 30 s): a requeued job starts once eligible
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=none
 ReturnToService=2
 KillWait=5
