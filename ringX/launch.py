@@ -232,7 +232,11 @@ def leave(code: int = 0) -> NoReturn:
 
 
 def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg_timeout_s,
-             shared_gpu: bool = False) -> None:
+             shared_gpu: bool = False, inherit: tuple[dict, str] | None = None) -> None:
+    if inherit is not None:  # a forked rank takes the caller's environment and directory, as a spawned one does
+        os.environ.clear()
+        os.environ.update(inherit[0])
+        os.chdir(inherit[1])
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
     use_nccl = not shared_gpu and torch.cuda.is_available() and torch.cuda.device_count() >= world_size
     if shared_gpu:
@@ -255,7 +259,7 @@ def _spawned(rank: int, world_size: int, init_file: str, body, args, threads, pg
 
 
 def spawn(world_size: int, body, *args, deadline_s: float | None = None, threads: int | None = None,
-          pg_timeout_s: float | None = None, shared_gpu: bool = False) -> None:
+          pg_timeout_s: float | None = None, shared_gpu: bool = False, start_method: str = "spawn") -> None:
     """Run ``body(rank, world_size, device, *args)`` on ``world_size`` new local processes: NCCL
     with one GPU each where enough GPUs exist, else gloo on CPUs (``threads`` torch threads each,
     default cores / ranks). ``shared_gpu``: every rank on the first GPU, talking through gloo
@@ -263,14 +267,20 @@ def spawn(world_size: int, body, *args, deadline_s: float | None = None, threads
     at any world size on one GPU (for correctness: its timings mean nothing); needs CUDA. Raises
     if a rank fails; with ``deadline_s`` the ranks are killed and TimeoutError raised once it
     passes, so a hang cannot outlive it. A rank whose ``body`` returns ends through ``leave(0)``,
-    without the interpreter's exit-time teardown."""
+    without the interpreter's exit-time teardown. ``start_method="forkserver"`` forks the ranks
+    from one server process, started at the first such call with the modules named in
+    ``torch.multiprocessing.set_forkserver_preload`` imported, so later calls skip the imports
+    (seconds a rank); each rank still gets this process's environment and working directory."""
     import torch.multiprocessing as mp
+    if start_method not in ("spawn", "forkserver"):
+        raise ValueError(f"spawn(start_method={start_method!r}): use 'spawn' or 'forkserver'")
     if shared_gpu and not torch.cuda.is_available():
         raise ValueError("spawn(shared_gpu=True) puts every rank on the first CUDA device, and none is visible")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_spawned, nprocs=world_size, join=False, start_method="spawn",
+        inherit = (dict(os.environ), os.getcwd()) if start_method == "forkserver" else None
+        ctx = mp.start_processes(_spawned, nprocs=world_size, join=False, start_method=start_method,
                                  args=(world_size, os.path.join(tmp, "rendezvous"), body, args,
-                                       threads, pg_timeout_s, shared_gpu))
+                                       threads, pg_timeout_s, shared_gpu, inherit))
         end = None if deadline_s is None else time.monotonic() + deadline_s
         while not ctx.join(timeout=1.0):
             if end is not None and time.monotonic() > end:

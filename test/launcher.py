@@ -25,11 +25,21 @@ import torch.distributed as dist
 DEADLINE_S = float(os.environ.get("RINGX_TEST_DEADLINE", "600"))
 
 
+# what every forked rank has imported already (a second a rank, for four ranks on two cores)
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp",
+                      "torch.distributed.checkpoint", "ringX", "ringX.launch"]
+
+
 def spawn(world_size: int, body, *args, deadline_s: float = DEADLINE_S) -> None:
     """Run ``body(rank, world_size, device, *args)`` on ``world_size`` fresh processes (one torch
-    thread each, 120 s process-group timeout); raise if any fails or the deadline passes."""
+    thread each, 120 s process-group timeout); raise if any fails or the deadline passes. The
+    ranks fork from a server that has imported torch and RingX once (``FORKSERVER_PRELOAD``):
+    each is a new process with the environment of this one, without the imports' cost."""
+    import torch.multiprocessing as mp
     from ringX.launch import spawn as spawn_ranks
-    spawn_ranks(world_size, body, *args, deadline_s=deadline_s, threads=1, pg_timeout_s=120)
+    mp.set_forkserver_preload(FORKSERVER_PRELOAD)
+    spawn_ranks(world_size, body, *args, deadline_s=deadline_s, threads=1, pg_timeout_s=120,
+                start_method="forkserver")
 
 
 def torchrun_command(nproc: int, script: str, *args: str) -> tuple[list[str], dict]:
@@ -55,6 +65,26 @@ def run_app(script: str, nproc: int, *args: str, timeout: float = 600):
     metrics = Path(args[list(args).index("--out") + 1]) / "metrics.jsonl" if "--out" in args else None
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics and metrics.exists() else []
     return res.stdout + res.stderr, rows
+
+
+def resume_point(run: Path, step: int, dest: Path) -> Path:
+    """Copy the app run directory ``run`` (its ``--out``) to ``dest`` as it stood when its
+    checkpoint of ``step`` was written: later checkpoints removed, OUT/metrics.jsonl cut to the
+    steps before ``step``. ``--resume`` into ``dest`` then continues from that checkpoint, as a run
+    stopped there would (one launch fewer than training the first part again). -> dest"""
+    import json
+    import shutil
+    shutil.copytree(run, dest)
+    kept = dest / "checkpoints" / f"step_{step:08d}"
+    assert (kept / "manifest.json").exists(), f"{run} has no complete checkpoint of step {step}"
+    for path in (dest / "checkpoints").glob("step_*"):
+        if path.name > kept.name:
+            shutil.rmtree(path)
+    metrics = dest / "metrics.jsonl"
+    if metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] < step]
+        metrics.write_text("".join(line + "\n" for line in rows))
+    return dest
 
 
 def script_main(body, *args) -> int:

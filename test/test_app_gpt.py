@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launcher import run_app, spawn
+from launcher import resume_point, run_app, spawn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.gpt.config import load_preset, presets  # noqa: E402
@@ -174,10 +174,11 @@ def test_train_30_steps_cp4_decreases_loss(tmp_path):
 
 
 def test_train_tp2_cp2_resumes_exactly_with_another_ac_mode(tmp_path):
-    """tp=2 x cp=2 with FSDP2: 6 steps == 3 steps (full activation checkpointing) + resume (none)."""
+    """tp=2 x cp=2 with FSDP2: 6 steps (full activation checkpointing) == its checkpoint of step 3
+    resumed without checkpointing, loss for loss."""
     common = ["--tensor_parallel", "2", "--context_parallel", "2", "--attn", "ringX2"]
-    straight = _train(tmp_path / "a", 4, *common, "--steps", "6")
-    _train(tmp_path / "b", 4, *common, "--steps", "3", "--ac", "full")
+    straight = _train(tmp_path / "a", 4, *common, "--steps", "6", "--ac", "full", "--checkpoint_every", "3")
+    resume_point(tmp_path / "a" / "run", 3, tmp_path / "b" / "run")
     resumed = _train(tmp_path / "b", 4, *common, "--steps", "6", "--resume")
     assert straight[-1]["loss"] < straight[0]["loss"]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
@@ -300,20 +301,18 @@ def test_train_cp2_dp2(tmp_path):
 
 
 def test_resume_is_bit_exact_and_skips_broken_checkpoints(tmp_path):
-    """10 steps == 6 steps + checkpoint + resume + 4 steps, loss for loss (float32, CPU, cp=2);
-    a later checkpoint without its manifest and a leftover .tmp directory are skipped."""
+    """10 steps == their checkpoint of step 6 + resume + 4 steps, loss for loss (float32, CPU,
+    cp=2); a later checkpoint without its manifest and a leftover .tmp directory are skipped."""
     common = ["--context_parallel", "2", "--attn", "ringX3"]
-    straight = _train(tmp_path / "a", 2, *common, "--steps", "10")
-    first = _train(tmp_path / "b", 2, *common, "--steps", "6", "--checkpoint_every", "3")
-    ckpts = tmp_path / "b" / "run" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000003", "step_00000006"]
+    straight = _train(tmp_path / "a", 2, *common, "--steps", "10", "--checkpoint_every", "6")
+    assert sorted(p.name for p in (tmp_path / "a" / "run" / "checkpoints").iterdir()) == ["step_00000006", "step_00000010"]
+    ckpts = resume_point(tmp_path / "a" / "run", 6, tmp_path / "b" / "run") / "checkpoints"
     broken = ckpts / "step_00000008"
     broken.mkdir()
     (broken / "rank00000.pt").write_bytes(b"partial")
     (ckpts / "step_00000009.tmp").mkdir()
     resumed = _train(tmp_path / "b", 2, *common, "--steps", "10", "--resume")
-    assert [r["loss"] for r in first] == [r["loss"] for r in straight[:6]]
-    assert [r["step"] for r in resumed[6:]] == [6, 7, 8, 9]
+    assert [r["step"] for r in resumed] == list(range(10))
     assert [r["loss"] for r in resumed[6:]] == [r["loss"] for r in straight[6:]]
     assert "skipping checkpoint" in _train.last_output and "no manifest.json" in _train.last_output
     assert "resumed from" in _train.last_output and "step_00000006 at step 6" in _train.last_output

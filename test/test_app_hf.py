@@ -1,5 +1,5 @@
 """app/hf/finetune.py on CPU: --eval_only reports transformers' own loss at cp = 2; training over
-dp 2 x cp 2 lowers the loss, resumes exactly from its checkpoint, and exports a directory that
+dp 2 x cp 2 lowers the loss, resumes exactly from its mid-run checkpoint, and exports a directory that
 from_pretrained loads with the trained weights (whose eval the first test's path computes)."""
 import json
 import sys
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher import run_app
+from launcher import resume_point, run_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,7 +53,7 @@ def test_train_resume_and_export(tiny, tmp_path):
     full = _finetune(4, tiny, tmp_path / "full", *common, "--steps", "8", "--export", str(tmp_path / "exported"))
     losses = [json.loads(l)["loss"] for l in (full / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 0.3, losses
-    part = _finetune(4, tiny, tmp_path / "part", *common, "--steps", "4")
+    part = resume_point(full, 4, tmp_path / "part")
     _finetune(4, tiny, part, *common, "--steps", "8", "--resume")
     resumed = [json.loads(l)["loss"] for l in (part / "metrics.jsonl").read_text().splitlines()]
     assert resumed == losses, (resumed, losses)

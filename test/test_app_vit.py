@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launcher import run_app, spawn
+from launcher import resume_point, run_app, spawn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.vit.config import load_preset, presets  # noqa: E402
@@ -211,8 +211,9 @@ def test_train_30_steps_cp4_learns_then_inference_writes_its_png(tmp_path, datas
 def test_resume_is_bit_exact_cp2_dp2_allgather(tmp_path, dataset):
     common = ["--context_parallel", "2", "--attn", "allgather", "--data", str(dataset), "--parallel_order", "cp-tp-dp",
               "--decay_steps", "8"]
-    straight = _run_app(tmp_path / "a", 4, "app/vit/train.py", *common, "--steps", "8", "--out", str(tmp_path / "a" / "run"))
-    _run_app(tmp_path / "b", 4, "app/vit/train.py", *common, "--steps", "5", "--out", str(tmp_path / "b" / "run"))
+    straight = _run_app(tmp_path / "a", 4, "app/vit/train.py", *common, "--steps", "8", "--checkpoint_every", "5",
+                        "--out", str(tmp_path / "a" / "run"))
+    resume_point(tmp_path / "a" / "run", 5, tmp_path / "b" / "run")
     resumed = _run_app(tmp_path / "b", 4, "app/vit/train.py", *common, "--steps", "8", "--resume",
                        "--out", str(tmp_path / "b" / "run"))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]

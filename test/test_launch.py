@@ -47,6 +47,25 @@ def test_shared_gpu_spawn_without_cuda_is_a_clear_error():
         spawn_ranks(2, _never_runs, deadline_s=30, shared_gpu=True)
 
 
+def _sees_the_callers_environment(rank, world_size, device, want_dir, want_mark):
+    assert os.environ.get("RINGX_TEST_MARK") == want_mark, os.environ.get("RINGX_TEST_MARK")
+    assert os.getcwd() == want_dir, (os.getcwd(), want_dir)
+    assert dist.get_world_size() == world_size == 2
+
+
+def test_forked_ranks_get_the_callers_environment_and_directory(monkeypatch, tmp_path):
+    """Ranks forked from the (already running) fork server see the environment and directory of
+    the spawn call, as spawned ones do; an unknown start method is refused."""
+    from ringX.launch import spawn as spawn_ranks
+    monkeypatch.delenv("RINGX_TEST_MARK", raising=False)
+    spawn(2, _sees_the_callers_environment, os.getcwd(), None)          # the server may start here
+    monkeypatch.setenv("RINGX_TEST_MARK", "set later")
+    monkeypatch.chdir(tmp_path)
+    spawn(2, _sees_the_callers_environment, str(tmp_path), "set later")
+    with pytest.raises(ValueError, match="start_method='fork'"):
+        spawn_ranks(2, _never_runs, start_method="fork")
+
+
 def test_no_launcher_is_a_single_process():
     e = detect_env({})
     assert (e.launcher, e.rank, e.world_size) == ("none", 0, 1)

@@ -36,10 +36,6 @@ def test_sigusr1_checkpoints_and_exits_0_then_resumes_exactly(tmp_path, app, req
     common = ["--context_parallel", "2", "--attn", "ringX1"]
     if app == "vit":
         common += ["--data", str(request.getfixturevalue("vit_data")), "--decay_steps", "40"]
-    straight = tmp_path / "a"
-    argv, env = _cmd(app, straight, [*common, "--steps", "40"])
-    res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "b"
     argv, env = _cmd(app, out, [*common, "--steps", "100000"])
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -57,10 +53,12 @@ def test_sigusr1_checkpoints_and_exits_0_then_resumes_exactly(tmp_path, app, req
     assert time.time() - sent < 60
     done = int((out / "preempted").read_text())
     assert (out / "checkpoints" / f"step_{done:08d}" / "manifest.json").exists()
-    assert 3 <= done <= 37 and "stop requested by signal" in log, done
-    argv, env = _cmd(app, out, [*common, "--steps", str(done + 3), "--resume"])
-    res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert done >= 3 and "stop requested by signal" in log, done
+    straight = tmp_path / "a"
+    for argv, env in (_cmd(app, out, [*common, "--steps", str(done + 3), "--resume"]),
+                      _cmd(app, straight, [*common, "--steps", str(done + 3)])):
+        res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
     resumed = _losses(out)
     assert [r["step"] for r in resumed] == list(range(done + 3))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in _losses(straight)[:done + 3]]
