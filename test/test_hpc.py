@@ -55,6 +55,18 @@ def _job_state(job: str) -> dict:
     return fields if rc == 0 else {}
 
 
+def _job_end_state(job: str, timeout: float) -> dict:
+    """Look at ``job`` every half second until it has ended or ``timeout`` s have passed -> the
+    last ``scontrol show job`` fields seen (JobState in ENDED if it ended)."""
+    deadline, state = time.time() + timeout, {}
+    while time.time() < deadline:
+        state = _job_state(job)
+        if state.get("JobState") in ENDED:
+            break
+        time.sleep(0.5)
+    return state
+
+
 def _sbatch_wait(args: list[str], cwd=ROOT, timeout=400, **env) -> tuple[int, str]:
     """``sbatch ARGS``, then wait for the job to end -> (the job's exit code, sbatch's output), as
     ``sbatch --wait`` gives, but looking every half second: sbatch's own wait looks at growing
@@ -64,14 +76,11 @@ def _sbatch_wait(args: list[str], cwd=ROOT, timeout=400, **env) -> tuple[int, st
     if rc != 0:
         return rc, out
     job = out.strip().splitlines()[-1].split(";")[0]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = _job_state(job)
-        if state.get("JobState") in ENDED:
-            code, signal = (int(x) for x in state.get("ExitCode", "1:0").split(":"))
-            ok = state["JobState"] == "COMPLETED"
-            return (code or (128 + signal if signal else (0 if ok else 1))), out
-        time.sleep(0.5)
+    state = _job_end_state(job, timeout)
+    if state.get("JobState") in ENDED:
+        code, signal = (int(x) for x in state.get("ExitCode", "1:0").split(":"))
+        ok = state["JobState"] == "COMPLETED"
+        return (code or (128 + signal if signal else (0 if ok else 1))), out
     _run(["scancel", job], timeout=30)
     pytest.fail(f"job {job} still running {timeout} s after sbatch {' '.join(args)}")
 
@@ -239,13 +248,7 @@ def test_gpt_job_preempted_requeues_and_resumes(tmp_path):
         time.sleep(0.5)
     assert metrics.exists(), (tmp_path / f"job-{job}.out").read_text() if (tmp_path / f"job-{job}.out").exists() else out
     assert _run(["scancel", "-s", "USR1", job], timeout=30)[0] == 0
-    deadline = time.time() + 400
-    state = {}
-    while time.time() < deadline:
-        state = _job_state(job)
-        if state.get("JobState") in ENDED:
-            break
-        time.sleep(0.5)
+    state = _job_end_state(job, 400)
     log = (tmp_path / f"job-{job}.out").read_text()
     assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", (state, log[-3000:])
     assert "preempted after step" in log and "requeueing job" in log and "resumed from" in log, log[-3000:]
