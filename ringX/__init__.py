@@ -11,7 +11,8 @@ Each has a varlen twin, ``ringX{1..4}_attn_varlen_func``, for packed documents (
 ``cu_seqlens``); all eight take ``window_size`` (ringX.varlen).
 
 ``expected_layout(fn)`` names the sequence layout a function expects; ``ringX.layout`` shards,
-unshards and gives global positions for it.
+unshards and gives global positions for it. ``ContextParallel(fn, group)`` binds a function to
+its group with its layout: shard, positions, attention and unshard in one object.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .algorithms import (ALGORITHMS, ringX1_attn_func, ringX1_attn_varlen_func, 
                          ringX2_attn_varlen_func, ringX3_attn_func, ringX3_attn_varlen_func,
                          ringX4_attn_func, ringX4_attn_varlen_func)
 from .comm import NodeGroups, node_groups
+from .context import ContextParallel
 from .version import __version__
 
 ATTN_FUNCS = {
@@ -49,5 +51,5 @@ def expected_layout(fn) -> str:
 
 __all__ = ["ringX1_attn_func", "ringX2_attn_func", "ringX3_attn_func", "ringX4_attn_func",
            "ringX1_attn_varlen_func", "ringX2_attn_varlen_func", "ringX3_attn_varlen_func",
-           "ringX4_attn_varlen_func", "ATTN_FUNCS", "VARLEN_FUNCS", "expected_layout", "NodeGroups",
+           "ringX4_attn_varlen_func", "ATTN_FUNCS", "VARLEN_FUNCS", "expected_layout", "ContextParallel", "NodeGroups",
            "node_groups", "__version__"]
