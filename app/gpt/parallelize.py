@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ringX import ATTN_FUNCS, VARLEN_FUNCS, expected_layout
+from ringX import ATTN_FUNCS, VARLEN_FUNCS, ContextParallel
 from ringX.hf import mean_over_group
-from ringX.layout import global_positions, shard
 
 from app.common import sharding
 from app.common.sharding import Checkpointed
@@ -30,6 +29,13 @@ ATTN_CHOICES = tuple(ATTN_FUNCS) + ("sdpa",)
 # group is the set of ranks holding the same heads for other parts of the sequence.
 
 
+def context(attn: str, cp_group, inner=None) -> ContextParallel:
+    """``attn`` bound to ``cp_group`` (ringX.ContextParallel); ``inner``: (inner group, outer
+    group) of a two-level cp group. Attentions that are not ringX functions ("sdpa", one cp rank
+    only) take the contiguous layout."""
+    return ContextParallel(attn if attn in ATTN_FUNCS else "ringX1", cp_group, inner=inner)
+
+
 def cp_attention(attn: str, cp_group, as_op: bool = False, inner=None):
     """The attention function for the model: a ringX function bound to ``cp_group`` (causal).
     ``as_op``: call it through the custom op ``ringx::attention`` in eager mode too, so that a
@@ -38,13 +44,8 @@ def cp_attention(attn: str, cp_group, as_op: bool = False, inner=None):
     by all-to-all, then the function over the outer group (ringX.hybrid)."""
     if attn not in ATTN_FUNCS:
         raise ValueError(f"attention {attn!r} is not a ringX function; valid: {', '.join(ATTN_FUNCS)}")
-    if inner is not None:
-        from ringX.hybrid import hybrid_attn_func
-        return functools.partial(hybrid_attn_func, fn=attn, inner_group=inner[0], outer_group=inner[1], causal=True)
-    if as_op:
-        from ringX.ops import attention_through_op
-        return functools.partial(attention_through_op, attn, causal=True, group=cp_group)
-    return functools.partial(ATTN_FUNCS[attn], causal=True, group=cp_group)
+    cp = context(attn, cp_group, inner)
+    return functools.partial(cp.attention, causal=True, **({} if inner is not None else {"as_op": as_op}))
 
 
 def packed_attention(attn: str, cp_group, cu_rows: list[list[int]], as_op: bool = False):
@@ -54,46 +55,32 @@ def packed_attention(attn: str, cp_group, cu_rows: list[list[int]], as_op: bool 
     (``as_op``: through the custom op, as cp_attention)."""
     if attn not in VARLEN_FUNCS:
         raise ValueError(f"attention {attn!r} is not a ringX function; valid: {', '.join(VARLEN_FUNCS)}")
-    fn = VARLEN_FUNCS[attn]
+    cp = context(attn, cp_group)
     cus = [torch.tensor(cu, dtype=torch.int32) for cu in cu_rows]
     longest = [max(b - a for a, b in zip(cu, cu[1:])) for cu in cu_rows]
 
     def attend(q, k, v):
-        if as_op:
-            from ringX.ops import attention_through_op
-            return torch.cat([attention_through_op(attn, q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True,
-                                                   group=cp_group, cu_seqlens=cus[b], max_seqlen=longest[b])
-                              for b in range(q.shape[0])])
-        rows = [fn(q[b], k[b], v[b], cus[b], longest[b], causal=True, group=cp_group)
-                for b in range(q.shape[0])]
-        return torch.stack(rows)
+        return torch.stack([cp.varlen_attention(q[b], k[b], v[b], cus[b], longest[b], causal=True, as_op=as_op)
+                            for b in range(q.shape[0])])
     return attend
 
 
 def cp_positions(attn: str, seqlen: int, cp_group, cp_inner: int = 1, device=None) -> torch.Tensor:
     """Global positions (S/N,) of the tokens this cp rank holds in the layout ``attn`` expects
     (with ``cp_inner`` > 1: the two-level layout of ringX.hybrid, inner rank = cp rank mod
-    cp_inner)."""
-    n = dist.get_world_size(cp_group) if cp_group is not None else 1
-    r = dist.get_rank(cp_group) if cp_group is not None else 0
+    cp_inner, as ringX.parallel.ParallelDims builds the groups)."""
     if cp_inner > 1:
         from ringX.hybrid import hybrid_positions
+        n, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
         return hybrid_positions(attn, seqlen, r % cp_inner, cp_inner, r // cp_inner, n // cp_inner, device=device)
-    layout = expected_layout(attn) if attn in ATTN_FUNCS else "contiguous"
-    return global_positions(layout, seqlen, r, n, device=device)
+    return context(attn, cp_group).positions(seqlen, device=device)
 
 
 def shard_batch(tokens: torch.Tensor, labels: torch.Tensor, attn: str, cp_group, cp_inner: int = 1):
     """Global (B, S) tokens/labels -> this cp rank's (B, S/N) tokens, labels and (S/N,) global
     positions, in the layout ``attn`` expects (two-level with ``cp_inner`` > 1)."""
-    if cp_inner > 1:
-        pos = cp_positions(attn, tokens.shape[1], cp_group, cp_inner, tokens.device)
-        return tokens.index_select(1, pos), labels.index_select(1, pos), pos
-    n = dist.get_world_size(cp_group) if cp_group is not None else 1
-    r = dist.get_rank(cp_group) if cp_group is not None else 0
-    layout = expected_layout(attn) if attn in ATTN_FUNCS else "contiguous"
-    pos = global_positions(layout, tokens.shape[1], r, n, device=tokens.device)
-    return shard(tokens, layout, r, n), shard(labels, layout, r, n), pos
+    pos = cp_positions(attn, tokens.shape[1], cp_group, cp_inner, tokens.device)
+    return tokens.index_select(1, pos).contiguous(), labels.index_select(1, pos).contiguous(), pos
 
 
 def draw_positions(seq_len: int, limit: int, generator: torch.Generator) -> torch.Tensor:
@@ -108,13 +95,8 @@ def draw_positions(seq_len: int, limit: int, generator: torch.Generator) -> torc
 def shard_positions(positions: torch.Tensor, attn: str, cp_group, cp_inner: int = 1) -> torch.Tensor:
     """This cp rank's part of global (S,) or (B, S) ``positions``, in the layout ``attn`` expects
     (two-level with ``cp_inner`` > 1)."""
-    if cp_inner > 1:
-        return positions.index_select(-1, cp_positions(attn, positions.shape[-1], cp_group, cp_inner,
-                                                       positions.device))
-    n = dist.get_world_size(cp_group) if cp_group is not None else 1
-    r = dist.get_rank(cp_group) if cp_group is not None else 0
-    layout = expected_layout(attn) if attn in ATTN_FUNCS else "contiguous"
-    return shard(positions[None], layout, r, n)[0] if positions.dim() == 1 else shard(positions, layout, r, n)
+    return positions.index_select(-1, cp_positions(attn, positions.shape[-1], cp_group, cp_inner,
+                                                   positions.device))
 
 
 def cp_loss(local_sum: torch.Tensor, labels: torch.Tensor, cp_group, ignore_index: int = -100):
