@@ -14,8 +14,9 @@ def _reference(q, k, v, causal, docs=None):
     """float64 attention of whole (b, S, h, d) q and (b, S, hk, d) k/v (GQA expanded), causal
     and/or per document (docs: (S,) document index)."""
     s, rep = q.shape[1], q.shape[2] // k.shape[2]
-    k, v = (t.double().repeat_interleave(rep, dim=2) for t in (k, v))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) * q.shape[-1] ** -0.5
+    q = q.cpu().double()
+    k, v = (t.cpu().double().repeat_interleave(rep, dim=2) for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
     allowed = torch.ones(s, s, dtype=torch.bool)
     if causal:
         allowed &= torch.ones(s, s, dtype=torch.bool).tril()
@@ -25,30 +26,32 @@ def _reference(q, k, v, causal, docs=None):
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
 
-def _whole(seqlen=48, heads=4, kv_heads=2, d=8):
+def _whole(device, seqlen=48, heads=4, kv_heads=2, d=8):
+    """Whole-sequence float32 q, k, v and an output gradient on ``device`` (the rank's: a GPU
+    at world size 1 on a GPU machine)."""
     g = torch.Generator().manual_seed(3)
-    return (torch.randn(1, seqlen, heads, d, generator=g), torch.randn(1, seqlen, kv_heads, d, generator=g),
-            torch.randn(1, seqlen, kv_heads, d, generator=g), torch.randn(1, seqlen, heads, d, generator=g))
+    return tuple(torch.randn(1, seqlen, h, d, generator=g).to(device) for h in (heads, kv_heads, kv_heads, heads))
 
 
 def bound_body(rank, world_size, device, fn, layout, causal):
-    q, k, v, dout = _whole()
+    q, k, v, dout = _whole(device)
     cp = ContextParallel(fn, dist.group.WORLD, layout=layout)
     assert (cp.rank, cp.world_size) == (rank, world_size)
     assert cp.layout == (layout or expected_layout(fn))
     pos = cp.positions(q.shape[1])
     assert torch.equal(pos, global_positions(cp.layout, q.shape[1], rank, world_size))
+    assert cp.positions(q.shape[1], device=device).device == q.device
     assert torch.equal(cp.shard(q), shard(q, cp.layout, rank, world_size))
     ql, kl, vl = (cp.shard(t).requires_grad_() for t in (q, k, v))
     out = cp.attention(ql, kl, vl, causal=causal)
     whole = cp.unshard(out.detach())
     ref = _reference(q, k, v, causal)
-    assert (whole.double() - ref).abs().max().item() <= 1e-5
+    assert (whole.cpu().double() - ref).abs().max().item() <= 1e-5
     out.backward(cp.shard(dout))
-    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    _reference(qr, kr, vr, causal).backward(dout.double())
+    qr, kr, vr = (t.cpu().double().requires_grad_() for t in (q, k, v))
+    _reference(qr, kr, vr, causal).backward(dout.cpu().double())
     for t, r in zip((ql, kl, vl), (qr, kr, vr)):         # each rank's gradient shard, gathered
-        assert (cp.unshard(t.grad).double() - r.grad).abs().max().item() <= 1e-5
+        assert (cp.unshard(t.grad).cpu().double() - r.grad).abs().max().item() <= 1e-5
     # the op path and return_attn_probs give the same output
     assert torch.equal(cp.attention(ql, kl, vl, causal=causal, as_op=True), out)
     probs = cp.attention(ql, kl, vl, causal=causal, return_attn_probs=True)
@@ -63,7 +66,7 @@ def test_bound_function_shards_attends_and_gathers_exactly(world_size, fn, layou
 
 
 def varlen_body(rank, world_size, device, fn):
-    q, k, v, _ = _whole()
+    q, k, v, _ = _whole(device)
     cu = torch.tensor([0, 5, 30, 48], dtype=torch.int32)
     docs = torch.repeat_interleave(torch.arange(3), cu.diff())
     cp = ContextParallel(VARLEN_FUNCS[fn], dist.group.WORLD)
@@ -71,23 +74,24 @@ def varlen_body(rank, world_size, device, fn):
     out = cp.varlen_attention(ql, kl, vl, cu, 25, causal=True)
     assert torch.equal(cp.varlen_attention(ql, kl, vl, cu, 25, causal=True, as_op=True), out)
     whole = cp.unshard(out, dim=0)
-    assert (whole.double() - _reference(q, k, v, True, docs)[0]).abs().max().item() <= 1e-5
+    assert (whole.cpu().double() - _reference(q, k, v, True, docs)[0]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("fn", ["ringX2", "ringX3"])
-def test_bound_varlen_function_keeps_documents_apart(fn):
-    spawn(2, varlen_body, fn)
+def test_bound_varlen_function_keeps_documents_apart(fn, world_size):
+    spawn(world_size, varlen_body, fn)
 
 
 def two_level_body(rank, world_size, device, fn):
-    q, k, v, _ = _whole(seqlen=32, heads=4, kv_heads=2)
+    q, k, v, _ = _whole(device, seqlen=32)
     inner, outer = groups_2d(2)
     cp = ContextParallel(fn, dist.group.WORLD, inner=(inner, outer))
     assert cp.layout == "hybrid"
     pos = cp.positions(32)
     assert torch.equal(pos, hybrid_positions(fn, 32, dist.get_rank(inner), 2, dist.get_rank(outer), 2))
     out = cp.attention(*(cp.shard(t) for t in (q, k, v)), causal=True)
-    assert (cp.unshard(out).double() - _reference(q, k, v, True)).abs().max().item() <= 1e-5
+    assert (cp.unshard(out).cpu().double() - _reference(q, k, v, True)).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="as_op and backend are not taken"):
         cp.attention(cp.shard(q), cp.shard(k), cp.shard(v), causal=True, as_op=True)
 
