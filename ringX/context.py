@@ -114,10 +114,9 @@ class ContextParallel:
         whole = torch.cat(parts, dim=dim)
         return torch.empty_like(whole).index_copy_(dim, torch.cat(where), whole)
 
-    def _kw(self, kw: dict) -> dict:
-        if self._explicit_layout is not None:
-            kw["layout"] = self._explicit_layout
-        return kw
+    def _layout_kw(self) -> dict:
+        """The layout argument of ringX3/4 when one was chosen (ringX1/2 take none)."""
+        return {} if self._explicit_layout is None else {"layout": self._explicit_layout}
 
     def attention(self, q, k, v, *, causal: bool = False, softmax_scale=None, window_size=(-1, -1),
                   return_attn_probs: bool = False, backend=None, as_op: bool = False):
@@ -139,11 +138,11 @@ class ContextParallel:
             from .ops import attention_through_op
             return attention_through_op(self.name, q, k, v, softmax_scale=softmax_scale, causal=causal,
                                         window_size=window_size, group=self.group, backend=backend,
-                                        **self._kw({}))
+                                        **self._layout_kw())
         from . import ATTN_FUNCS
         return ATTN_FUNCS[self.name](q, k, v, softmax_scale=softmax_scale, causal=causal,
                                      window_size=window_size, return_attn_probs=return_attn_probs,
-                                     group=self.group, backend=backend, **self._kw({}))
+                                     group=self.group, backend=backend, **self._layout_kw())
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = False,
                          softmax_scale=None, window_size=(-1, -1), return_attn_probs: bool = False,
@@ -167,9 +166,9 @@ class ContextParallel:
             return attention_through_op(self.name, q[None], k[None], v[None], softmax_scale=softmax_scale,
                                         causal=causal, window_size=window_size, group=self.group,
                                         backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                        **self._kw({}))[0]
+                                        **self._layout_kw())[0]
         from . import VARLEN_FUNCS
         return VARLEN_FUNCS[self.name](q, k, v, cu_seqlens, max_seqlen, softmax_scale=softmax_scale,
                                        causal=causal, window_size=window_size,
                                        return_attn_probs=return_attn_probs, group=self.group,
-                                       backend=backend, **self._kw({}))
+                                       backend=backend, **self._layout_kw())

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .algorithms import ALGORITHMS
-from .layout import shard
+from .context import ContextParallel
 
 NAMES = tuple(ALGORITHMS)           # "ringX1".."ringX4": the attn_implementation names
 
@@ -84,10 +84,9 @@ def shard_inputs(input_ids: torch.Tensor, attn: str, group=None, position_ids: t
     for the zigzag functions ringX3 and ringX4)."""
     if attn not in ALGORITHMS:
         raise ValueError(f"attn {attn!r}: expected one of {', '.join(NAMES)}")
-    n = dist.get_world_size(group) if dist.is_initialized() else 1
-    r = dist.get_rank(group) if dist.is_initialized() else 0
+    cp = ContextParallel(attn, group)
     b, s = input_ids.shape
-    layout = ALGORITHMS[attn].layout
+    n, layout = cp.world_size, cp.layout
     parts = 2 * n if layout == "zigzag" else n
     if s % parts:
         raise ValueError(f"sequence length {s} must divide by {parts} for {attn} over {n} ranks "
@@ -98,8 +97,7 @@ def shard_inputs(input_ids: torch.Tensor, attn: str, group=None, position_ids: t
     shifted = torch.full_like(labels, ignore_index)
     shifted[:, :-1] = labels[:, 1:]
     docs = _boundaries(position_ids)
-    return CPInputs(shard(input_ids, layout, r, n), shard(position_ids, layout, r, n),
-                    shard(shifted, layout, r, n), group, attn,
+    return CPInputs(cp.shard(input_ids), cp.shard(position_ids), cp.shard(shifted), group, attn,
                     None if docs is None else tuple(docs[0]), None if docs is None else tuple(docs[1]))
 
 
