@@ -42,22 +42,28 @@ def spawn(world_size: int, body, *args, deadline_s: float = DEADLINE_S) -> None:
                 start_method="forkserver")
 
 
-def torchrun_command(nproc: int, script: str, *args: str) -> tuple[list[str], dict]:
+def torchrun_command(nproc: int, script: str, *args: str, cpu: bool = False) -> tuple[list[str], dict]:
     """(argv, environment) that run ``script`` (relative to the checkout) on ``nproc`` local
-    ranks under ``torchrun --standalone``, without rank variables leaking in from this process."""
+    ranks under ``torchrun --standalone``, without rank variables leaking in from this process.
+    With fewer GPUs than ranks, or ``cpu``, the GPUs are hidden, so that the ranks run on CPU with
+    gloo, as spawn's do (NCCL takes one GPU per rank)."""
+    import torch
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if cpu or (torch.cuda.is_available() and torch.cuda.device_count() < nproc):
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
             script, *args], env
 
 
-def run_app(script: str, nproc: int, *args: str, timeout: float = 600):
+def run_app(script: str, nproc: int, *args: str, timeout: float = 600, cpu: bool = False):
     """Run an app's ``train.py``/``inference.py`` under torchrun from the checkout root; require
     exit 0 (else fail with its output). Returns (stdout + stderr, the rows of OUT/metrics.jsonl
-    for the ``--out`` in ``args``, [] when there is none)."""
+    for the ``--out`` in ``args``, [] when there is none). ``cpu``: on CPU even where GPUs are
+    (runs whose results are compared with CPU runs)."""
     import json
     import subprocess
-    argv, env = torchrun_command(nproc, script, *args)
+    argv, env = torchrun_command(nproc, script, *args, cpu=cpu)
     res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     # the raised errors first (torchrun's own report can push them out of a tail), then the tails
     errors = [line for line in (res.stdout + res.stderr).splitlines() if "Error: " in line]
