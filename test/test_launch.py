@@ -172,3 +172,24 @@ def test_bench_table_scaling_includes_single_gpu_point(tmp_path):
     assert lines[3].split() == ["ringX1", "-", "80.0", "80.0"]
     assert lines[5].split() == ["method", "1", "2", "4"]
     assert lines[7].split() == ["ringX1", "-", "0.80", "0.80"]
+
+
+def test_error_vs_ranks_script_keeps_bf16_error_flat(tmp_path):
+    """script/error_vs_ranks.py on CPU: rows for single-device PyTorch and each function at every
+    world size, and no function's bf16 error beyond 1.5x its own at N = 1 (the suite's rule)."""
+    import json
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, "script/error_vs_ranks.py", "--cpu", "--fns", "ringX2", "ringX4",
+                          "--world_sizes", "1", "2", "4", "--seqlen", "64", "--heads", "4", "--kv_heads", "2",
+                          "--headdim", "16", "--masks", "causal", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["N"]) for r in rows] == [("pytorch (1 device)", 1)] + [
+        (fn, n) for fn in ("ringX2", "ringX4") for n in (1, 2, 4)]
+    for fn in ("ringX2", "ringX4"):
+        mine = {r["N"]: r for r in rows if r["method"] == fn}
+        for name in ("out", "dq", "dk", "dv"):
+            assert max(r[name] for r in mine.values()) <= 1.5 * mine[1][name], (fn, name)
+        assert max(r["lse"] for r in mine.values()) <= 2e-5, fn
+    assert "largest error over N / error at N = 1" in res.stdout
