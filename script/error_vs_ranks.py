@@ -11,9 +11,11 @@ precision shows errors that grow with N; RingX merges in float32 and should not:
     python script/error_vs_ranks.py --seqlen 512 --headdim 64                           # CPU
 
 On a GPU the ranks share it (``ringX.launch.spawn(shared_gpu=True)``: gloo between ranks, the
-GPU kernels and fused merges on the blocks); ringX1/2's paired point-to-point steps do not run
-that way (see script/gpu_shared_ranks.py), so a one-GPU machine checks ringX3 and ringX4. On CPU
-every function runs (gloo). ``--json PATH`` writes the rows.
+GPU kernels and fused merges on the blocks); point-to-point messages of CUDA tensors do not run
+that way (gloo closes the connection; see script/gpu_shared_ranks.py), so a one-GPU machine
+checks ringX3 and ringX4 at N = 1, 4 and 8 (ringX1/2's paired steps, and the two-rank schedules
+of every function, send point to point). On CPU every function runs at every N (gloo).
+``--json PATH`` writes the rows.
 """
 from __future__ import annotations
 
@@ -66,6 +68,11 @@ def main(argv=None) -> int:
     if args.seqlen % (2 * max(args.world_sizes)):
         p.error(f"--seqlen {args.seqlen} must divide by 2 x the largest world size ({2 * max(args.world_sizes)})")
     device = torch.device("cuda" if gpu else "cpu")
+    shared = gpu and torch.cuda.device_count() < max(args.world_sizes)
+    if shared and 2 in args.world_sizes:
+        print("error_vs_ranks: N = 2 left out: the two-rank schedules send point to point, which ranks "
+              "sharing a GPU through gloo cannot (run on CPU, or on two GPUs)")
+        args.world_sizes = [n for n in args.world_sizes if n != 2]
     rows = []
     for mask in args.masks:
         case = Case(batch=1, seqlen=args.seqlen, heads=args.heads, kv_heads=args.kv_heads, headdim=args.headdim,
@@ -76,8 +83,8 @@ def main(argv=None) -> int:
             path = str(Path(tmp) / "rows.jsonl")
             Path(path).touch()
             for n in args.world_sizes:
-                spawn(n, _body, fns, case, path, deadline_s=args.timeout_s, threads=1, shared_gpu=gpu and n > 1
-                      and torch.cuda.device_count() < n)
+                spawn(n, _body, fns, case, path, deadline_s=args.timeout_s, threads=1,
+                      shared_gpu=gpu and torch.cuda.device_count() < n)
             got = [json.loads(line) for line in Path(path).read_text().splitlines()]
         rows += sorted(got, key=lambda r: (r["method"], r["N"]))
 
