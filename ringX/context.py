@@ -11,6 +11,10 @@ drift apart::
     out = cp.attention(q, k, v, causal=True)                            # (b, S/N, h, d)
     out_global = cp.unshard(out)                                        # (b, S, h, d), every rank
 
+A sequence whose length the layout cannot split (S % N, or S % 2N for zigzag) is padded at its
+end (``pad``; for full attention and packed documents the padding becomes its own document,
+``pad_documents``), so that no real token's result changes.
+
 Two-level groups (``inner=(inner_group, outer_group)``, ringX.hybrid: heads over the inner
 group, the function over the outer group) take the hybrid layout; ``group`` is then the whole cp
 group (inner x outer ranks), used by ``unshard`` only.
@@ -84,6 +88,41 @@ class ContextParallel:
 
     def __repr__(self) -> str:
         return f"ContextParallel({self.name!r}, layout={self.layout!r}, rank={self.rank}, world_size={self.world_size})"
+
+    @property
+    def parts(self) -> int:
+        """How many equal parts a sequence is cut into: 2N for the zigzag layout (and a two-level
+        group over a zigzag function), else N. A sequence length must divide by it."""
+        zigzag = ALGORITHMS[self.name].layout == "zigzag" and self.layout in ("zigzag", "hybrid")
+        return (2 if zigzag else 1) * self.world_size
+
+    def padded_length(self, seqlen: int) -> int:
+        """The smallest length >= ``seqlen`` that this group's layout can split."""
+        if seqlen < 1:
+            raise ValueError(f"sequence length must be positive, got {seqlen}")
+        return -(-seqlen // self.parts) * self.parts
+
+    def pad(self, x: torch.Tensor, dim: int = 1, value=0) -> torch.Tensor:
+        """``x`` (..., S, ...) with ``value`` appended along ``dim`` up to ``padded_length(S)``
+        (``x`` itself when S already splits). Padding at the end is exact for causal attention
+        (no real token sees a later one); for full attention give the padding its own document
+        (``pad_documents``) and run the varlen function. Pad labels with the loss's ignore_index."""
+        extra = self.padded_length(x.shape[dim]) - x.shape[dim]
+        if extra == 0:
+            return x
+        shape = list(x.shape)
+        shape[dim] = extra
+        return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+    def pad_documents(self, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Global document boundaries (D + 1,) of a packed sequence of cu_seqlens[-1] tokens ->
+        those of the ``pad``-ded sequence: the padding is one more document, so no real token
+        attends it or is attended by it (unchanged when nothing is padded)."""
+        total = int(cu_seqlens[-1])
+        padded = self.padded_length(total)
+        if padded == total:
+            return cu_seqlens
+        return torch.cat([cu_seqlens, cu_seqlens.new_tensor([padded])])
 
     def positions(self, seqlen: int, device=None) -> torch.Tensor:
         """Global positions (seqlen // world_size,) int64 of the tokens this rank holds of a

@@ -116,3 +116,36 @@ def test_bad_bindings_are_clear_errors():
     assert (cp.rank, cp.world_size, cp.layout) == (0, 1, "zigzag")
     x = torch.randn(2, 6, 3)
     assert torch.equal(cp.shard(x), x) and torch.equal(cp.unshard(x), x)
+
+
+def padding_body(rank, world_size, device, fn):
+    """A 13-token sequence on a layout that splits only multiples of cp.parts: padded at its end,
+    causal attention (dense) and full attention (varlen, the padding its own document) give the
+    13 real rows of the unpadded reference, and their gradients."""
+    q, k, v, dout = _whole(device, seqlen=13)
+    cp = ContextParallel(fn, dist.group.WORLD)
+    assert cp.padded_length(13) == 16 and cp.padded_length(16) == 16
+    ql, kl, vl = (cp.shard(cp.pad(t)).requires_grad_() for t in (q, k, v))
+    out = cp.attention(ql, kl, vl, causal=True)
+    out.backward(cp.shard(cp.pad(dout)))
+    qr, kr, vr = (t.cpu().double().requires_grad_() for t in (q, k, v))
+    _reference(qr, kr, vr, True).backward(dout.cpu().double())
+    assert (cp.unshard(out.detach())[:, :13].cpu().double() - _reference(q, k, v, True)).abs().max() <= 1e-5
+    for t, r in zip((ql, kl, vl), (qr, kr, vr)):
+        assert (cp.unshard(t.grad)[:, :13].cpu().double() - r.grad).abs().max() <= 1e-5
+    cu = cp.pad_documents(torch.tensor([0, 13], dtype=torch.int32))
+    assert cu.tolist() == [0, 13, 16] and cp.pad_documents(cu) is cu
+    full = cp.varlen_attention(*(cp.shard(cp.pad(t)[0], dim=0) for t in (q, k, v)), cu, 13)
+    assert (cp.unshard(full, dim=0)[:13].cpu().double() - _reference(q, k, v, False)[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fn", ["ringX3", "ringX2"])
+def test_padding_to_the_layout_leaves_real_tokens_exact(fn):
+    spawn(4 if fn == "ringX2" else 2, padding_body, fn)
+
+
+def test_parts_of_each_layout():
+    assert ContextParallel("ringX1").parts == 1 and ContextParallel("ringX4").parts == 2
+    assert ContextParallel("ringX4", layout="stripe").parts == 1
+    with pytest.raises(ValueError, match="must be positive"):
+        ContextParallel("ringX2").padded_length(0)
