@@ -4,12 +4,13 @@ attention registry (no private function is patched).
     import ringX.hf
     ringX.hf.register()                                   # "ringX1".."ringX4" in AttentionInterface
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ringX3")
-    batch = ringX.hf.shard_inputs(input_ids, "ringX3", group=cp_group)        # this rank's part
+    batch = ringX.hf.shard_inputs(input_ids, "ringX3", group=cp_group, pad_id=0)   # this rank's part
     logits = model(**batch.model_inputs()).logits                              # (b, S/N, vocab)
     loss, mean = ringX.hf.cp_loss(logits, batch.shift_labels, cp_group)        # exact over the group
     loss.backward()                 # then sum the gradients over the cp group (FSDP over dp x cp)
 
-``shard_inputs`` takes the whole (b, S) batch (the same on every rank of the group) and returns
+``shard_inputs`` takes the whole (b, S) batch (the same on every rank of the group; with
+``pad_id`` of any length, padded at its end where the layout needs it) and returns
 this rank's tokens, positions and already-shifted labels in the layout of the function
 (``ringX.expected_layout``), and the document boundaries: position_ids that do not continue
 (``pos[i] != pos[i-1] + 1``, e.g. a restart at 0) start a new document (packed sequences),
@@ -77,25 +78,34 @@ def _boundaries(position_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[in
 
 
 def shard_inputs(input_ids: torch.Tensor, attn: str, group=None, position_ids: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, ignore_index: int = -100) -> CPInputs:
+                 labels: torch.Tensor | None = None, ignore_index: int = -100,
+                 pad_id: int | None = None) -> CPInputs:
     """The whole batch (b, S) -> this rank's CPInputs for the ringX function ``attn``. labels
     default to input_ids; they are shifted here (position i is labelled with token i + 1, the
     last with ignore_index), as transformers does inside its loss. S must divide by N (by 2N
-    for the zigzag functions ringX3 and ringX4)."""
+    for the zigzag functions ringX3 and ringX4), unless ``pad_id`` is given: then the batch is
+    padded at its end with ``pad_id`` tokens up to the next length that splits, their positions
+    continuing the last document's and their labels ``ignore_index``. The attention is causal,
+    so no real token sees them: the real tokens' logits, loss and gradients are those of the
+    unpadded batch, and an unpacked batch stays one document (the dense kernels)."""
     if attn not in ALGORITHMS:
         raise ValueError(f"attn {attn!r}: expected one of {', '.join(NAMES)}")
     cp = ContextParallel(attn, group)
     b, s = input_ids.shape
-    n, layout = cp.world_size, cp.layout
-    parts = 2 * n if layout == "zigzag" else n
-    if s % parts:
-        raise ValueError(f"sequence length {s} must divide by {parts} for {attn} over {n} ranks "
-                         f"({layout} layout); pad or cut the batch to a multiple of {parts}")
+    if s % cp.parts and pad_id is None:
+        raise ValueError(f"sequence length {s} must divide by {cp.parts} for {attn} over {cp.world_size} ranks "
+                         f"({cp.layout} layout); pad or cut the batch to a multiple of {cp.parts}, or "
+                         f"pass pad_id= to pad it here")
     if position_ids is None:
         position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
     labels = input_ids if labels is None else labels
     shifted = torch.full_like(labels, ignore_index)
     shifted[:, :-1] = labels[:, 1:]
+    extra = cp.padded_length(s) - s
+    if extra:                # after every real token: causal attention never lets one see it
+        input_ids, shifted = cp.pad(input_ids, value=pad_id), cp.pad(shifted, value=ignore_index)
+        more = torch.arange(1, extra + 1, device=position_ids.device, dtype=position_ids.dtype)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + more], dim=1)
     docs = _boundaries(position_ids)
     return CPInputs(cp.shard(input_ids), cp.shard(position_ids), cp.shard(shifted), group, attn,
                     None if docs is None else tuple(docs[0]), None if docs is None else tuple(docs[1]))

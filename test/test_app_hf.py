@@ -35,16 +35,18 @@ def _hf_loss(model_dir, tokens_file, seq_len=32):
         return model(input_ids=ids, labels=ids).loss.item()
 
 
-def _finetune(nproc, tiny, out, *flags, model=None):
+def _finetune(nproc, tiny, out, *flags, model=None, seq_len=32):
     run_app("app/hf/finetune.py", nproc, "--model", str(model or tiny / "model"), "--data", str(tiny / "tokens.npy"),
-            "--seq_len", "32", "--dtype", "float32", "--out", str(out), *flags)
+            "--seq_len", str(seq_len), "--dtype", "float32", "--out", str(out), *flags)
     return out
 
 
-def test_eval_only_is_transformers_loss(tiny, tmp_path):
-    out = _finetune(2, tiny, tmp_path / "ev", "--context_parallel", "2", "--attn", "ringX3", "--eval_only")
+@pytest.mark.parametrize("seq_len", [32, 30])      # 30: padded to 32 for ringX3's 2 x 2 chunks
+def test_eval_only_is_transformers_loss(tiny, tmp_path, seq_len):
+    out = _finetune(2, tiny, tmp_path / "ev", "--context_parallel", "2", "--attn", "ringX3", "--eval_only",
+                    seq_len=seq_len)
     loss = json.loads((out / "eval.json").read_text())["loss"]
-    want = _hf_loss(tiny / "model", tiny / "tokens.npy")
+    want = _hf_loss(tiny / "model", tiny / "tokens.npy", seq_len)
     assert abs(loss - want) <= 1e-5 * abs(want), (loss, want)
 
 

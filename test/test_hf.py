@@ -70,6 +70,36 @@ def test_loss_and_gradients_equal_transformers(world_size):
     spawn(world_size, hf_body, ("llama", "qwen2", "mistral"), deadline_s=300)
 
 
+def padded_body(rank, world_size, device):
+    """30 tokens over 4 ranks (which split 32): shard_inputs(pad_id=0) pads them at the end (one
+    document still), and the loss and every gradient equal transformers' on the 30 tokens alone;
+    a packed batch keeps its documents."""
+    ringX.hf.register()
+    group = dist.group.WORLD
+    tokens = _tokens()[:, :30]
+    ref = _model("mistral", "eager")
+    ref_loss = ref(input_ids=tokens, labels=tokens).loss
+    ref_loss.backward()
+    for attn in ringX.hf.NAMES:
+        model = _model("mistral", attn)
+        batch = ringX.hf.shard_inputs(tokens, attn, group, pad_id=0)
+        assert batch.cu_seqlens is None and batch.shift_labels.numel() * world_size == 2 * 32
+        assert ringX.hf.shard_inputs(tokens, attn, group, position_ids=torch.cat(
+            [torch.arange(12), torch.arange(18)])[None].expand(2, 30), pad_id=0).cu_seqlens[0].tolist() == [0, 12, 32]
+        loss, mean = ringX.hf.cp_loss(model(**batch.model_inputs()).logits, batch.shift_labels, group)
+        loss.backward()
+        assert abs(mean - ref_loss.detach()) <= 1e-5 * abs(ref_loss.detach()), (attn, float(mean), float(ref_loss))
+        for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+            g = p.grad.clone()
+            dist.all_reduce(g, group=group)
+            err = ((g - p_ref.grad).norm() / p_ref.grad.norm().clamp(min=1e-12)).item()
+            assert err <= 1e-4, (attn, name, err)
+
+
+def test_padded_batch_equals_the_unpadded_one():
+    spawn(4, padded_body, deadline_s=300)
+
+
 def packed_body(rank, world_size, device):
     ringX.hf.register()
     group = dist.group.WORLD

@@ -180,7 +180,7 @@ class Run:
     def loss(self, tokens, positions=None):
         """(loss to back-propagate on this rank, the global mean loss detached) of (b, S) tokens."""
         batch = ringX.hf.shard_inputs(tokens.to(self.device), self.args.attn, self.groups.cp,
-                                      None if positions is None else positions.to(self.device))
+                                      None if positions is None else positions.to(self.device), pad_id=0)
         if self.fused_loss and self.model.training:
             return self.fused_cp_loss(batch)
         logits = self.model(**batch.model_inputs()).logits
