@@ -27,8 +27,6 @@ import torch.distributed as dist
 from .algorithms import ALGORITHMS
 from .layout import global_positions, unshard
 
-_STRIPE_TAKERS = ("ringX3", "ringX4")
-
 
 def _name_of(fn) -> str:
     """"ringX3" for "ringX3", ringX3_attn_func or ringX3_attn_varlen_func."""
@@ -67,14 +65,18 @@ class ContextParallel:
 
     def __init__(self, fn, group=None, *, layout: str | None = None, inner=None):
         self.name = _name_of(fn)
-        own = ALGORITHMS[self.name].layout
-        if layout not in (None, own, "stripe"):
-            raise ValueError(f"{self.name} takes the {own} layout or layout='stripe', not {layout!r}")
-        if layout == "stripe" and self.name not in _STRIPE_TAKERS:
-            raise ValueError(f"layout='stripe' is taken by {' and '.join(_STRIPE_TAKERS)}, not {self.name}")
+        algo = ALGORITHMS[self.name]
+        own = algo.layout
+        if inner is not None and layout is not None:
+            raise ValueError("a two-level group (inner=...) has its own layout (ringX.hybrid); leave layout out")
+        if layout == own:
+            layout = None
+        if layout is not None and layout not in algo.other_layouts:
+            takers = [n for n, a in ALGORITHMS.items() if layout in a.other_layouts]
+            raise ValueError(f"{self.name} takes the {own} layout" + "".join(
+                f" or layout={x!r}" for x in algo.other_layouts) + f", not {layout!r}" +
+                (f" (layout={layout!r} is taken by {' and '.join(takers)})" if takers else ""))
         if inner is not None:
-            if layout is not None:
-                raise ValueError("a two-level group (inner=...) has its own layout (ringX.hybrid); leave layout out")
             if len(inner) != 2:
                 raise ValueError("inner must be (inner group, outer group)")
             (self._ni, self._ri), (self._no, self._ro) = _size_rank(inner[0]), _size_rank(inner[1])

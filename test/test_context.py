@@ -104,9 +104,11 @@ def test_two_level_group_takes_the_hybrid_layout(fn):
 def test_bad_bindings_are_clear_errors():
     with pytest.raises(ValueError, match="not a ringX attention function"):
         ContextParallel("ringX5")
-    with pytest.raises(ValueError, match="layout='stripe' is taken by ringX3 and ringX4, not ringX1"):
+    with pytest.raises(ValueError, match="ringX1 takes the contiguous layout, not 'stripe' "
+                                         r"\(layout='stripe' is taken by ringX3 and ringX4\)"):
         ContextParallel("ringX1", layout="stripe")
-    with pytest.raises(ValueError, match="ringX2 takes the contiguous layout"):
+    assert ContextParallel("ringX1", layout="contiguous").attention(*(torch.ones(1, 4, 2, 8),) * 3).shape == (1, 4, 2, 8)
+    with pytest.raises(ValueError, match="ringX2 takes the contiguous layout, not 'zigzag'"):
         ContextParallel(ATTN_FUNCS["ringX2"], layout="zigzag")
     with pytest.raises(ValueError, match="leave layout out"):
         ContextParallel("ringX3", layout="zigzag", inner=(None, None))
