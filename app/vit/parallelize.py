@@ -14,7 +14,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from ringX import ATTN_FUNCS
+from ringX import ATTN_FUNCS, ContextParallel
 from ringX.baseline import allgather_attention
 
 from .data import token_range
@@ -31,10 +31,7 @@ def cp_attention(attn: str, cp_group, inner=None):
         return functools.partial(allgather_attention, group=cp_group)
     if attn not in ATTN_FUNCS:
         raise ValueError(f"attention {attn!r}: expected one of {', '.join(ATTN_CHOICES)}")
-    if inner is not None:
-        from ringX.hybrid import hybrid_attn_func
-        return functools.partial(hybrid_attn_func, fn=attn, inner_group=inner[0], outer_group=inner[1], causal=False)
-    return functools.partial(ATTN_FUNCS[attn], causal=False, group=cp_group)
+    return functools.partial(ContextParallel(attn, cp_group, inner=inner).attention, causal=False)
 
 
 def local_positions(tokens: int, cp_group, device=None) -> torch.Tensor:
