@@ -20,7 +20,7 @@ from .algorithms import (ALGORITHMS, ringX1_attn_func, ringX1_attn_varlen_func, 
                          ringX2_attn_varlen_func, ringX3_attn_func, ringX3_attn_varlen_func,
                          ringX4_attn_func, ringX4_attn_varlen_func)
 from .comm import NodeGroups, node_groups
-from .context import ContextParallel
+from .context import ContextParallel, name_of
 from .version import __version__
 
 ATTN_FUNCS = {
@@ -40,13 +40,7 @@ VARLEN_FUNCS = {
 def expected_layout(fn) -> str:
     """The sequence layout a ringX function (or its name, e.g. "ringX3") expects:
     "contiguous" or "zigzag"."""
-    name = fn if isinstance(fn, str) else next(
-        (n for table in (ATTN_FUNCS, VARLEN_FUNCS) for n, f in table.items() if f is fn), None)
-    for suffix in ("_attn_varlen_func", "_attn_func"):
-        name = name[: -len(suffix)] if name and name.endswith(suffix) else name
-    if name not in ALGORITHMS:
-        raise ValueError(f"not a ringX attention function: {fn!r}; valid: {', '.join(ATTN_FUNCS)}")
-    return ALGORITHMS[name].layout
+    return ALGORITHMS[name_of(fn)].layout
 
 
 __all__ = ["ringX1_attn_func", "ringX2_attn_func", "ringX3_attn_func", "ringX4_attn_func",

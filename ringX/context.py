@@ -28,13 +28,14 @@ from .algorithms import ALGORITHMS
 from .layout import global_positions, unshard
 
 
-def _name_of(fn) -> str:
-    """"ringX3" for "ringX3", ringX3_attn_func or ringX3_attn_varlen_func."""
+def name_of(fn) -> str:
+    """"ringX3" for "ringX3", "ringX3_attn_func", ringX3_attn_func or ringX3_attn_varlen_func
+    (ValueError for anything else)."""
     from . import ATTN_FUNCS, VARLEN_FUNCS
-    if isinstance(fn, str):
-        name = fn
-    else:
-        name = next((n for table in (ATTN_FUNCS, VARLEN_FUNCS) for n, f in table.items() if f is fn), None)
+    name = fn if isinstance(fn, str) else next(
+        (n for table in (ATTN_FUNCS, VARLEN_FUNCS) for n, f in table.items() if f is fn), None)
+    for suffix in ("_attn_varlen_func", "_attn_func"):
+        name = name[: -len(suffix)] if name and name.endswith(suffix) else name
     if name not in ALGORITHMS:
         raise ValueError(f"not a ringX attention function: {fn!r}; valid: {', '.join(ALGORITHMS)}")
     return name
@@ -64,7 +65,7 @@ class ContextParallel:
     """
 
     def __init__(self, fn, group=None, *, layout: str | None = None, inner=None):
-        self.name = _name_of(fn)
+        self.name = name_of(fn)
         algo = ALGORITHMS[self.name]
         own = algo.layout
         if inner is not None and layout is not None:
@@ -81,7 +82,6 @@ class ContextParallel:
                 raise ValueError("inner must be (inner group, outer group)")
             (self._ni, self._ri), (self._no, self._ro) = _size_rank(inner[0]), _size_rank(inner[1])
         self.group, self.inner = group, inner
-        self._explicit_layout = layout
         self.layout = "hybrid" if inner is not None else (layout or own)
         self.world_size, self.rank = _size_rank(group)
         if inner is not None and self._ni * self._no != self.world_size:
@@ -155,10 +155,6 @@ class ContextParallel:
         whole = torch.cat(parts, dim=dim)
         return torch.empty_like(whole).index_copy_(dim, torch.cat(where), whole)
 
-    def _layout_kw(self) -> dict:
-        """The layout argument of ringX3/4 when one was chosen (ringX1/2 take none)."""
-        return {} if self._explicit_layout is None else {"layout": self._explicit_layout}
-
     def attention(self, q, k, v, *, causal: bool = False, softmax_scale=None, window_size=(-1, -1),
                   return_attn_probs: bool = False, backend=None, as_op: bool = False):
         """The bound function on this rank's shards: q (b, S/N, h, d), k/v (b, S/N, hk, d) ->
@@ -166,50 +162,42 @@ class ContextParallel:
         ``as_op``: through the custom op ``ringx::attention`` in eager mode too (ringX.ops), so
         that a selective checkpointing policy can keep its outputs (not with return_attn_probs
         or a two-level group)."""
-        if self.inner is not None:
-            if as_op or backend is not None:
-                raise ValueError("a two-level group runs ringX.hybrid: as_op and backend are not taken")
-            from .hybrid import hybrid_attn_func
-            return hybrid_attn_func(q, k, v, self.name, self.inner[0], self.inner[1], causal=causal,
-                                    softmax_scale=softmax_scale, window_size=window_size,
-                                    return_attn_probs=return_attn_probs)
-        if as_op:
-            if return_attn_probs:
-                raise ValueError("as_op returns out only; leave return_attn_probs out")
-            from .ops import attention_through_op
-            return attention_through_op(self.name, q, k, v, softmax_scale=softmax_scale, causal=causal,
-                                        window_size=window_size, group=self.group, backend=backend,
-                                        **self._layout_kw())
-        from . import ATTN_FUNCS
-        return ATTN_FUNCS[self.name](q, k, v, softmax_scale=softmax_scale, causal=causal,
-                                     window_size=window_size, return_attn_probs=return_attn_probs,
-                                     group=self.group, backend=backend, **self._layout_kw())
+        return self._attend(q, k, v, None, None, causal, softmax_scale, window_size, return_attn_probs,
+                            backend, as_op)
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = False,
                          softmax_scale=None, window_size=(-1, -1), return_attn_probs: bool = False,
                          backend=None, as_op: bool = False):
         """The bound varlen function on this rank's (S/N, h, d) shards of one packed sequence
-        whose global document boundaries are ``cu_seqlens`` (ringX.varlen) -> out like q.
-        ``as_op`` as in ``attention``."""
+        whose global document boundaries are ``cu_seqlens`` (ringX.varlen) -> out like q (with
+        ``return_attn_probs``: (out, lse (h, S/N), None)). ``as_op`` as in ``attention``."""
+        res = self._attend(q[None], k[None], v[None], cu_seqlens, max_seqlen, causal, softmax_scale,
+                           window_size, return_attn_probs, backend, as_op)
+        return (res[0][0], res[1][0], None) if return_attn_probs else res[0]
+
+    def _attend(self, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window_size,
+                return_attn_probs, backend, as_op):
+        """(b, s, h, d) shards through the hybrid, the custom op or the function itself (its
+        varlen twin on a batch of one when ``cu_seqlens`` is given) -> out, or (out, lse, None)."""
+        kw = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size)
         if self.inner is not None:
             if as_op or backend is not None:
                 raise ValueError("a two-level group runs ringX.hybrid: as_op and backend are not taken")
             from .hybrid import hybrid_attn_func
-            res = hybrid_attn_func(q[None], k[None], v[None], self.name, self.inner[0], self.inner[1],
-                                   causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                                   return_attn_probs=return_attn_probs, cu_seqlens=cu_seqlens,
-                                   max_seqlen=max_seqlen)
-            return (res[0][0], res[1][0], None) if return_attn_probs else res[0]
+            return hybrid_attn_func(q, k, v, self.name, self.inner[0], self.inner[1], **kw,
+                                    return_attn_probs=return_attn_probs, cu_seqlens=cu_seqlens,
+                                    max_seqlen=max_seqlen)
+        if self.layout != ALGORITHMS[self.name].layout:      # another layout it takes (ringX1/2 take no argument)
+            kw["layout"] = self.layout
+        kw.update(group=self.group, backend=backend)
         if as_op:
             if return_attn_probs:
                 raise ValueError("as_op returns out only; leave return_attn_probs out")
             from .ops import attention_through_op
-            return attention_through_op(self.name, q[None], k[None], v[None], softmax_scale=softmax_scale,
-                                        causal=causal, window_size=window_size, group=self.group,
-                                        backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                        **self._layout_kw())[0]
-        from . import VARLEN_FUNCS
-        return VARLEN_FUNCS[self.name](q, k, v, cu_seqlens, max_seqlen, softmax_scale=softmax_scale,
-                                       causal=causal, window_size=window_size,
-                                       return_attn_probs=return_attn_probs, group=self.group,
-                                       backend=backend, **self._layout_kw())
+            return attention_through_op(self.name, q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kw)
+        from . import ATTN_FUNCS, VARLEN_FUNCS
+        if cu_seqlens is None:
+            return ATTN_FUNCS[self.name](q, k, v, return_attn_probs=return_attn_probs, **kw)
+        res = VARLEN_FUNCS[self.name](q[0], k[0], v[0], cu_seqlens, max_seqlen,
+                                      return_attn_probs=return_attn_probs, **kw)
+        return (res[0][None], res[1][None], None) if return_attn_probs else res[None]
