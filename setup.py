@@ -20,9 +20,10 @@ setup(
         "test": ["pytest", "hypothesis", "pyyaml", "transformers", "safetensors", "h5py", "matplotlib"],
         "mpi": ["mpi4py"],
         "flash-attn": ["flash-attn"],
+        "fa4": ["flash-attn-4>=4.0.0b40"],                        # FlashAttention-4 (Hopper, Blackwell)
         "deepspeed": ["deepspeed"],
-        "liger": ["liger-kernel>=0.8"],
-        "hf": ["transformers>=5.0,<6", "safetensors"],          # ringX.hf, app/hf        # app/gpt --kernels liger|auto (CUDA)
+        "liger": ["liger-kernel>=0.8"],                           # app/gpt --kernels liger|auto (CUDA)
+        "hf": ["transformers>=5.0,<6", "safetensors"],          # ringX.hf, app/hf
         "apps": ["pyyaml", "tqdm", "safetensors", "matplotlib", "h5py"],
     },
     license="BSD-3-Clause",

@@ -1,6 +1,7 @@
 """PyTorch's attention kernels alone at one shape, the app's layout against the contiguous one
 and grouped (GQA) against expanded heads: forward and forward + backward ms and TFLOP/s per
-backend (cuDNN, flash), causal, bf16. Needs a CUDA GPU.
+backend (cuDNN, flash; FlashAttention-4's CuTe kernels when ``flash_attn.cute`` imports), causal,
+bf16. Needs a CUDA GPU.
 
     python script/attention_layouts.py                       # Llama 3.2 1B: 32K tokens, 32/8 heads of 64
     python script/attention_layouts.py --heads 32 --kv-heads 8 --headdim 128 --seqlen 8192
@@ -74,7 +75,38 @@ def main(argv=None) -> int:
                       f"  fwd+bwd {t_all:7.2f} ms  bwd {t_bwd:7.2f} ms ({2.5 * fwd_flop / t_bwd / 1e9:5.0f} TF/s)",
                       flush=True)
                 del q, k, v, dout
+    fa4_rows(b, s, h, hk, d, fwd_flop)
     return 0
+
+
+def fa4_rows(b: int, s: int, h: int, hk: int, d: int, fwd_flop: float) -> None:
+    """FlashAttention-4 (the flash-attn-4 package's ``flash_attn.cute``, (b, s, h, d) inputs,
+    grouped heads) at the same shape, with its largest difference from cuDNN's output."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as e:
+        print(f"FA4 (flash_attn.cute) not run: {e}")
+        return
+    q, k, v = (torch.randn(b, s, n, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for n in (h, hk, hk))
+    dout = torch.randn_like(q)
+
+    def fwd():
+        return flash_attn_func(q, k, v, causal=True)[0]
+    try:
+        t_fwd = ms_per_call(fwd)
+        t_all = ms_per_call(lambda: fwd().backward(dout))
+    except Exception as e:  # a kernel the package cannot build on this GPU
+        print(f"FA4 (flash_attn.cute) not run: {type(e).__name__}: {str(e)[:300]}")
+        return
+    t_bwd = t_all - t_fwd
+    with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True).transpose(1, 2)
+        diff = (fwd().float() - ref.float()).abs().max().item()
+    print(f"{'FA4':16s} bshd gqa=True  fwd {t_fwd:7.2f} ms ({fwd_flop / t_fwd / 1e9:5.0f} TF/s)"
+          f"  fwd+bwd {t_all:7.2f} ms  bwd {t_bwd:7.2f} ms ({2.5 * fwd_flop / t_bwd / 1e9:5.0f} TF/s)"
+          f"  max |out - cuDNN's| {diff:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Each local kernel backend against the float64 reference on the devices this machine has
 (CUDA backends skip cleanly on CPU-only machines), and the registry's choices and errors."""
+import dataclasses
+
 import pytest
 import torch
 
 import launcher  # noqa: F401  (puts the checkout on sys.path when ringX is not installed)
-from ringX.kernels import BACKENDS, KernelInputs, get_backend, select_backend, support_table
+from ringX.kernels import BACKENDS, KernelInputs, explain_choice, get_backend, select_backend, support_table
 from ringX.testing import global_rel_err, reference_attention
 
 
@@ -72,3 +74,57 @@ def test_registry_error_lists_every_backend_when_none_fits(monkeypatch):
         select_backend(q, q, dropout_p=0.1)
     for b in BACKENDS:
         assert f"  {b.name}:" in str(err.value)
+
+
+@pytest.mark.parametrize("rows,keys", [(1, 160), (96, 160), (160, 96)])
+def test_gpu_backends_take_rectangular_blocks(rows, keys):
+    """Full-attention blocks of unequal rows and keys (ring blocks of ringX1/2, decode steps),
+    bf16 on the GPU, every backend that takes them, against the float64 reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, rows, 8, 64, generator=g, dtype=torch.float64).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(2, keys, 2, 64, generator=g, dtype=torch.float64).to("cuda", torch.bfloat16)
+            for _ in range(2))
+    dout = torch.randn_like(q)
+    ref = reference_attention(q, k, v, dout, False, 0.125)
+    ran = []
+    for backend in BACKENDS:
+        if backend.not_supported_reasons(KernelInputs.from_tensors(q, k)) or not backend.takes_shape(rows, keys):
+            continue
+        out, lse = backend.forward(q, k, v, False, 0.125)
+        dq, dk, dv = backend.backward(dout, q, k, v, ref["out"].to(q.dtype), ref["lse"].float(), False, 0.125)
+        assert global_rel_err(out, ref["out"]) <= 1e-2 and global_rel_err(lse, ref["lse"]) <= 1e-4, backend.name
+        for mine, name in ((dq, "dq"), (dk, "dk"), (dv, "dv")):
+            assert global_rel_err(mine, ref[name]) <= 2e-2, (backend.name, name)
+        ran.append(backend.name)
+    assert ran
+
+
+def test_fa4_reasons_name_the_device_and_the_package(monkeypatch):
+    """FlashAttention-4 is refused off NVIDIA Hopper/Blackwell GPUs, and where the package is
+    missing the reason says how to install it (the registry then falls through to cuDNN)."""
+    from ringX.kernels import fa4
+    backend = get_backend("fa4")
+    cpu = KernelInputs("cpu", False, None, torch.bfloat16, 64, 8, 2, 0.0)
+    assert any("NVIDIA CUDA" in r for r in backend.not_supported_reasons(cpu))
+    hopper = dataclasses.replace(cpu, device_type="cuda", capability=(9, 0))
+    ampere = dataclasses.replace(hopper, capability=(8, 0))
+    assert any("9.0" in r for r in backend.not_supported_reasons(ampere))
+    assert any("Hopper and Blackwell" in r for r in
+               backend.not_supported_reasons(dataclasses.replace(hopper, capability=(12, 0))))
+    assert any("float32" in r for r in
+               backend.not_supported_reasons(dataclasses.replace(hopper, dtype=torch.float32)))
+    monkeypatch.setattr(fa4, "_interface", lambda: None)
+    assert backend.not_supported_reasons(hopper) == [
+        "the flash-attn-4 package (flash_attn.cute) is not installed (pip install ringX[fa4])"]
+
+
+def test_explain_choice_names_the_kernel_and_what_is_missing(monkeypatch):
+    monkeypatch.delenv("RINGX_BACKEND", raising=False)
+    q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
+    assert explain_choice(q, k) == "cpu_flash"          # the GPU kernels are off this device, not missing
+    assert explain_choice(q, k, name="math") == "math (forced)"
+    monkeypatch.setattr(get_backend("cpu_flash"), "not_supported_reasons",
+                        lambda inp: ["the x package is not installed (pip install x)"])
+    assert explain_choice(q, k) == "math (cpu_flash: the x package is not installed (pip install x))"

@@ -88,6 +88,7 @@ from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
 from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX import expected_layout  # noqa: E402
+from ringX.kernels import explain_choice  # noqa: E402
 from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
 
 
@@ -500,6 +501,10 @@ class Trainer:
         stop = StopRequest()
         first_step = self.restore() if args.resume else 0
         self.say(f"kernels: {self.kernels.describe()}")
+        if args.attn != "sdpa":
+            cfg, tp = self.cfg, self.dims.tp
+            q = torch.empty(1, 2, cfg.n_heads // tp, cfg.head_dim, device=self.device, dtype=getattr(torch, args.dtype))
+            self.say(f"attention kernel: {explain_choice(q, q[:, :, :max(1, cfg.n_kv_heads // tp)])}")
         nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, self.ckpt_root, self.say)
         with RunLog(self.out, args.steps - first_step, self.is_root, args.resume) as log:
             for step in range(first_step, args.steps):

@@ -5,7 +5,8 @@
 reasons. A backend can be forced by name with the ``backend=`` argument of the ringX functions or
 the ``RINGX_BACKEND`` environment variable (read at each call, never cached).
 
-Order: cuDNN (fastest on Hopper), the flash-attn package (ROCm / other GPUs), PyTorch's flash,
+Order: FlashAttention-4 (the flash-attn-4 package, when installed: fastest on Hopper), cuDNN
+(fastest on Hopper without it), the flash-attn package (ROCm / other GPUs), PyTorch's flash,
 PyTorch's memory-efficient kernel (also float32 on GPU), the CPU flash kernel, and the float64
 math reference.
 """
@@ -19,12 +20,13 @@ from .base import Backend, KernelInputs
 from .cpu_flash import CpuFlashBackend
 from .cudnn import CudnnBackend
 from .efficient import EfficientBackend
+from .fa4 import FlashAttn4Backend
 from .flash import AtenFlashBackend
 from .flash_attn_pkg import FlashAttnPackageBackend
 from .math import MathBackend
 
 BACKENDS: tuple[Backend, ...] = (
-    CudnnBackend(), FlashAttnPackageBackend(), AtenFlashBackend(), EfficientBackend(),
+    FlashAttn4Backend(), CudnnBackend(), FlashAttnPackageBackend(), AtenFlashBackend(), EfficientBackend(),
     CpuFlashBackend(), MathBackend(),
 )
 ENV_VAR = "RINGX_BACKEND"
@@ -68,6 +70,18 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, dropout_p: float = 0.0,
     raise NotImplementedError(f"no ringX kernel backend supports these inputs:\n{lines}")
 
 
+def explain_choice(q: torch.Tensor, k: torch.Tensor, name: str | None = None) -> str:
+    """One line for logs: the backend ``select_backend`` takes for q/k and, before it, each
+    backend that would run on this device but whose package is not installed (how to get it)."""
+    chosen = select_backend(q, k, name=name)
+    if name or os.environ.get(ENV_VAR):
+        return f"{chosen.name} (forced)"
+    inp = KernelInputs.from_tensors(q, k)
+    missing = [f"{b.name}: {r}" for b in BACKENDS[:BACKENDS.index(chosen)]
+               for r in b.not_supported_reasons(inp) if "not installed" in r]
+    return chosen.name + (f" ({'; '.join(missing)})" if missing else "")
+
+
 def select_band_backend(q: torch.Tensor, k: torch.Tensor, kernel: Backend) -> Backend:
     """The backend for window and varlen calls of masked blocks: ``kernel`` itself when it takes
     windows, else the first in ``BACKENDS`` that does and supports the inputs (on NVIDIA GPUs
@@ -83,5 +97,5 @@ def select_band_backend(q: torch.Tensor, k: torch.Tensor, kernel: Backend) -> Ba
     raise NotImplementedError(f"no ringX kernel backend takes windows or documents for these inputs:\n{lines}")
 
 
-__all__ = ["Backend", "KernelInputs", "BACKENDS", "ENV_VAR", "backend_names", "get_backend",
+__all__ = ["Backend", "KernelInputs", "BACKENDS", "ENV_VAR", "backend_names", "explain_choice", "get_backend",
            "select_backend", "select_band_backend", "support_table"]

@@ -1,0 +1,62 @@
+"""FlashAttention-4 (the flash-attn-4 package, ``flash_attn.cute``: CuTe DSL kernels for Hopper
+and Blackwell), used when installed (``pip install ringX[fa4]``).
+
+On one H200 at Llama 3.2 1B's attention (32K tokens, 32/8 heads of 64, causal, bf16) its
+forward and backward take 7.6 and 20.6 ms against cuDNN 9.19's 9.1 and 26.7 ms
+(docs/benchmarks.md), so it comes before cuDNN in the registry. Its kernels are compiled on
+their first call for each shape class (seconds), then cached in the process.
+
+It takes (b, s, h, d) tensors and grouped kv heads natively and returns the float32 natural-log
+lse ringX merges with. The package's entry points with an explicit lse are private
+(``_flash_attn_fwd`` / ``_flash_attn_bwd``); this is the only module that calls them, by keyword,
+so a release that renames an argument fails here with a clear error rather than silently.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .base import Backend, KernelInputs, gpu_reasons
+
+_DTYPES = (torch.float16, torch.bfloat16)
+_MODULE = "flash_attn.cute.interface"
+
+
+def _interface():
+    """The installed ``flash_attn.cute.interface`` module, or None (not installed, or built for
+    another CUDA / torch)."""
+    try:
+        return importlib.import_module(_MODULE)
+    except Exception:
+        return None
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """The kernels need a unit stride in the head dim (other strides are taken as they are)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class FlashAttn4Backend(Backend):
+    name = "fa4"
+
+    def not_supported_reasons(self, inp: KernelInputs) -> list[str]:
+        reasons = gpu_reasons(inp, _DTYPES, 256, min_capability=(9, 0), nvidia_only=True)
+        if inp.capability is not None and inp.capability[0] not in (9, 10):
+            reasons.append(f"runs on Hopper and Blackwell data-center GPUs (compute capability 9.x "
+                           f"or 10.x; device has {inp.capability})")
+        if not reasons and _interface() is None:
+            reasons.append("the flash-attn-4 package (flash_attn.cute) is not installed "
+                           "(pip install ringX[fa4])")
+        return reasons
+
+    def forward(self, q, k, v, causal, scale):
+        out, lse = _interface()._flash_attn_fwd(_dense(q), _dense(k), _dense(v), softmax_scale=scale,
+                                                causal=causal, return_lse=True)[:2]
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        dq, dk, dv = _interface()._flash_attn_bwd(
+            _dense(q), _dense(k), _dense(v), _dense(out), _dense(dout), lse.contiguous(),
+            softmax_scale=scale, causal=causal)[:3]
+        return dq, dk, dv
