@@ -30,7 +30,8 @@ def test_backend_matches_reference(name, device, dtype, causal):
     k = torch.randn(2, 64, 2, 64, generator=g, dtype=torch.float64).to(dtype).to(device)
     v = torch.randn(2, 64, 2, 64, generator=g, dtype=torch.float64).to(dtype).to(device)
     dout = torch.randn(2, 64, 8, 64, generator=g, dtype=torch.float64).to(dtype).to(device)
-    reasons = backend.not_supported_reasons(KernelInputs.from_tensors(q, k))
+    # whether the kernel takes these inputs at all; the registry's size rule is tested below
+    reasons = backend.not_supported_reasons(dataclasses.replace(KernelInputs.from_tensors(q, k), rows=0, keys=0))
     if reasons:
         pytest.skip(f"{name} on {device}/{dtype}: {'; '.join(reasons)}")
     scale = 64 ** -0.5
@@ -90,7 +91,8 @@ def test_gpu_backends_take_rectangular_blocks(rows, keys):
     ref = reference_attention(q, k, v, dout, False, 0.125)
     ran = []
     for backend in BACKENDS:
-        if backend.not_supported_reasons(KernelInputs.from_tensors(q, k)) or not backend.takes_shape(rows, keys):
+        inp = dataclasses.replace(KernelInputs.from_tensors(q, k), rows=0, keys=0)
+        if backend.not_supported_reasons(inp) or not backend.takes_shape(rows, keys):
             continue
         out, lse = backend.forward(q, k, v, False, 0.125)
         dq, dk, dv = backend.backward(dout, q, k, v, ref["out"].to(q.dtype), ref["lse"].float(), False, 0.125)
@@ -118,6 +120,13 @@ def test_fa4_reasons_name_the_device_and_the_package(monkeypatch):
     monkeypatch.setattr(fa4, "_interface", lambda: None)
     assert backend.not_supported_reasons(hopper) == [
         "the flash-attn-4 package (flash_attn.cute) is not installed (pip install ringX[fa4])"]
+    # installed: taken for calls of MIN_TOKENS rows and keys or more (or of unknown size)
+    monkeypatch.setattr(fa4, "_interface", lambda: object())
+    big = dataclasses.replace(hopper, rows=fa4.MIN_TOKENS, keys=2 * fa4.MIN_TOKENS)
+    assert backend.not_supported_reasons(big) == [] and backend.not_supported_reasons(hopper) == []
+    for rows, keys in ((1, big.keys), (fa4.MIN_TOKENS - 1, big.keys), (big.rows, 2048)):
+        assert any("faster on cuDNN" in r for r in
+                   backend.not_supported_reasons(dataclasses.replace(big, rows=rows, keys=keys)))
 
 
 def test_explain_choice_names_the_kernel_and_what_is_missing(monkeypatch):

@@ -140,8 +140,8 @@ def passkey_batch(batch: int, seq_len: int, generator: torch.Generator,
         at = int(frac * (body_len - len(needle)))
         filler = (FILLER * (body_len // len(FILLER) + 1)).encode()
         body = filler[:at] + needle.encode() + filler[at:body_len - len(needle)]
-        seq = list(body) + list(question.encode())
-        tokens[b, :len(seq)] = torch.tensor(seq)
+        seq = torch.frombuffer(bytearray(body + question.encode()), dtype=torch.uint8)
+        tokens[b, :len(seq)] = seq                         # byte values as token ids, no Python ints
         answer_start = len(seq) - 5                        # the 5 answer digits are predicted
         labels[b, answer_start - 1:len(seq) - 1] = tokens[b, answer_start:len(seq)]
     return tokens, labels, labels != -100

@@ -232,7 +232,8 @@ def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device, kern
             block.compile(fullgraph=True, backend=args.compile_backend)
     if args.dp_engine == "fsdp":
         from torch.distributed.device_mesh import DeviceMesh
-        apply_fsdp(model, DeviceMesh.from_group(groups["dp_cp"], device.type), args.dtype == "bfloat16")
+        apply_fsdp(model, DeviceMesh.from_group(groups["dp_cp"], device.type), args.dtype == "bfloat16",
+                   checkpointing=args.ac != "none")
         set_fsdp_divide_factor(model, dims.dp, groups["dp_cp"])
     if args.hf_checkpoint:
         tensors = hf_tensors(args.hf_checkpoint, cfg)

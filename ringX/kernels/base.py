@@ -33,13 +33,15 @@ class KernelInputs:
     heads: int
     kv_heads: int
     dropout_p: float
+    rows: int = 0          # query rows of a call (q.shape[1]); 0: not known
+    keys: int = 0          # keys of a call (k.shape[1]); 0: not known
 
     @classmethod
     def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, dropout_p: float = 0.0) -> "KernelInputs":
         cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
         return cls(device_type=q.device.type, is_hip=torch.version.hip is not None,
                    capability=cap, dtype=q.dtype, headdim=q.shape[-1], heads=q.shape[2],
-                   kv_heads=k.shape[2], dropout_p=float(dropout_p))
+                   kv_heads=k.shape[2], dropout_p=float(dropout_p), rows=q.shape[1], keys=k.shape[1])
 
 
 class Backend:

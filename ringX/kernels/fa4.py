@@ -2,9 +2,11 @@
 and Blackwell), used when installed (``pip install ringX[fa4]``).
 
 On one H200 at Llama 3.2 1B's attention (32K tokens, 32/8 heads of 64, causal, bf16) its
-forward and backward take 7.6 and 20.6 ms against cuDNN 9.19's 9.1 and 26.7 ms
-(docs/benchmarks.md), so it comes before cuDNN in the registry. Its kernels are compiled on
-their first call for each shape class (seconds), then cached in the process.
+forward and backward take 7.5 and 20.4 ms against cuDNN 9.19's 9.1 and 27.0 ms, and at 8K
+tokens 1.90 against 2.37 ms (docs/benchmarks.md), so it comes before cuDNN in the registry for
+calls of at least ``MIN_TOKENS`` rows and keys. Below that its host cost decides: about 0.2 ms a
+forward and 1 ms a forward and backward, against cuDNN's whole 0.4 ms at 2K tokens. Its kernels
+are compiled on their first call for each shape class (seconds), then cached in the process.
 
 It takes (b, s, h, d) tensors and grouped kv heads natively and returns the float32 natural-log
 lse ringX merges with. The package's entry points with an explicit lse are private
@@ -20,6 +22,7 @@ import torch
 from .base import Backend, KernelInputs, gpu_reasons
 
 _DTYPES = (torch.float16, torch.bfloat16)
+MIN_TOKENS = 4096     # rows and keys of a call from which FA4 is at least as fast as cuDNN (H200)
 _MODULE = "flash_attn.cute.interface"
 
 
@@ -45,6 +48,9 @@ class FlashAttn4Backend(Backend):
         if inp.capability is not None and inp.capability[0] not in (9, 10):
             reasons.append(f"runs on Hopper and Blackwell data-center GPUs (compute capability 9.x "
                            f"or 10.x; device has {inp.capability})")
+        if 0 < min(inp.rows, inp.keys) < MIN_TOKENS:
+            reasons.append(f"calls under {MIN_TOKENS} rows or keys run faster on cuDNN (FlashAttention-4's "
+                           f"host cost per call is larger than its gain there)")
         if not reasons and _interface() is None:
             reasons.append("the flash-attn-4 package (flash_attn.cute) is not installed "
                            "(pip install ringX[fa4])")
