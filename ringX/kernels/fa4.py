@@ -5,7 +5,9 @@ On one H200 at Llama 3.2 1B's attention (32K tokens, 32/8 heads of 64, causal, b
 forward and backward take 7.5 and 20.4 ms against cuDNN 9.19's 9.1 and 27.0 ms, and at 8K
 tokens 1.90 against 2.37 ms (docs/benchmarks.md), so it comes before cuDNN in the registry for
 calls of at least ``MIN_TOKENS`` rows and keys. Below that its host cost decides: about 0.2 ms a
-forward and 1 ms a forward and backward, against cuDNN's whole 0.4 ms at 2K tokens. Its kernels
+forward and 1 ms a forward and backward, against cuDNN's whole 0.4 ms at 2K tokens; at 4K the
+two tie (1.01 against 1.11 ms, FA4's host time as long as its kernels), which the ring
+schedules' own host work per block would tip to cuDNN. Its kernels
 are compiled on their first call for each shape class (seconds), then cached in the process.
 
 It takes (b, s, h, d) tensors and grouped kv heads natively and returns the float32 natural-log
@@ -22,7 +24,7 @@ import torch
 from .base import Backend, KernelInputs, gpu_reasons
 
 _DTYPES = (torch.float16, torch.bfloat16)
-MIN_TOKENS = 4096     # rows and keys of a call from which FA4 is at least as fast as cuDNN (H200)
+MIN_TOKENS = 8192     # rows and keys of a call from which FA4 is taken (see the module docstring)
 _MODULE = "flash_attn.cute.interface"
 
 
