@@ -502,9 +502,10 @@ class Trainer:
         stop = StopRequest()
         first_step = self.restore() if args.resume else 0
         self.say(f"kernels: {self.kernels.describe()}")
-        if args.attn != "sdpa":
+        if args.attn != "sdpa":          # the kernel for this rank's q/k shard (views, no memory)
             cfg, tp = self.cfg, self.dims.tp
-            q = torch.empty(1, 2, cfg.n_heads // tp, cfg.head_dim, device=self.device, dtype=getattr(torch, args.dtype))
+            one = torch.empty(1, 1, cfg.n_heads // tp, cfg.head_dim, device=self.device, dtype=getattr(torch, args.dtype))
+            q = one.expand(args.batch, cfg.seq_len // self.dims.cp, -1, -1)
             self.say(f"attention kernel: {explain_choice(q, q[:, :, :max(1, cfg.n_kv_heads // tp)])}")
         nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, self.ckpt_root, self.say)
         with RunLog(self.out, args.steps - first_step, self.is_root, args.resume) as log:
