@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import ATTN_FUNCS, VARLEN_FUNCS, expected_layout
+from . import VARLEN_FUNCS, expected_layout
 from .comm import GroupComm
+from .context import name_of
 from .layout import shard
 
 OUTPUTS = ("out", "lse", "dq", "dk", "dv")
@@ -166,7 +167,7 @@ def run_ringx(fn, case: Case, group, device: torch.device, backend: str | None =
     if case.docs is not None:
         if case.batch != 1:
             raise ValueError("varlen cases hold one packed sequence (batch 1)")
-        varlen = VARLEN_FUNCS[expected_name(fn)]
+        varlen = VARLEN_FUNCS[name_of(fn)]
         cu = torch.tensor(case.docs, dtype=torch.int32)
         longest = max(b - a for a, b in zip(case.docs, case.docs[1:]))
         out, lse, _ = varlen(q[0], k[0], v[0], cu, longest, **kwargs)
@@ -190,15 +191,6 @@ def case_mask(case: Case) -> torch.Tensor | None:
     if case.window == (-1, -1) and case.docs is None:
         return None
     return global_mask(case.seqlen, case.causal, case.window, case.docs)
-
-
-def expected_name(fn) -> str:
-    """"ringX3" for ringX3_attn_func (or its varlen twin)."""
-    for table in (ATTN_FUNCS, VARLEN_FUNCS):
-        for name, f in table.items():
-            if f is fn:
-                return name
-    raise ValueError(f"not a ringX function: {fn!r}")
 
 
 def torch_errors(case: Case, device: torch.device, inputs: dict | None = None) -> dict[str, float]:
