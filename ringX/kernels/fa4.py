@@ -17,6 +17,7 @@ so a release that renames an argument fails here with a clear error rather than 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -28,9 +29,11 @@ MIN_TOKENS = 8192     # rows and keys of a call from which FA4 is taken (see the
 _MODULE = "flash_attn.cute.interface"
 
 
+@functools.lru_cache(maxsize=1)
 def _interface():
     """The installed ``flash_attn.cute.interface`` module, or None (not installed, or built for
-    another CUDA / torch)."""
+    another CUDA / torch). Looked for once a process: a failed import searches the whole path
+    again each time (about 0.1 ms), and the registry asks at every call."""
     try:
         return importlib.import_module(_MODULE)
     except Exception:

@@ -8,6 +8,7 @@ installed signature. It takes (b, s, h, d) tensors and GQA natively.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 
@@ -18,8 +19,10 @@ from .base import Backend, KernelInputs
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=1)
 def _interface():
-    """The installed flash_attn_interface module, or None."""
+    """The installed flash_attn_interface module, or None (looked for once a process, as
+    ringX.kernels.fa4 does)."""
     try:
         return importlib.import_module("flash_attn.flash_attn_interface")
     except Exception:  # not installed, or built for another torch/ABI
