@@ -16,6 +16,8 @@ exactly this block's contribution to the global gradients.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +96,18 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<ringX kernel backend {self.name}>"
+
+
+@functools.lru_cache(maxsize=None)
+def optional_module(name: str):
+    """The module ``name`` of an optional kernel package, or None when it does not import (not
+    installed, or built for another CUDA / torch). Looked for once a process: a failed import
+    searches the whole path again each time (about 0.1 ms), and the registry asks every backend
+    at every call."""
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
 
 
 def gpu_reasons(inp: KernelInputs, dtypes: tuple, max_headdim: int, min_capability: tuple | None = None,

@@ -17,27 +17,17 @@ so a release that renames an argument fails here with a clear error rather than 
 """
 from __future__ import annotations
 
-import functools
-import importlib
-
 import torch
 
-from .base import Backend, KernelInputs, gpu_reasons
+from .base import Backend, KernelInputs, gpu_reasons, optional_module
 
 _DTYPES = (torch.float16, torch.bfloat16)
 MIN_TOKENS = 8192     # rows and keys of a call from which FA4 is taken (see the module docstring)
-_MODULE = "flash_attn.cute.interface"
 
 
-@functools.lru_cache(maxsize=1)
 def _interface():
-    """The installed ``flash_attn.cute.interface`` module, or None (not installed, or built for
-    another CUDA / torch). Looked for once a process: a failed import searches the whole path
-    again each time (about 0.1 ms), and the registry asks at every call."""
-    try:
-        return importlib.import_module(_MODULE)
-    except Exception:
-        return None
+    """The installed ``flash_attn.cute.interface`` module, or None."""
+    return optional_module("flash_attn.cute.interface")
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:

@@ -8,25 +8,18 @@ installed signature. It takes (b, s, h, d) tensors and GQA natively.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import inspect
 
 import torch
 
-from .base import Backend, KernelInputs
+from .base import Backend, KernelInputs, optional_module
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
 def _interface():
-    """The installed flash_attn_interface module, or None (looked for once a process, as
-    ringX.kernels.fa4 does)."""
-    try:
-        return importlib.import_module("flash_attn.flash_attn_interface")
-    except Exception:  # not installed, or built for another torch/ABI
-        return None
+    """The installed flash_attn_interface module, or None."""
+    return optional_module("flash_attn.flash_attn_interface")
 
 
 def _call(fn, **kwargs):
