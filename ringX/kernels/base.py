@@ -102,8 +102,7 @@ class Backend:
 def optional_module(name: str):
     """The module ``name`` of an optional kernel package, or None when it does not import (not
     installed, or built for another CUDA / torch). Looked for once a process: a failed import
-    searches the whole path again each time (about 0.1 ms), and the registry asks every backend
-    at every call."""
+    searches the whole path again each time, and the registry asks every backend at every call."""
     try:
         return importlib.import_module(name)
     except Exception:
