@@ -247,3 +247,57 @@ def test_swiglu_op_on_cuda_is_ligers_bit_for_bit():
     want = run(liger.liger_swiglu)
     for fn in (silu_mul_inplace_backward, torch.compile(silu_mul_inplace_backward, fullgraph=True)):
         assert all(torch.equal(g, w) for g, w in zip(run(fn), want))
+
+
+def _cast_for_compute_body(rank, world_size, device):
+    """One rank: the plain model through CastForCompute against FSDP2's one-rank bf16 mixed
+    precision (the path it replaces), both against the float64 model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from app.common.precision import CastForCompute
+    from app.gpt.config import load_preset
+    from app.gpt.model import Llama
+    from app.gpt.parallelize import apply_fsdp, materialize
+    cfg = load_preset("debug")
+    tensors = list(Llama.initial_tensors(cfg, torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(cfg.vocab_size, (1, 64), generator=gen)
+    labels = torch.randint(cfg.vocab_size, (1, 64), generator=gen)
+    pos = torch.arange(64)
+
+    def run(call, model):
+        call(tokens, pos, labels=labels).backward()
+        full = {n.replace("inner.", ""): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                for n, p in model.named_parameters()}
+        return {n: g.double() for n, g in full.items()}
+
+    ref = Llama(cfg).double()
+    ref.load_state_dict({n: t.double() for n, t in tensors})
+    want = run(ref, ref)
+    with torch.device("meta"):
+        sharded = Llama(cfg)
+    apply_fsdp(sharded, init_device_mesh(device.type, (1,)), bf16=True)
+    fsdp = run(sharded, materialize(sharded, tensors, device, None))
+    plain = Llama(cfg)
+    plain.load_state_dict(dict(tensors))
+    cast = CastForCompute(plain, torch.bfloat16)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for block in plain.layers:                     # compiled blocks see the cast weights
+            block.compile(fullgraph=True, backend="aot_eager")
+        got = run(cast, plain)
+        plain.zero_grad(set_to_none=True)
+        assert run(cast, plain).keys() == got.keys()   # a second call: no recompilation
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 and p.is_leaf for p in plain.parameters())
+    assert set(plain.state_dict()) == set(ref.state_dict())
+    for name, w in want.items():
+        err_cast = float((got[name] - w).norm() / w.norm())
+        err_fsdp = float((fsdp[name] - w).norm() / w.norm())
+        assert err_cast <= 1.1 * err_fsdp + 1e-4 and err_cast < 2e-2, (name, err_cast, err_fsdp)
+
+
+def test_cast_for_compute_matches_fsdp_one_rank_mixed_precision():
+    """The one-rank path of the GPT app (no FSDP2; float32 weights cast to bf16 once a call,
+    float32 gradients): its gradients are no further from the float64 model's than those of
+    FSDP2's one-rank bf16 mixed precision, through torch.compile'd blocks without recompiling;
+    parameters, names and state dict stay the plain model's."""
+    spawn(1, _cast_for_compute_body)

@@ -60,12 +60,9 @@ def checkpoint_blocks(blocks: nn.ModuleList) -> None:
         blocks[i] = Checkpointed(block)
 
 
-def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool, units: tuple = (),
-               reshard_blocks: bool = True) -> nn.Module:
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool, units: tuple = ()) -> nn.Module:
     """FSDP2 over ``mesh`` (the dp x cp ranks): each block, each of ``units`` ((a module or a list
     of modules sharded together, reshard after forward?) pairs) and the root are sharded units.
-    ``reshard_blocks=False`` keeps each block's gathered (bf16) weights from its forward to its
-    backward: one gather and cast a step instead of two, for the memory of those weights.
     Parameters and optimizer state stay float32 (sharded); with ``bf16`` blocks compute in bfloat16 and gradients are reduced
     in float32. A unit's gathered parameters live from its forward to its backward only (the
     root's would live through the whole step), so the input embedding and the output head are
@@ -77,7 +74,7 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh, bf16: bool, units:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
                               reduce_dtype=torch.float32 if mesh.size() > 1 else None)
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_blocks)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     # the root and the other units take the model's own inputs (token ids, float positions),
     # which keep their dtype
     uncast = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,

@@ -140,16 +140,13 @@ def apply_activation_checkpointing(model: Llama, mode: str, layers: int | None =
     return model
 
 
-def apply_fsdp(model: Llama, mesh, bf16: bool, checkpointing: bool = True) -> Llama:
+def apply_fsdp(model: Llama, mesh, bf16: bool) -> Llama:
     """FSDP2 of the Llama blocks, the input embedding (gathered again for its backward), the
     final norm with the output head (kept from their forward to their backward, which follows at
-    once), and the root over ``mesh`` (see app/common/sharding.apply_fsdp). On one rank without
-    activation ``checkpointing`` the blocks and the embedding keep their bf16 weights to their
-    backward: resharding there frees no shard, only the cast copies (about 2.5 GB for Llama 3.2
-    1B), which the backward would cast and copy again (about 5 ms a step on an H200)."""
-    keep = mesh.size() == 1 and not checkpointing
-    return sharding.apply_fsdp(model, model.layers, mesh, bf16, reshard_blocks=not keep,
-                               units=((model.tok_embeddings, not keep), ([model.norm, model.output], False)))
+    once), and the root over ``mesh`` (see app/common/sharding.apply_fsdp). One rank without
+    activation checkpointing does not come here (train.unsharded_one_rank)."""
+    return sharding.apply_fsdp(model, model.layers, mesh, bf16,
+                               units=((model.tok_embeddings, True), ([model.norm, model.output], False)))
 
 
 def materialize(model: Llama, tensors: Iterable[tuple[str, torch.Tensor]], device, tp_group) -> Llama:

@@ -7,7 +7,8 @@
 Ranks are laid out by ringX.parallel.ParallelDims (dp is the rest); each cp group splits every
 sequence in the layout of --attn. Weights are sharded with FSDP2 over the dp x cp ranks
 (--dp_engine fsdp, the default; float32 master weights and optimizer state, bf16 compute with
---dtype bfloat16), replicated with summed gradients (--dp_engine allreduce, autocast for bf16), or
+--dtype bfloat16; one such rank without activation checkpointing has nothing to shard or free
+and casts its weights to bf16 once a step instead: app/common/precision.py), replicated with summed gradients (--dp_engine allreduce, autocast for bf16), or
 DeepSpeed ZeRO stage 1/2 over the whole job when deepspeed is installed (--dp_engine deepspeed
 --zero_stage N; not with tp; app/gpt/deepspeed_engine.py); in every case gradients are summed
 over cp and averaged over dp. --tensor_parallel T splits heads,
@@ -69,6 +70,7 @@ if __package__ in (None, ""):
 
 from app.common import checkpoint  # noqa: E402
 from app.common.optim import LocalShardAdamW  # noqa: E402
+from app.common.precision import CastForCompute  # noqa: E402
 from app.common.sharding import set_fsdp_divide_factor  # noqa: E402
 from app.common.runtime import (NonFiniteSteps, RunLog, StopRequest, any_rank, every_and_last,  # noqa: E402
                                 guarded_update, resume_lr, run_and_shut_down)
@@ -222,7 +224,7 @@ def step_flops(cfg: ModelConfig, tokens: int, doc_sq: float | None = None) -> fl
 
 def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device, kernels: Kernels) -> Llama:
     """The model for this rank: built on the meta device, split by TP, wrapped for activation
-    checkpointing, sharded by FSDP2 (or not), then filled with its own shards only."""
+    checkpointing, sharded by FSDP2 (not on one unsharded rank: unsharded_one_rank), then filled with its own shards only."""
     with torch.device("meta"):
         model = Llama(cfg, mlp_chunk=args.mlp_chunk, loss_chunk=args.loss_chunk, kernels=kernels)
     apply_tensor_parallel(model, groups.tp)
@@ -230,16 +232,24 @@ def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device, kern
     if args.compile:                      # each block on its own (the attention is a custom op)
         for block in model.layers:        # in place: parameter names stay the plain model's
             block.compile(fullgraph=True, backend=args.compile_backend)
-    if args.dp_engine == "fsdp":
+    if args.dp_engine == "fsdp" and not unsharded_one_rank(args, dims):
         from torch.distributed.device_mesh import DeviceMesh
-        apply_fsdp(model, DeviceMesh.from_group(groups["dp_cp"], device.type), args.dtype == "bfloat16",
-                   checkpointing=args.ac != "none")
+        apply_fsdp(model, DeviceMesh.from_group(groups["dp_cp"], device.type), args.dtype == "bfloat16")
         set_fsdp_divide_factor(model, dims.dp, groups["dp_cp"])
     if args.hf_checkpoint:
         tensors = hf_tensors(args.hf_checkpoint, cfg)
     else:
         tensors = Llama.initial_tensors(cfg, torch.Generator(device).manual_seed(args.seed))
     return materialize(model, tensors, device, groups.tp)
+
+
+def unsharded_one_rank(args, dims: ParallelDims) -> bool:
+    """--dp_engine fsdp with one rank in the dp x cp group and no activation checkpointing: FSDP2
+    would shard nothing and free nothing, only stage copies, so the model stays unwrapped and
+    computes through app.common.precision.CastForCompute (float32 master weights, bf16 compute
+    with --dtype bfloat16). Checkpointed runs keep FSDP2: it frees each block's bf16 weights
+    between forward and backward."""
+    return args.dp_engine == "fsdp" and dims.dp * dims.cp == 1 and args.ac == "none"
 
 
 def check_two_level(args, cfg: ModelConfig, dims: ParallelDims) -> None:
@@ -308,6 +318,9 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.kernels = choose_kernels(args.kernels, self.device, args.compile)
         self.model = build_model(args, cfg, dims, groups, self.device, self.kernels)
+        # what forward passes call: the model, or on an unsharded rank the model in bf16
+        bf16_cast = args.dtype == "bfloat16" and unsharded_one_rank(args, dims)
+        self.compute = CastForCompute(self.model, torch.bfloat16) if bf16_cast else self.model
         fused = {"fused": True} if self.device.type == "cuda" else {}     # one kernel for the whole update
         # DeepSpeed checks the optimizer's class; FSDP's DTensor parameters update through their shards
         adamw = torch.optim.AdamW if args.dp_engine == "deepspeed" else LocalShardAdamW
@@ -414,7 +427,7 @@ class Trainer:
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
                    if self.args.offload_activations and torch.is_grad_enabled() else nullcontext())
         with self.autocast, offload:
-            local_sum = (self.engine or self.model)(tok, pos, self.batch_attn or self.attn_fn, labels=lab)
+            local_sum = (self.engine or self.compute)(tok, pos, self.batch_attn or self.attn_fn, labels=lab)
         return cp_loss(local_sum, lab, self.groups.cp)
 
     def step(self, step: int, stop: StopRequest) -> tuple[dict, bool, bool]:
@@ -487,7 +500,7 @@ class Trainer:
         result = {"loss": loss.item(), "batches": args.eval_batches * self.dims.dp, "seq_len": self.cfg.seq_len}
         if args.data is None:
             with self.autocast:
-                result["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
+                result["passkey_acc"] = passkey_accuracy(self.compute, self.attn_fn, self.groups.cp, args.attn,
                                                          self.device, self.cfg.seq_len, args.eval_prompts,
                                                          cp_inner=args.context_parallel_inner)
                 result["passkey_prompts"] = args.eval_prompts
@@ -497,11 +510,22 @@ class Trainer:
         self.say(json.dumps(result))
         return result
 
+    def weights_path(self) -> str:
+        """How this rank holds its weights and computes with them (one line for the log)."""
+        args, n = self.args, self.dims.dp * self.dims.cp
+        if args.dp_engine != "fsdp":
+            return f"{args.dp_engine} over {n} rank(s)"
+        if unsharded_one_rank(args, self.dims):
+            how = "cast to bfloat16 once a step" if self.compute is not self.model else "float32 compute"
+            return f"unsharded on one rank without activation checkpointing (float32 masters, {how})"
+        return f"FSDP2 over {n} rank(s) (float32 masters, {args.dtype} compute)"
+
     def train(self) -> list[dict]:
         args = self.args
         stop = StopRequest()
         first_step = self.restore() if args.resume else 0
         self.say(f"kernels: {self.kernels.describe()}")
+        self.say(f"weights: {self.weights_path()}")
         if args.attn != "sdpa":          # the kernel for this rank's q/k shard (views, no memory)
             cfg, tp = self.cfg, self.dims.tp
             one = torch.empty(1, 1, cfg.n_heads // tp, cfg.head_dim, device=self.device, dtype=getattr(torch, args.dtype))
@@ -519,7 +543,7 @@ class Trainer:
                 nonfinite.count(bad, row)
                 if self.data is None and every_and_last(step, args.eval_every, args.steps):
                     with self.autocast:
-                        row["passkey_acc"] = passkey_accuracy(self.model, self.attn_fn, self.groups.cp, args.attn,
+                        row["passkey_acc"] = passkey_accuracy(self.compute, self.attn_fn, self.groups.cp, args.attn,
                                                               self.device, self.cfg.seq_len, args.eval_prompts,
                                                               cp_inner=args.context_parallel_inner)
                 log.record(row)
