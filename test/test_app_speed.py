@@ -25,6 +25,11 @@ def test_kernel_choice_says_which_path_it_took():
         choose_kernels("liger", cpu, compiled=False)
     with pytest.raises(ValueError, match="expected one of auto, liger, torch"):
         choose_kernels("fast", cpu, compiled=False)
+    if torch.cuda.is_available() and "note" not in choose_kernels("auto", torch.device("cuda"), False).paths:
+        cuda = torch.device("cuda")          # Liger installed: compiled blocks, by checkpointing
+        assert choose_kernels("auto", cuda, compiled=True).paths["swiglu"] == "torch.compile"
+        assert choose_kernels("auto", cuda, compiled=True, checkpointed=True).paths["swiglu"] == "liger (custom op)"
+        assert choose_kernels("liger", cuda, compiled=True).paths["swiglu"] == "liger (custom op)"
 
 
 @pytest.mark.parametrize("chunk", [0, 7])
@@ -103,6 +108,42 @@ def test_clip_grad_norm_equals_float64():
     before = [p.grad.clone() for p in model.parameters()]
     assert float(clip_grad_norm(model, 10.0, None, None, lambda n: False)) <= 1 + 1e-3
     assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_update_clips_like_clip_grad_norm(fused):
+    """guarded_update(..., clip_norm=c) from unclipped gradients gives the parameters and AdamW
+    state of clip_grad_norm followed by the update (fused: the clipping inside the kernel, to
+    float32 rounding; foreach: bit for bit), over steps clipped and not and a skipped NaN step."""
+    from app.common.runtime import guarded_update
+    from app.common.sharding import clip_grad_norm, global_grad_norm
+    runs = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Linear(10, 3))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=fused, foreach=not fused or None)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        skipped = []
+        for step, scale in enumerate((100.0, 0.01, float("nan"), 30.0)):
+            torch.manual_seed(step)
+            loss = m(torch.randn(5, 6)).square().mean() * scale
+            loss.backward()
+            if inside:
+                norm = global_grad_norm(m, None, None, lambda n: False)
+                bad, _ = guarded_update(opt, sched, loss.detach(), norm, False, torch.device("cpu"), clip_norm=1.0)
+            else:
+                norm = clip_grad_norm(m, 1.0, None, None, lambda n: False)
+                bad, _ = guarded_update(opt, sched, loss.detach(), norm, False, torch.device("cpu"))
+            skipped.append(bad)
+            opt.zero_grad(set_to_none=True)
+        assert skipped == [False, False, True, False] and not hasattr(opt, "grad_scale")
+        runs.append((m, opt))
+    (a, opt_a), (b, opt_b) = runs
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb) if not fused else torch.allclose(pa, pb, rtol=1e-6, atol=1e-7)
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert float(sa["step"]) == float(sb["step"]) == 3
+        assert torch.allclose(sa["exp_avg"], sb["exp_avg"], rtol=1e-5 if fused else 0, atol=0)
 
 
 def _local_shard_adamw_body(rank, world_size, device):
@@ -199,7 +240,8 @@ def test_guarded_update_on_one_gpu():
 
 def test_swiglu_op_exact_and_in_place_when_compiled():
     """The SwiGLU custom op (eager and compiled) against float64 autograd of silu(a) * b, and the
-    compiled backward calls the in-place op on the forward's own buffers: no copy of a or b."""
+    compiled backward calls the in-place op on the forward's own buffers: no clone into a new
+    buffer (Inductor's copy of each saved input onto itself before the op remains: swiglu_op)."""
     from torch._inductor.utils import run_and_get_code
     from app.gpt.swiglu_op import silu_mul_inplace_backward
     torch.manual_seed(0)
@@ -261,9 +303,9 @@ def _cast_for_compute_body(rank, world_size, device):
     cfg = load_preset("debug")
     tensors = list(Llama.initial_tensors(cfg, torch.Generator().manual_seed(0)))
     gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(cfg.vocab_size, (1, 64), generator=gen)
-    labels = torch.randint(cfg.vocab_size, (1, 64), generator=gen)
-    pos = torch.arange(64)
+    tokens = torch.randint(cfg.vocab_size, (1, 64), generator=gen).to(device)
+    labels = torch.randint(cfg.vocab_size, (1, 64), generator=gen).to(device)
+    pos = torch.arange(64, device=device)
 
     def run(call, model):
         call(tokens, pos, labels=labels).backward()
@@ -271,14 +313,14 @@ def _cast_for_compute_body(rank, world_size, device):
                 for n, p in model.named_parameters()}
         return {n: g.double() for n, g in full.items()}
 
-    ref = Llama(cfg).double()
+    ref = Llama(cfg).double().to(device)
     ref.load_state_dict({n: t.double() for n, t in tensors})
     want = run(ref, ref)
     with torch.device("meta"):
         sharded = Llama(cfg)
     apply_fsdp(sharded, init_device_mesh(device.type, (1,)), bf16=True)
     fsdp = run(sharded, materialize(sharded, tensors, device, None))
-    plain = Llama(cfg)
+    plain = Llama(cfg).to(device)
     plain.load_state_dict(dict(tensors))
     cast = CastForCompute(plain, torch.bfloat16)
     with torch._dynamo.config.patch(error_on_recompile=True):

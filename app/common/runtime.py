@@ -45,14 +45,21 @@ def any_rank(flags: list[bool], device) -> list[bool]:
 
 
 def guarded_update(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, grad_norm: torch.Tensor,
-                   stop_requested: bool, flag_device) -> tuple[bool, bool]:
+                   stop_requested: bool, flag_device, clip_norm: float | None = None) -> tuple[bool, bool]:
     """The optimizer and scheduler step unless the loss or the gradient norm (0-dim tensors, the
     same on every rank) is not finite on some rank -> (update skipped, stop requested on some
     rank). A fused optimizer skips on the device (its ``found_inf``, as under a GradScaler): the
     flags are worked out and all-reduced there and the update is queued before the host reads
     them, so the host never waits for the backward in between. Others decide on the host first.
     Either way the parameters, optimizer state (step counts included) and schedule are as if a
-    skipped step had not been taken."""
+    skipped step had not been taken.
+
+    ``clip_norm``: the gradients, of global norm ``grad_norm``, are clipped to it as part of the
+    update (sharding.clip_coefficient): a fused optimizer divides them by 1 / coefficient inside
+    its kernel (its ``grad_scale``, as a GradScaler's unscaling: no pass of its own over the
+    gradients), others scale them first. None: the gradients are taken as they are."""
+    from .sharding import clip_coefficient, scale_grads_
+    coef = clip_coefficient(grad_norm, clip_norm) if clip_norm is not None else None
     if opt.defaults.get("fused"):
         flags = torch.zeros(2, device=flag_device)
         flags[0] = torch.logical_or(~torch.isfinite(loss), ~torch.isfinite(grad_norm)).to(flag_device)
@@ -61,14 +68,19 @@ def guarded_update(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, grad_n
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         opt.found_inf = flags[0]             # the fused kernels skip the update (and the step count)
+        if coef is not None:                 # and divide the gradients by grad_scale first
+            opt.grad_scale = coef.reciprocal().float()
         try:
             opt.step()
         finally:
             del opt.found_inf
+            opt.__dict__.pop("grad_scale", None)
         bad, stop_now = (bool(x) for x in flags.tolist())
     else:
         bad, stop_now = any_rank([NonFiniteSteps.bad(loss.item(), grad_norm.item()), stop_requested], flag_device)
         if not bad:
+            if coef is not None:
+                scale_grads_([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None], coef)
             opt.step()
     if not bad:
         sched.step()

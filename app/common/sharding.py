@@ -111,10 +111,34 @@ def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]
 
 def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group,
                    is_tp_sharded: Callable[[str], bool]) -> torch.Tensor:
-    """Clip all gradients by their global 2-norm (returned, float64) over every parameter of the
-    whole model: FSDP shards summed over ``shard_group``, tensor-parallel slices (plain-model
-    names for which ``is_tp_sharded`` holds) over ``tp_group``, replicated parameters counted
-    once, so every rank scales by the same factor."""
+    """Clip all gradients by their global 2-norm (returned, float64; see global_grad_norm): every
+    gradient is scaled by clip_coefficient(norm, max_norm), the same factor on every rank."""
+    total = global_grad_norm(model, tp_group, shard_group, is_tp_sharded)
+    scale_grads_([p.grad for p in model.parameters() if p.grad is not None], clip_coefficient(total, max_norm))
+    return total
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (total + 1e-6)): the factor that clips gradients of global norm
+    ``total`` (0-dim tensor) to ``max_norm``."""
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
+
+
+def scale_grads_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """Multiply ``grads`` (tensors or DTensors) in place by the 0-dim tensor ``coef`` (one
+    foreach call per device and dtype)."""
+    from torch.distributed.tensor import DTensor
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    for same in _by_device_and_dtype(local):
+        torch._foreach_mul_(same, coef.to(same[0].device, same[0].dtype))
+
+
+def global_grad_norm(model: nn.Module, tp_group, shard_group,
+                     is_tp_sharded: Callable[[str], bool]) -> torch.Tensor:
+    """The global 2-norm (0-dim float64) of all gradients over every parameter of the whole
+    model: FSDP shards summed over ``shard_group``, tensor-parallel slices (plain-model names for
+    which ``is_tp_sharded`` holds) over ``tp_group``, replicated parameters counted once, so
+    every rank gets the same norm."""
     from torch.distributed.tensor import DTensor
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     grads = [(canonical_name(n), p.grad) for n, p in model.named_parameters() if p.grad is not None]
@@ -134,8 +158,4 @@ def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group,
     if tp > 1:
         dist.all_reduce(sq, group=tp_group)
         sq[1] /= tp                                   # replicated: the same on every tp rank
-    total = sq.sum().sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for same in _by_device_and_dtype([g for _, g in locals_]):
-        torch._foreach_mul_(same, coef.to(same[0].device, same[0].dtype))
-    return total
+    return sq.sum().sqrt()

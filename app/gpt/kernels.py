@@ -13,10 +13,13 @@ over (tokens, dim) or (tokens, ffn_dim) tensors each: RMSNorm, the SwiGLU produc
   them in backward. With ``--compile`` torch.compile fuses the norms, RoPE and SwiGLU of each
   block itself, so the torch pieces are what a compiled block should see.
 
-``auto`` takes Liger for the loss and the SwiGLU when it is importable on a CUDA device, and for
-the norms as well when the blocks are not compiled; otherwise torch. In compiled blocks Liger's
-SwiGLU runs as a custom op (``swiglu_op``), so that its in-place backward stays in place. The chosen paths are in
-``Kernels.paths`` (the app prints them).
+``auto`` takes Liger for the loss when it is importable on a CUDA device, and for the norms and
+the SwiGLU as well when the blocks are not compiled; otherwise torch. In compiled blocks the
+SwiGLU is Inductor's own (one kernel each way, no copy) unless activation checkpointing asks for
+memory: then Liger's, as a custom op (``swiglu_op``) whose backward writes its gradients into its
+saved inputs (no (tokens, ffn_dim) buffer more, but Inductor copies each input onto itself once
+before it: about 0.5 ms a layer at 32K tokens on an H200). ``liger`` takes that op in compiled
+blocks always. The chosen paths are in ``Kernels.paths`` (the app prints them).
 """
 from __future__ import annotations
 
@@ -82,10 +85,11 @@ class Kernels:
         return ", ".join(f"{k}: {v}" for k, v in self.paths.items())
 
 
-def choose_kernels(request: str, device: torch.device, compiled: bool) -> Kernels:
+def choose_kernels(request: str, device: torch.device, compiled: bool, checkpointed: bool = False) -> Kernels:
     """The kernels for ``request`` ("auto", "liger" or "torch") on ``device``; ``compiled``:
-    the blocks go through torch.compile (which fuses the pointwise pieces itself). "liger"
-    raises when Liger-Kernel cannot run here; "auto" then falls back to torch."""
+    the blocks go through torch.compile (which fuses the pointwise pieces itself);
+    ``checkpointed``: activation checkpointing is on (memory first: see the module docstring).
+    "liger" raises when Liger-Kernel cannot run here; "auto" then falls back to torch."""
     if request not in KERNEL_CHOICES:
         raise ValueError(f"--kernels {request!r}: expected one of {', '.join(KERNEL_CHOICES)}")
     rope = "torch.compile" if compiled else "torch"
@@ -107,6 +111,8 @@ def choose_kernels(request: str, device: torch.device, compiled: bool) -> Kernel
     swiglu, swiglu_path = ((silu_mul_inplace_backward, "liger (custom op)") if compiled
                            else (liger.liger_swiglu, "liger"))
     if compiled and request == "auto":       # torch.compile fuses the norms itself
+        if not checkpointed:                 # and the SwiGLU, without the in-place op's copies
+            swiglu, swiglu_path = silu_mul_torch, "torch.compile"
         return Kernels(silu_mul=swiglu, linear_cross_entropy=linear_ce,
                        paths={"rms_norm": "torch.compile", "swiglu": swiglu_path, "rope": rope,
                               "loss": "liger fused linear cross-entropy"})

@@ -182,7 +182,8 @@ def full_tensors(model: nn.Module, tp_group=None) -> Iterator[tuple[str, torch.T
         yield name, SPLIT.gather(name, t.detach().float(), tp_group).cpu()
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, tp_group, shard_group) -> torch.Tensor:
-    """Global gradient-norm clipping across tp slices and FSDP shards (app/common/sharding)."""
+def global_grad_norm(model: nn.Module, tp_group, shard_group) -> torch.Tensor:
+    """The global gradient norm across tp slices and FSDP shards (app/common/sharding); the
+    update clips by it (app/common/runtime.guarded_update)."""
     from .tensor_parallel import is_tp_sharded
-    return sharding.clip_grad_norm(model, max_norm, tp_group, shard_group, is_tp_sharded)
+    return sharding.global_grad_norm(model, tp_group, shard_group, is_tp_sharded)

@@ -3,12 +3,15 @@ its saved inputs, for compiled blocks.
 
 Liger-Kernel's SwiGLU backward overwrites the saved ``a`` and ``b`` with their gradients, so a
 block keeps no third (tokens, ffn_dim) tensor alive in backward. Traced by torch.compile as a
-user Triton kernel, that mutation of a view is functionalized into a copy of each input onto
-itself before the kernel (two full passes over 2 x (tokens, ffn_dim) bf16, about 0.5 ms a layer
-at 32K tokens on an H200). As a custom op that declares what it mutates, Inductor runs it in
-place instead, with no copy. On CUDA the kernels are Liger's (``liger_kernel.ops.swiglu``); on
-other devices the same arithmetic in PyTorch (float32 inside, like Liger), so that CPU tests
-check the op and its compiled graph.
+user Triton kernel, that mutation of a view is functionalized into a clone of each input. As a
+custom op that declares what it mutates, the gradients still land in the saved inputs' own
+buffers (no buffer more), but Inductor does not mutate a backward graph's inputs in place: it
+clones each into the input's (then dead) buffer, a copy of each input onto itself before the op
+(one pass over 2 x (tokens, ffn_dim) bf16, about 0.5 ms a layer at 32K tokens on an H200). The
+app uses this op where memory comes first (compiled blocks under activation checkpointing) and
+Inductor's own SwiGLU otherwise (app/gpt/kernels.py). On CUDA the kernels are Liger's
+(``liger_kernel.ops.swiglu``); on other devices the same arithmetic in PyTorch (float32 inside,
+like Liger), so that CPU tests check the op and its compiled graph.
 
 Shapes: a, b (..., ffn_dim) -> (..., ffn_dim); the gradients have the inputs' shapes.
 """

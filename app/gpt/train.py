@@ -82,7 +82,7 @@ from app.common.profiling import device_time_summary, profiler  # noqa: E402
 from app.gpt.kernels import KERNEL_CHOICES, Kernels, choose_kernels  # noqa: E402
 from app.gpt.model import Llama, sdpa_causal  # noqa: E402
 from app.gpt.parallelize import (AC_MODES, ATTN_CHOICES, DP_ENGINES, apply_activation_checkpointing,  # noqa: E402
-                                 apply_fsdp, clip_grad_norm, cp_attention, cp_loss, full_tensors,
+                                 apply_fsdp, global_grad_norm, cp_attention, cp_loss, full_tensors,
                                  draw_positions, materialize, packed_attention, shard_batch,
                                  shard_positions)
 from app.gpt import deepspeed_engine  # noqa: E402
@@ -316,7 +316,7 @@ class Trainer:
         coords = dims.coords(info.rank)
         self.dp_rank, self.tp_rank = coords["dp"], coords["tp"]
         torch.manual_seed(args.seed)
-        self.kernels = choose_kernels(args.kernels, self.device, args.compile)
+        self.kernels = choose_kernels(args.kernels, self.device, args.compile, checkpointed=args.ac != "none")
         self.model = build_model(args, cfg, dims, groups, self.device, self.kernels)
         # what forward passes call: the model, or on an unsharded rank the model in bf16
         bf16_cast = args.dtype == "bfloat16" and unsharded_one_rank(args, dims)
@@ -452,8 +452,9 @@ class Trainer:
             loss.backward()
             if args.dp_engine == "allreduce":
                 reduce_gradients(self.model, self.groups["dp_cp"], divide_by=dims.dp)
-            norm = clip_grad_norm(self.model, 1.0, self.groups.tp, self.groups["dp_cp"])
-            bad, stop_now = guarded_update(self.opt, self.sched, mean_loss, norm, stop.signum != 0, self.flag_device)
+            norm = global_grad_norm(self.model, self.groups.tp, self.groups["dp_cp"])
+            bad, stop_now = guarded_update(self.opt, self.sched, mean_loss, norm, stop.signum != 0, self.flag_device,
+                                           clip_norm=1.0)      # clipped inside the fused update
             loss_value, norm_value = mean_loss.item(), norm.item()
             self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
