@@ -318,7 +318,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.kernels = choose_kernels(args.kernels, self.device, args.compile, checkpointed=args.ac != "none")
         self.model = build_model(args, cfg, dims, groups, self.device, self.kernels)
-        # what forward passes call: the model, or on an unsharded rank the model in bf16
+        # what forward passes call: the model, or on an unsharded rank the model on bf16 copies
         bf16_cast = args.dtype == "bfloat16" and unsharded_one_rank(args, dims)
         self.compute = CastForCompute(self.model, torch.bfloat16) if bf16_cast else self.model
         fused = {"fused": True} if self.device.type == "cuda" else {}     # one kernel for the whole update
@@ -450,6 +450,8 @@ class Trainer:
             bad, norm_value, stop_now = self._deepspeed_update(loss, loss_value, stop)
         else:
             loss.backward()
+            if self.compute is not self.model:        # CastForCompute: bf16 gradients into float32
+                self.compute.grads_to_masters()
             if args.dp_engine == "allreduce":
                 reduce_gradients(self.model, self.groups["dp_cp"], divide_by=dims.dp)
             norm = global_grad_norm(self.model, self.groups.tp, self.groups["dp_cp"])
