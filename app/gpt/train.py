@@ -8,10 +8,11 @@ Ranks are laid out by ringX.parallel.ParallelDims (dp is the rest); each cp grou
 sequence in the layout of --attn. Weights are sharded with FSDP2 over the dp x cp ranks
 (--dp_engine fsdp, the default; float32 master weights and optimizer state, bf16 compute with
 --dtype bfloat16; one such rank without activation checkpointing has nothing to shard or free
-and casts its weights to bf16 once a step instead: app/common/precision.py), replicated with summed gradients (--dp_engine allreduce, autocast for bf16), or
-DeepSpeed ZeRO stage 1/2 over the whole job when deepspeed is installed (--dp_engine deepspeed
---zero_stage N; not with tp; app/gpt/deepspeed_engine.py); in every case gradients are summed
-over cp and averaged over dp. --tensor_parallel T splits heads,
+and copies its weights into bf16 once a step instead: app/common/precision.py), replicated with
+summed gradients (--dp_engine allreduce, autocast for bf16), or DeepSpeed ZeRO stage 1/2 over
+the whole job when deepspeed is installed (--dp_engine deepspeed --zero_stage N; not with tp;
+app/gpt/deepspeed_engine.py); in every case gradients are summed over cp and averaged over dp.
+--tensor_parallel T splits heads,
 kv heads and the MLP over tp groups (app/gpt/tensor_parallel.py). The model is built on the meta
 device and each rank fills only its own shards (from --hf_checkpoint or the seeded init).
 
@@ -224,7 +225,8 @@ def step_flops(cfg: ModelConfig, tokens: int, doc_sq: float | None = None) -> fl
 
 def build_model(args, cfg: ModelConfig, dims: ParallelDims, groups, device, kernels: Kernels) -> Llama:
     """The model for this rank: built on the meta device, split by TP, wrapped for activation
-    checkpointing, sharded by FSDP2 (not on one unsharded rank: unsharded_one_rank), then filled with its own shards only."""
+    checkpointing, sharded by FSDP2 (not on one unsharded rank: unsharded_one_rank), then filled
+    with its own shards only."""
     with torch.device("meta"):
         model = Llama(cfg, mlp_chunk=args.mlp_chunk, loss_chunk=args.loss_chunk, kernels=kernels)
     apply_tensor_parallel(model, groups.tp)
@@ -519,7 +521,7 @@ class Trainer:
         if args.dp_engine != "fsdp":
             return f"{args.dp_engine} over {n} rank(s)"
         if unsharded_one_rank(args, self.dims):
-            how = "cast to bfloat16 once a step" if self.compute is not self.model else "float32 compute"
+            how = "bfloat16 copies made once a step" if self.compute is not self.model else "float32 compute"
             return f"unsharded on one rank without activation checkpointing (float32 masters, {how})"
         return f"FSDP2 over {n} rank(s) (float32 masters, {args.dtype} compute)"
 
