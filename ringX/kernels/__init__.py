@@ -62,11 +62,10 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, dropout_p: float = 0.0,
                 f"ringX kernel backend {forced!r} (forced by "
                 f"{'argument' if name else ENV_VAR}) cannot take these inputs: {'; '.join(reasons)}")
         return backend
-    table = support_table(inp)
-    for b in BACKENDS:
-        if not table[b.name]:
+    for b in BACKENDS:                 # the first that takes the inputs; the others are not asked
+        if not b.not_supported_reasons(inp):
             return b
-    lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in table.items())
+    lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in support_table(inp).items())
     raise NotImplementedError(f"no ringX kernel backend supports these inputs:\n{lines}")
 
 
