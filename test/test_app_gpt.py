@@ -186,6 +186,19 @@ def test_train_tp2_cp2_resumes_exactly_with_another_ac_mode(tmp_path):
                   if p.is_dir()) == ["tp00", "tp01"]
 
 
+def test_one_rank_resumes_between_fsdp_and_unsharded(tmp_path):
+    """One rank: checkpointed runs shard with FSDP2, uncheckpointed ones run the plain model
+    (train.unsharded_one_rank); a checkpoint of either resumes in the other, loss for loss."""
+    straight = _train(tmp_path / "a", 1, "--steps", "6", "--ac", "full", "--checkpoint_every", "3")
+    resume_point(tmp_path / "a" / "run", 3, tmp_path / "b" / "run")
+    _train(tmp_path / "b", 1, "--steps", "5", "--resume")                 # steps 3-4, checkpoint at 5
+    assert "weights: unsharded on one rank" in _train.last_output
+    rows = _train(tmp_path / "b", 1, "--steps", "6", "--resume", "--ac", "full")   # step 5
+    assert "weights: FSDP2 over 1 rank" in _train.last_output
+    got, want = [r["loss"] for r in rows], [r["loss"] for r in straight]
+    assert len(got) == len(want) == 6 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(got, want)), (got, want)
+
+
 def test_memory_options_and_engines_give_the_same_losses(tmp_path):
     """cp=2 x dp=2: FSDP2 with full or selective activation checkpointing, chunked loss and MLP
     and CPU-offloaded activations trains like replicated weights with all-reduced gradients."""
