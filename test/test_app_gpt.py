@@ -654,7 +654,8 @@ def test_packed_corpus_windows(tmp_path):
 
 def test_train_packed_stdlib_corpus_cp4(tmp_path):
     """--pack_documents on real text (a slice of the Python standard library, built by
-    app.gpt.corpus) at cp = 4: trains, and reports documents per sequence and padding."""
+    app.gpt.corpus) at cp = 4: trains, reports documents per sequence and padding, and logs the
+    kernel of the document blocks."""
     import sysconfig
     from app.gpt.corpus import build
     corpus = tmp_path / "stdlib.npy"
@@ -663,6 +664,7 @@ def test_train_packed_stdlib_corpus_cp4(tmp_path):
                   "--data", str(corpus), "--pack_documents", "--seq_len", "256", "--lr", "3e-3",
                   "--no_checkpoint")
     assert [r["step"] for r in rows] == list(range(12))
+    assert "; document blocks: " in _train.last_output      # the log names the window kernel too
     assert all(r["docs_per_seq"] >= 1 and r["padding"] == 0.0 for r in rows)
     assert sum(r["loss"] for r in rows[-3:]) / 3 < rows[0]["loss"] - 0.5
 

@@ -91,7 +91,7 @@ from app.gpt.tensor_parallel import apply_tensor_parallel  # noqa: E402
 from ringX.comm import GroupComm  # noqa: E402
 from ringX.launch import init_distributed, leave  # noqa: E402
 from ringX import expected_layout  # noqa: E402
-from ringX.kernels import explain_choice  # noqa: E402
+from ringX.kernels import explain_choice, select_backend, select_band_backend  # noqa: E402
 from ringX.parallel import ParallelDims, reduce_gradients  # noqa: E402
 
 
@@ -535,7 +535,11 @@ class Trainer:
             cfg, tp = self.cfg, self.dims.tp
             one = torch.empty(1, 1, cfg.n_heads // tp, cfg.head_dim, device=self.device, dtype=getattr(torch, args.dtype))
             q = one.expand(args.batch, cfg.seq_len // self.dims.cp, -1, -1)
-            self.say(f"attention kernel: {explain_choice(q, q[:, :, :max(1, cfg.n_kv_heads // tp)])}")
+            k = q[:, :, :max(1, cfg.n_kv_heads // tp)]
+            line = f"attention kernel: {explain_choice(q, k)}"
+            if args.pack_documents:      # the calls within documents run on the window kernel
+                line += f"; document blocks: {select_band_backend(q, k, select_backend(q, k)).name}"
+            self.say(line)
         nonfinite = NonFiniteSteps(args.nan_policy, args.max_nan_steps, self.ckpt_root, self.say)
         with RunLog(self.out, args.steps - first_step, self.is_root, args.resume) as log:
             for step in range(first_step, args.steps):
