@@ -333,11 +333,13 @@ def _cast_for_compute_body(rank, world_size, device):
     for name, g in again.items():                      # its gradients add to the first's
         assert torch.allclose(g, 2 * got[name], rtol=1e-6, atol=0), name
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 and p.is_leaf for p in plain.parameters())
+    assert {c.dtype for c in cast.copies} == {torch.bfloat16}      # the model ran on bf16 copies
     assert set(plain.state_dict()) == set(ref.state_dict())
     for name, w in want.items():
         err_cast = float((got[name] - w).norm() / w.norm())
         err_fsdp = float((fsdp[name] - w).norm() / w.norm())
         assert err_cast <= 1.1 * err_fsdp + 1e-4 and err_cast < 2e-2, (name, err_cast, err_fsdp)
+        assert err_cast > 0.5 * err_fsdp, (name, err_cast, err_fsdp)  # bf16's rounding, not float32's
 
 
 def test_cast_for_compute_matches_fsdp_one_rank_mixed_precision():
